@@ -1,0 +1,25 @@
+"""The EmbeddingBag module, input validation and checkpoint I/O. Never imports FastAPI."""
+
+from models.checkpoints import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    list_tensors,
+    read_checkpoint,
+    write_npy,
+    write_safetensors,
+)
+from models.embedding_bag import EmbeddingBag
+from models.inputs import FlatBatch, InvalidInputError, flatten_inputs
+
+__all__ = [
+    "CheckpointError",
+    "EmbeddingBag",
+    "FlatBatch",
+    "InvalidInputError",
+    "UnsafeCheckpointError",
+    "flatten_inputs",
+    "list_tensors",
+    "read_checkpoint",
+    "write_npy",
+    "write_safetensors",
+]

@@ -1,0 +1,132 @@
+"""Checkpoint readers and writers.
+
+``read_checkpoint`` returns the embedding table of a file as a 2-D float array,
+memory-mapped where the format allows (.safetensors, .npy, uncompressed .pt). Every error
+is a :class:`CheckpointError` that names the file.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from models.checkpoints.atomic import atomic_write
+from models.checkpoints.entry import TensorEntry
+from models.checkpoints.errors import CheckpointError, UnsafeCheckpointError
+from models.checkpoints.safetensors_format import read_safetensors, write_safetensors
+from models.checkpoints.torch_format import read_torch
+
+__all__ = [
+    "SUFFIXES",
+    "CheckpointError",
+    "TensorEntry",
+    "UnsafeCheckpointError",
+    "list_tensors",
+    "read_checkpoint",
+    "write_npy",
+    "write_safetensors",
+]
+
+SUFFIXES = (".safetensors", ".npy", ".npz", ".pt", ".pth", ".bin")
+_TABLE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _read_npy(path: Path) -> dict[str, TensorEntry]:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated .npy file: {exc}") from None
+    return {"": TensorEntry(array.shape, str(array.dtype), lambda: array)}
+
+
+def _read_npz(path: Path) -> dict[str, TensorEntry]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated .npz file: {exc}") from None
+    return {name: TensorEntry(a.shape, str(a.dtype), lambda a=a: a) for name, a in arrays.items()}
+
+
+_READERS = {".safetensors": read_safetensors, ".npy": _read_npy, ".npz": _read_npz,
+            ".pt": read_torch, ".pth": read_torch, ".bin": read_torch}
+
+
+def list_tensors(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
+    """The tensors a checkpoint holds, by name (a .npy file's one array is named ``""``).
+
+    Raises:
+        CheckpointError: missing file, unknown suffix, or a corrupt file.
+    """
+    path = Path(path)
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected "
+                              f"one of {', '.join(SUFFIXES)}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    return reader(path)
+
+
+def _describe(entries: dict[str, TensorEntry]) -> str:
+    return ", ".join(f"{name} ({e.dtype} {list(e.shape)})" for name, e in entries.items())
+
+
+def read_checkpoint(path: str | os.PathLike[str],
+                    tensor: str | None = None) -> npt.NDArray[np.floating[Any]]:
+    """Read the embedding table of a checkpoint.
+
+    Args:
+        path: a .safetensors, .npy, .npz, .pt, .pth or .bin (``torch.save``) file.
+        tensor: the tensor's name; may be omitted when the file holds one 2-D float tensor.
+
+    Returns:
+        ``(num_embeddings, embedding_dim)`` float32 or float64, read-only and
+        memory-mapped where possible; float16 and bfloat16 tables are widened to float32.
+
+    Raises:
+        CheckpointError: missing, corrupt or truncated file; no such tensor (the message
+            lists the available ones); several candidates and no name; not a 2-D float
+            tensor.
+        UnsafeCheckpointError: a pickle that would run code.
+    """
+    path = Path(path)
+    entries = list_tensors(path)
+    if tensor is not None:
+        if path.suffix.lower() == ".npy":
+            raise CheckpointError(f"{path}: a .npy file holds one unnamed array; do not pass "
+                                  f"tensor={tensor!r}")
+        if tensor not in entries:
+            raise CheckpointError(f"{path}: no tensor named {tensor!r}; available: "
+                                  f"{_describe(entries) or 'none'}")
+        name = tensor
+    else:
+        tables = [n for n, e in entries.items() if len(e.shape) == 2 and e.dtype in _TABLE_DTYPES]
+        if len(tables) != 1:
+            what = "no 2-D float tensor" if not tables else "several 2-D float tensors"
+            raise CheckpointError(f"{path}: holds {what}; pass tensor=NAME. Available: "
+                                  f"{_describe(entries) or 'none'}")
+        name = tables[0]
+    entry = entries[name]
+    label = f"tensor {name!r}" if name else "the array"
+    if len(entry.shape) != 2 or entry.dtype not in _TABLE_DTYPES:
+        raise CheckpointError(f"{path}: {label} is {entry.dtype} {list(entry.shape)}; an "
+                              "embedding table must be a 2-D float tensor")
+    array = entry.load()
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    return np.ascontiguousarray(array)
+
+
+def write_npy(path: str | os.PathLike[str], array: npt.ArrayLike) -> None:
+    """Write one array as .npy atomically (readable memory-mapped by ``read_checkpoint``)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    atomic_write(Path(path), [buffer.getbuffer()])

@@ -1,0 +1,211 @@
+"""``EmbeddingBag``: the inference side of ``torch.nn.EmbeddingBag`` on NumPy arrays."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kernels import COMPUTE_DTYPES, MODES, Kernel, Mode, TableSpec, make_kernel
+from models.inputs import flatten_inputs
+from models.renorm import renormed
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def _mode(mode: Any) -> Mode:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    result: Mode = mode
+    return result
+
+
+def _padding(padding_idx: Any, num_embeddings: int) -> int | None:
+    """Normalise ``padding_idx`` (negative counts from the end) to ``[0, num_embeddings)``."""
+    if padding_idx is None:
+        return None
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, (int, np.integer)):
+        raise ValueError(f"padding_idx must be an integer or None; got {padding_idx!r}")
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx must be within num_embeddings: {padding_idx} is not "
+                         f"in [{-num_embeddings}, {num_embeddings})")
+    return int(padding_idx) % num_embeddings
+
+
+def _max_norm(max_norm: Any, norm_type: Any) -> tuple[float | None, float]:
+    try:
+        norm = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm_type must be a number; got {norm_type!r}") from None
+    if math.isnan(norm):
+        raise ValueError("norm_type must not be NaN")
+    if max_norm is None:
+        return None, norm
+    try:
+        bound = float(max_norm)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_norm must be a number or None; got {max_norm!r}") from None
+    if not bound >= 0:
+        raise ValueError(f"max_norm must be a non-negative number; got {max_norm!r}")
+    return bound, norm
+
+
+def _table_dtype(dtype: Any) -> np.dtype[Any]:
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype must be float32 or float64; got {dtype!r}") from None
+    if resolved not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be float32 or float64; got {resolved}")
+    return resolved
+
+
+class EmbeddingBag:
+    """Pool bags of embedding rows exactly like ``torch.nn.EmbeddingBag`` (inference).
+
+    Args mirror PyTorch. ``backend`` is ``"numpy"``, ``"onnx"`` or ``"auto"``; ``seed``
+    makes the ``N(0, 1)`` initial table reproducible. Training-only arguments
+    (``scale_grad_by_freq``, ``sparse``) are recorded and do not change results.
+
+    ``max_norm`` is applied once, to a private copy of the table, when the module is
+    built: rows over the bound are scaled as PyTorch's forward would scale them, and
+    ``weight`` holds the table really used. The caller's array is never modified.
+
+    Raises:
+        ValueError: an argument is invalid (the message names it and the value).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        mode: str = "mean",
+        sparse: bool = False,
+        include_last_offset: bool = False,
+        padding_idx: int | None = None,
+        dtype: npt.DTypeLike = "float32",
+        backend: str = "numpy",
+        seed: int | None = None,
+        _weight: npt.NDArray[np.floating] | None = None,
+    ) -> None:
+        self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
+        self.embedding_dim = _positive_int("embedding_dim", embedding_dim)
+        self.mode: Mode = _mode(mode)
+        self.padding_idx = _padding(padding_idx, self.num_embeddings)
+        self.max_norm, self.norm_type = _max_norm(max_norm, norm_type)
+        self.scale_grad_by_freq = bool(scale_grad_by_freq)
+        self.sparse = bool(sparse)
+        self.include_last_offset = bool(include_last_offset)
+        self.freeze = True
+        self.backend = backend
+        if _weight is None:
+            table = np.random.default_rng(seed).standard_normal(
+                (self.num_embeddings, self.embedding_dim)).astype(_table_dtype(dtype))
+            if self.padding_idx is not None:
+                table[self.padding_idx] = 0  # as torch.nn.EmbeddingBag.reset_parameters
+        else:
+            table = _weight
+        if self.max_norm is not None:
+            table = renormed(table, self.max_norm, self.norm_type)
+        self._kernel: Kernel = make_kernel(TableSpec(table, self.mode, self.padding_idx),
+                                           backend)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        embeddings: Any,
+        *,
+        freeze: bool = True,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        mode: str = "mean",
+        sparse: bool = False,
+        include_last_offset: bool = False,
+        padding_idx: int | None = None,
+        backend: str = "numpy",
+    ) -> EmbeddingBag:
+        """Wrap a 2-D float32 or float64 table ``(num_embeddings, embedding_dim)``.
+
+        The table is used as is when it is already C-contiguous and of a compute dtype
+        (so a memory map stays a memory map); otherwise a contiguous copy is made.
+
+        Raises:
+            ValueError: ``embeddings`` is not a 2-D float array, or an option is invalid.
+        """
+        table = np.asarray(embeddings)
+        if table.ndim != 2:
+            raise ValueError(f"embeddings must be 2-D (num_embeddings, embedding_dim); got "
+                             f"shape {table.shape}")
+        if not np.issubdtype(table.dtype, np.floating):
+            raise ValueError(f"embeddings must hold floats; got dtype {table.dtype}")
+        if table.dtype not in COMPUTE_DTYPES:
+            table = table.astype(np.float32)
+        table = np.ascontiguousarray(table)
+        bag = cls(table.shape[0], table.shape[1], max_norm=max_norm, norm_type=norm_type,
+                  scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse,
+                  include_last_offset=include_last_offset, padding_idx=padding_idx,
+                  dtype=table.dtype, backend=backend, _weight=table)
+        bag.freeze = bool(freeze)
+        return bag
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str], tensor: str | None = None,
+                        **options: Any) -> EmbeddingBag:
+        """Load the table from a checkpoint file (see :func:`models.read_checkpoint`).
+
+        Raises:
+            CheckpointError: the file is missing, corrupt, unsafe or holds no usable table.
+            ValueError: an option is invalid.
+        """
+        from models.checkpoints import read_checkpoint
+
+        return cls.from_pretrained(read_checkpoint(path, tensor), **options)
+
+    @property
+    def weight(self) -> npt.NDArray[np.floating]:
+        """The table used for lookups, ``(num_embeddings, embedding_dim)``."""
+        return self._kernel.spec.weight
+
+    @property
+    def kernel(self) -> Kernel:
+        """The compute kernel (its ``name`` says which implementation runs)."""
+        return self._kernel
+
+    def forward(self, input: Any, offsets: Any = None,
+                per_sample_weights: Any = None) -> npt.NDArray[np.floating]:
+        """Pool each bag; returns ``(B, embedding_dim)`` in the table dtype.
+
+        Args:
+            input: int32/int64 ids, ``(B, L)`` or ``[N]`` with ``offsets``.
+            offsets: int32/int64 ``[B]`` bag starts (``[B + 1]`` with
+                ``include_last_offset``); ``None`` for 2-D input.
+            per_sample_weights: floats shaped like ``input``; mode ``"sum"`` only.
+
+        Raises:
+            InvalidInputError (a ``ValueError``): invalid ids, offsets or weights.
+        """
+        batch = flatten_inputs(input, offsets, per_sample_weights,
+                               num_embeddings=self.num_embeddings, mode=self.mode,
+                               include_last_offset=self.include_last_offset,
+                               dtype=self.weight.dtype)
+        return self._kernel(batch.indices, batch.offsets, batch.per_sample_weights)
+
+    __call__ = forward
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in (("padding_idx", self.padding_idx),
+                                                     ("max_norm", self.max_norm)) if v is not None)
+        return (f"EmbeddingBag({self.num_embeddings}, {self.embedding_dim}, "
+                f"mode={self.mode!r}{extra}, backend={self._kernel.name!r})")

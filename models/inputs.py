@@ -1,0 +1,167 @@
+"""Validate EmbeddingBag call arguments and flatten them into one kernel batch.
+
+Everything a client can get wrong is checked here, once, with vectorised NumPy, and
+reported as :class:`InvalidInputError` naming the argument and the offending value. What
+comes out satisfies the kernel contract in :mod:`kernels.base`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kernels import Mode
+
+
+class InvalidInputError(ValueError):
+    """An argument of a forward call is invalid; the message names it and the value."""
+
+
+@dataclass(frozen=True)
+class FlatBatch:
+    """One validated batch in kernel layout.
+
+    Attributes:
+        indices: int64 ``[N]``, every id in ``[0, num_embeddings)``.
+        offsets: int64 ``[B + 1]``, starting at 0, non-decreasing, ending at ``N``.
+        per_sample_weights: ``None`` or ``[N]`` in the table dtype.
+    """
+
+    indices: npt.NDArray[np.int64]
+    offsets: npt.NDArray[np.int64]
+    per_sample_weights: npt.NDArray[np.floating] | None = None
+
+    @property
+    def num_bags(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+
+def _integer_array(name: str, value: Any) -> npt.NDArray[np.int64]:
+    """``value`` as an int64 array; raises if it holds anything but integers."""
+    array = np.asarray(value)
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+        if array.size == 0 and array.dtype == np.float64 and not isinstance(value, np.ndarray):
+            # An empty Python list has no dtype of its own; treat it as empty ids.
+            return np.zeros(array.shape, dtype=np.int64)
+        raise InvalidInputError(f"{name} must hold integers (int32 or int64); got dtype "
+                                f"{array.dtype}")
+    if array.dtype.kind == "u" and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise InvalidInputError(f"{name} holds {int(array.max())}, beyond int64")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+def _check_range(indices: npt.NDArray[np.int64], num_embeddings: int,
+                 shape: tuple[int, ...]) -> None:
+    """Raise for the first id outside ``[0, num_embeddings)``, with its position."""
+    if indices.size == 0:
+        return
+    low, high = int(indices.min()), int(indices.max())
+    if low >= 0 and high < num_embeddings:
+        return
+    bad = np.flatnonzero((indices < 0) | (indices >= num_embeddings))[0]
+    position: int | tuple[int, ...] = int(bad)
+    if len(shape) > 1:
+        position = tuple(int(i) for i in np.unravel_index(bad, shape))
+    raise InvalidInputError(f"index {int(indices[bad])} out of range [0, {num_embeddings}) "
+                            f"at position {position}")
+
+
+def _check_offsets(offsets: npt.NDArray[np.int64], length: int,
+                   include_last_offset: bool) -> npt.NDArray[np.int64]:
+    """Return ``[B + 1]`` CSR offsets for 1-D input after checking every entry."""
+    if offsets.ndim != 1:
+        raise InvalidInputError(f"offsets has to be a 1D array; got shape {offsets.shape}")
+    if offsets.shape[0] == 0:
+        if include_last_offset:
+            raise InvalidInputError("offsets must hold at least 1 entry with "
+                                    "include_last_offset=True; got an empty array")
+        if length:
+            raise InvalidInputError(f"offsets is empty but input holds {length} ids; "
+                                    "pass offsets=[0] for one bag")
+        return np.zeros(1, dtype=np.int64)
+    if offsets[0] != 0:
+        raise InvalidInputError(f"offsets[0] must be 0; got {int(offsets[0])}")
+    steps = np.diff(offsets)
+    if steps.size and int(steps.min()) < 0:
+        at = int(np.flatnonzero(steps < 0)[0]) + 1
+        raise InvalidInputError(f"offsets must not decrease; offsets[{at}] = "
+                                f"{int(offsets[at])} < offsets[{at - 1}] = {int(offsets[at - 1])}")
+    last = int(offsets[-1])
+    if last > length:
+        at = int(np.flatnonzero(offsets > length)[0])
+        raise InvalidInputError(f"offsets[{at}] = {int(offsets[at])} is past the end of "
+                                f"input (length {length})")
+    if include_last_offset:
+        if last != length:
+            raise InvalidInputError(f"with include_last_offset=True the last offset must "
+                                    f"equal len(input) = {length}; got {last}")
+        return offsets
+    return np.append(offsets, np.int64(length))
+
+
+def _check_weights(per_sample_weights: Any, mode: Mode, shape: tuple[int, ...],
+                   dtype: np.dtype[Any]) -> npt.NDArray[np.floating] | None:
+    if per_sample_weights is None:
+        return None
+    if mode != "sum":
+        raise InvalidInputError(f"per_sample_weights is only supported for mode='sum'; "
+                                f"got mode={mode!r}")
+    weights = np.asarray(per_sample_weights)
+    if weights.size == 0 and weights.dtype == np.float64:
+        weights = weights.astype(dtype)
+    if not np.issubdtype(weights.dtype, np.floating):
+        raise InvalidInputError(f"per_sample_weights must hold floats; got dtype "
+                                f"{weights.dtype}")
+    if weights.shape != shape:
+        raise InvalidInputError(f"per_sample_weights must have the shape of input {shape}; "
+                                f"got {weights.shape}")
+    return np.ascontiguousarray(weights.reshape(-1), dtype=dtype)
+
+
+def flatten_inputs(
+    input: Any,
+    offsets: Any = None,
+    per_sample_weights: Any = None,
+    *,
+    num_embeddings: int,
+    mode: Mode,
+    include_last_offset: bool = False,
+    dtype: npt.DTypeLike = np.float32,
+) -> FlatBatch:
+    """Validate a forward call and return it as one flat batch.
+
+    Args:
+        input: int ids, 2-D ``(B, L)`` (each row a bag; ``offsets`` must be ``None``) or
+            1-D ``[N]`` with ``offsets``.
+        offsets: 1-D int starts of the bags (``B`` entries, or ``B + 1`` with
+            ``include_last_offset``).
+        per_sample_weights: floats of ``input``'s shape (mode ``"sum"`` only).
+        num_embeddings: rows in the table; ids must be in ``[0, num_embeddings)``.
+        mode: the pooling mode.
+        include_last_offset: whether ``offsets`` carries the end of the last bag.
+        dtype: the table dtype the weights are cast to.
+
+    Raises:
+        InvalidInputError: any argument is invalid; nothing is modified.
+    """
+    ids = _integer_array("input", input)
+    if ids.ndim == 2:
+        if offsets is not None:
+            raise InvalidInputError("if input is 2D, then offsets has to be None; got "
+                                    f"offsets of type {type(offsets).__name__}")
+        bags, length = ids.shape
+        csr = np.arange(bags + 1, dtype=np.int64) * length
+    elif ids.ndim == 1:
+        if offsets is None:
+            raise InvalidInputError("offsets has to be a 1D array when input is 1D; got None")
+        csr = _check_offsets(_integer_array("offsets", offsets), ids.shape[0],
+                             include_last_offset)
+    else:
+        raise InvalidInputError(f"input has to be 1D or 2D; got {ids.ndim}D with shape "
+                                f"{ids.shape}")
+    weights = _check_weights(per_sample_weights, mode, ids.shape, np.dtype(dtype))
+    _check_range(ids.reshape(-1), num_embeddings, ids.shape)
+    return FlatBatch(ids.reshape(-1), csr, weights)
