@@ -59,7 +59,7 @@ class NumpyKernel:
         starts = np.concatenate(([0], np.flatnonzero(np.diff(sorted_keys)) + 1))
         ends = np.concatenate((starts[1:], [order.shape[0]]))
         row_bytes = weight.shape[1] * weight.dtype.itemsize
-        for start, end in zip(starts.tolist(), ends.tolist()):
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             width = int(sorted_keys[start])
             if width == 0:
                 continue  # empty bags stay zero
@@ -95,6 +95,7 @@ class NumpyKernel:
             rows *= scale[:, :, None]
         elif any_dead:
             rows[dead] = -np.inf if spec.mode == "max" else 0
+        pooled: FloatArray
         if spec.mode == "max":
             pooled = rows.max(axis=1)
             if any_dead:

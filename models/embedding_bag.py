@@ -59,7 +59,7 @@ def _max_norm(max_norm: Any, norm_type: Any) -> tuple[float | None, float]:
 
 def _table_dtype(dtype: Any) -> np.dtype[Any]:
     try:
-        resolved = np.dtype(dtype)
+        resolved: np.dtype[Any] = np.dtype(dtype)
     except TypeError:
         raise ValueError(f"dtype must be float32 or float64; got {dtype!r}") from None
     if resolved not in COMPUTE_DTYPES:

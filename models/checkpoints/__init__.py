@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,22 @@ def _read_npy(path: Path) -> dict[str, TensorEntry]:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated .npy file: {exc}") from None
-    return {"": TensorEntry(array.shape, str(array.dtype), lambda: array)}
+    return {"": TensorEntry(array.shape, str(array.dtype), partial(_same, array))}
 
 
 def _read_npz(path: Path) -> dict[str, TensorEntry]:
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        # Opened here so the handle is closed even when NumPy rejects the file.
+        with path.open("rb") as file, np.load(file, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated .npz file: {exc}") from None
-    return {name: TensorEntry(a.shape, str(a.dtype), lambda a=a: a) for name, a in arrays.items()}
+    return {name: TensorEntry(array.shape, str(array.dtype), partial(_same, array))
+            for name, array in arrays.items()}
+
+
+def _same(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    return array
 
 
 _READERS = {".safetensors": read_safetensors, ".npy": _read_npy, ".npz": _read_npz,

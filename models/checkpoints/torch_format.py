@@ -141,7 +141,7 @@ def _member_offset(path: Path, info: zipfile.ZipInfo) -> int:
     if len(local) < 30 or local[:4] != b"PK\x03\x04":
         raise CheckpointError(f"{path}: corrupt zip entry {info.filename}")
     name_length, extra_length = struct.unpack("<HH", local[26:30])
-    return info.header_offset + 30 + name_length + extra_length
+    return int(info.header_offset) + 30 + int(name_length) + int(extra_length)
 
 
 def read_torch(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
@@ -202,7 +202,11 @@ def _loader(path: Path, info: zipfile.ZipInfo, tensor: _Tensor,
         else:
             with zipfile.ZipFile(path) as archive:
                 flat = np.frombuffer(archive.read(info), dtype=dtype, count=count)
-        extent = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride))
+        if len(tensor.shape) != len(tensor.stride):
+            raise CheckpointError(f"{path}: tensor of shape {list(tensor.shape)} has strides "
+                                  f"{list(tensor.stride)} (corrupt file)")
+        extent = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride,
+                                                                strict=True))
         if any(s < 0 for s in tensor.stride) or any(n < 0 for n in tensor.shape) or (
                 0 not in tensor.shape and not 0 <= tensor.offset <= extent < count):
             raise CheckpointError(

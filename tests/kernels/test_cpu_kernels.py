@@ -1,0 +1,88 @@
+"""The CPU kernels on their own: contract, chunking, threads, selection."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from kernels import BackendError, Kernel, NumpyKernel, TableSpec, make_kernel
+from kernels.numba_kernel import NumbaKernel
+from kernels.numpy_kernel import padded_length
+
+
+def _batch(rng: np.random.Generator, rows: int, bags: int, max_len: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    lengths = rng.integers(0, max_len + 1, bags)
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    return rng.integers(0, rows, int(offsets[-1])).astype(np.int64), offsets
+
+
+def test_padded_length_wastes_under_an_eighth() -> None:
+    lengths = np.arange(0, 5000, dtype=np.int64)
+    padded = padded_length(lengths)
+    np.testing.assert_array_equal(padded[:17], lengths[:17])
+    assert (padded >= lengths).all()
+    assert ((padded - lengths)[1:] / lengths[1:] < 1 / 8).all()
+    assert len(np.unique(padded)) < 120
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("padding_idx", [None, 7])
+def test_numpy_and_numba_agree_bit_for_bit(mode: str, padding_idx: int | None) -> None:
+    rng = np.random.default_rng(11)
+    weight = rng.standard_normal((500, 48)).astype(np.float32)
+    # Long bags cross the NumPy kernel's chunk boundary; lengths 0..300 hit many buckets.
+    indices, offsets = _batch(rng, 500, 200, 300)
+    indices[::3] = 7
+    spec = TableSpec(weight, mode, padding_idx)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(NumpyKernel(spec)(indices, offsets),
+                                  NumbaKernel(spec)(indices, offsets))
+
+
+def test_kernels_return_fresh_float_arrays_of_table_dtype() -> None:
+    weight = np.ones((4, 3), np.float64)
+    for kernel in (NumpyKernel(TableSpec(weight, "sum")), NumbaKernel(TableSpec(weight, "sum"))):
+        assert isinstance(kernel, Kernel)
+        out = kernel(np.array([0, 1], np.int64), np.array([0, 2], np.int64))
+        assert out.dtype == np.float64 and out.shape == (1, 3)
+        np.testing.assert_array_equal(out, [[2.0, 2.0, 2.0]])
+        empty = kernel(np.zeros(0, np.int64), np.zeros(1, np.int64))
+        assert empty.shape == (0, 3)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_does_not_change_results(threads: int) -> None:
+    rng = np.random.default_rng(12)
+    weight = rng.standard_normal((300, 16)).astype(np.float32)
+    indices, offsets = _batch(rng, 300, 100, 40)
+    spec = TableSpec(weight, "mean")
+    np.testing.assert_array_equal(NumbaKernel(spec, num_threads=threads)(indices, offsets),
+                                  NumpyKernel(spec)(indices, offsets))
+
+
+def test_bad_thread_count_is_named() -> None:
+    with pytest.raises(ValueError, match=r"num_threads must be in \[1, \d+\]; got 0"):
+        NumbaKernel(TableSpec(np.ones((2, 2), np.float32), "sum"), num_threads=0)
+
+
+def test_concurrent_calls_from_threads_are_independent() -> None:
+    rng = np.random.default_rng(13)
+    weight = rng.standard_normal((1000, 32)).astype(np.float32)
+    batches = [_batch(rng, 1000, 64, 50) for _ in range(16)]
+    for kernel in (NumpyKernel(TableSpec(weight, "sum")), NumbaKernel(TableSpec(weight, "sum"))):
+        expected = [kernel(i, o) for i, o in batches]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda b, k=kernel: k(*b), batches))
+        for one, other in zip(expected, got, strict=True):
+            np.testing.assert_array_equal(one, other)
+
+
+def test_make_kernel_picks_the_fused_loop_and_honours_fused_false() -> None:
+    spec = TableSpec(np.ones((2, 2), np.float32), "sum")
+    assert make_kernel(spec).name == "numba"
+    assert make_kernel(spec, "auto").name == "numba"
+    assert make_kernel(spec, fused=False).name == "numpy"
+    with pytest.raises(BackendError, match="backend must be one of numpy, onnx, auto; got 'gpu'"):
+        make_kernel(spec, "gpu")
