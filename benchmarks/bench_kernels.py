@@ -24,6 +24,7 @@ import numpy as np
 from kernels import TableSpec
 from kernels.numba_kernel import NumbaKernel
 from kernels.numpy_kernel import NumpyKernel
+from kernels.onnx_kernel import OnnxKernel
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,6 @@ def _torch_call(weight: np.ndarray, indices: np.ndarray, offsets: np.ndarray, mo
     return call
 
 
-def extra_implementations(weight: np.ndarray, mode: str, threads: int
-                          ) -> dict[str, Callable[[np.ndarray, np.ndarray], Any]]:
-    """Hook for more backends (the ONNX kernel adds itself here)."""
-    return {}
-
-
 def measure(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Median seconds per call, interleaving the implementations."""
     times: dict[str, list[float]] = {name: [] for name in calls}
@@ -91,7 +86,7 @@ def run(shape: Shape, modes: list[str], threads: int, repeats: int) -> list[dict
         kernels: dict[str, Callable[[np.ndarray, np.ndarray], Any]] = {
             "numba": NumbaKernel(spec, num_threads=threads),
             "numpy": NumpyKernel(spec),
-            **extra_implementations(weight, mode, threads),
+            "onnx-cpu": OnnxKernel(spec, device="cpu", num_threads=threads),
         }
         calls: dict[str, Callable[[], Any]] = {
             name: (lambda k=kernel: k(indices, offsets)) for name, kernel in kernels.items()}

@@ -62,6 +62,8 @@ class Kernel(Protocol):
 
     #: Short name reported to users (``"numba"``, ``"numpy"``, ``"onnx"``).
     name: str
+    #: Where it really runs (``"numba-cpu"``, ``"CUDAExecutionProvider"``, ...).
+    provider: str
     spec: TableSpec
 
     def __call__(

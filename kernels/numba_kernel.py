@@ -60,6 +60,7 @@ class NumbaKernel:
     """
 
     name = "numba"
+    provider = "numba-cpu"
 
     def __init__(self, spec: TableSpec, num_threads: int | None = None) -> None:
         import numba

@@ -37,6 +37,7 @@ class NumpyKernel:
     """Portable kernel built on ``np.take``; thread-safe (no shared mutable state)."""
 
     name = "numpy"
+    provider = "numpy-cpu"
 
     def __init__(self, spec: TableSpec) -> None:
         self.spec = spec

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+import numpy.typing as npt
+
 from kernels import numba_kernel
 from kernels.base import Kernel, TableSpec
 from kernels.numpy_kernel import NumpyKernel
@@ -23,6 +25,8 @@ def make_kernel(
     spec: TableSpec,
     backend: str = "numpy",
     *,
+    device: str = "auto",
+    table_dtype: npt.DTypeLike | None = None,
     fused: bool | None = None,
     num_threads: int | None = None,
 ) -> Kernel:
@@ -31,19 +35,45 @@ def make_kernel(
     Args:
         spec: the table and its pooling.
         backend: ``"numpy"`` (CPU arrays: the fused numba loop when numba imports, else
-            pure NumPy), ``"onnx"`` or ``"auto"`` (the fastest correct backend here).
+            pure NumPy), ``"onnx"`` (ONNX Runtime) or ``"auto"`` (ONNX Runtime on CUDA
+            when CUDA really works here, else the fastest CPU kernel, the numba loop).
+        device: for ``"onnx"``: ``"auto"``, ``"cuda"`` (fail without CUDA) or ``"cpu"``.
+        table_dtype: for ``"onnx"``: ``"float16"`` stores the table in half precision.
         fused: force (``True``) or forbid (``False``) the numba loop on the CPU path;
             ``None`` uses it when available.
-        num_threads: CPU threads per call for the fused loop (``None``: all cores).
+        num_threads: CPU threads per call (``None``: the library's default).
 
     Raises:
-        BackendError: unknown backend, or ``fused=True`` without numba.
+        BackendError: unknown backend, a backend that cannot run here, or an option
+            that does not apply to it.
     """
     if backend not in BACKENDS:
         raise BackendError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        from kernels.onnx_kernel import cuda_status
+
+        usable, reason = cuda_status()
+        if usable:
+            backend = "onnx"
+        else:
+            logger.info("backend 'auto' uses the CPU kernel: %s", reason)
+            backend = "numpy"
     if backend == "onnx":
-        raise BackendError("backend 'onnx' is not available in this build")
+        return _onnx_kernel(spec, device, table_dtype, num_threads)
+    if table_dtype is not None:
+        raise BackendError("table_dtype applies to backend 'onnx' only")
     return _cpu_kernel(spec, fused, num_threads)
+
+
+def _onnx_kernel(spec: TableSpec, device: str, table_dtype: npt.DTypeLike | None,
+                 num_threads: int | None) -> Kernel:
+    from kernels.onnx_kernel import OnnxKernel, OnnxUnavailableError
+
+    try:
+        return OnnxKernel(spec, device=device, num_threads=num_threads,
+                          table_dtype=table_dtype)
+    except OnnxUnavailableError as exc:
+        raise BackendError(str(exc)) from None
 
 
 def _cpu_kernel(spec: TableSpec, fused: bool | None, num_threads: int | None) -> Kernel:

@@ -73,6 +73,9 @@ class EmbeddingBag:
     Args mirror PyTorch. ``backend`` is ``"numpy"``, ``"onnx"`` or ``"auto"``; ``seed``
     makes the ``N(0, 1)`` initial table reproducible. Training-only arguments
     (``scale_grad_by_freq``, ``sparse``) are recorded and do not change results.
+    Beyond PyTorch: ``device`` (``"auto"``, ``"cuda"``, ``"cpu"``) and ``table_dtype``
+    (``"float16"`` halves the table) apply to the ONNX backend, ``num_threads`` to the
+    CPU work of any backend; ``provider`` reports where the kernel really runs.
 
     ``max_norm`` is applied once, to a private copy of the table, when the module is
     built: rows over the bound are scaled as PyTorch's forward would scale them, and
@@ -97,6 +100,9 @@ class EmbeddingBag:
         dtype: npt.DTypeLike = "float32",
         backend: str = "numpy",
         seed: int | None = None,
+        device: str = "auto",
+        table_dtype: npt.DTypeLike | None = None,
+        num_threads: int | None = None,
         _weight: npt.NDArray[np.floating] | None = None,
     ) -> None:
         self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
@@ -119,7 +125,8 @@ class EmbeddingBag:
         if self.max_norm is not None:
             table = renormed(table, self.max_norm, self.norm_type)
         self._kernel: Kernel = make_kernel(TableSpec(table, self.mode, self.padding_idx),
-                                           backend)
+                                           backend, device=device, table_dtype=table_dtype,
+                                           num_threads=num_threads)
 
     @classmethod
     def from_pretrained(
@@ -135,6 +142,9 @@ class EmbeddingBag:
         include_last_offset: bool = False,
         padding_idx: int | None = None,
         backend: str = "numpy",
+        device: str = "auto",
+        table_dtype: npt.DTypeLike | None = None,
+        num_threads: int | None = None,
     ) -> EmbeddingBag:
         """Wrap a 2-D float32 or float64 table ``(num_embeddings, embedding_dim)``.
 
@@ -156,7 +166,8 @@ class EmbeddingBag:
         bag = cls(table.shape[0], table.shape[1], max_norm=max_norm, norm_type=norm_type,
                   scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse,
                   include_last_offset=include_last_offset, padding_idx=padding_idx,
-                  dtype=table.dtype, backend=backend, _weight=table)
+                  dtype=table.dtype, backend=backend, device=device,
+                  table_dtype=table_dtype, num_threads=num_threads, _weight=table)
         bag.freeze = bool(freeze)
         return bag
 
@@ -177,6 +188,11 @@ class EmbeddingBag:
     def weight(self) -> npt.NDArray[np.floating]:
         """The table used for lookups, ``(num_embeddings, embedding_dim)``."""
         return self._kernel.spec.weight
+
+    @property
+    def provider(self) -> str:
+        """Where lookups really run: ``"numba-cpu"``, ``"CUDAExecutionProvider"``, ..."""
+        return self._kernel.provider
 
     @property
     def kernel(self) -> Kernel:

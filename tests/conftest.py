@@ -17,8 +17,8 @@ from models import EmbeddingBag, flatten_inputs
 
 GOLDEN = Path(__file__).parent / "golden"
 
-#: Ways to run a call: the pinned API, and each CPU kernel directly.
-IMPLEMENTATIONS = ("api", "numba", "numpy")
+#: Ways to run a call: the pinned API, each CPU kernel directly, ONNX Runtime's CPU EP.
+IMPLEMENTATIONS = ("api", "numba", "numpy", "onnx")
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,11 @@ def runner(implementation: str, weight: npt.NDArray[Any], **options: Any
     bag = EmbeddingBag.from_pretrained(weight, **options)
     if implementation == "api":
         return bag
-    kernel = make_kernel(TableSpec(bag.weight, bag.mode, bag.padding_idx), "numpy",
-                         fused=implementation == "numba")
+    spec = TableSpec(bag.weight, bag.mode, bag.padding_idx)
+    if implementation == "onnx":
+        kernel = make_kernel(spec, "onnx", device="cpu")
+    else:
+        kernel = make_kernel(spec, "numpy", fused=implementation == "numba")
 
     def call(input: Any, offsets: Any = None, per_sample_weights: Any = None) -> Any:
         batch = flatten_inputs(input, offsets, per_sample_weights,

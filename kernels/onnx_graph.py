@@ -1,0 +1,221 @@
+"""ONNX graphs for EmbeddingBag, built by hand (opset 18, IR version 10).
+
+``torch.onnx.export`` of EmbeddingBag yields a per-bag Loop that is slow and wrong for
+empty bags, so the graphs are written here. Both share one tail, the padded layout that
+DESIGN.md measured as deterministic and fast on CUDA:
+
+    rows = Gather(table, ids [L, B]) -> [L, B, D]   (fp16 rows widened to float32)
+    rows *= weights [L, B, 1]                        (sum mode, per-sample weights)
+    out  = ReduceSum / ReduceMax over axis 0         -> [B, D]
+    mean: out /= max(count, 1); max: out = 0 where count == 0
+
+Positions past a bag's end and ``padding_idx`` occurrences point at a sentinel row
+appended to the table (zeros for sum/mean, ``-inf`` for max), so no mask pass is needed.
+No ScatterND: with ``reduction`` it drops duplicate updates on the multi-threaded CPU EP.
+
+- :func:`padded_model` takes ``ids`` already laid out ``[L, B]`` or ``[B, L]`` (the
+  kernel pads on the host), plus ``counts`` ``[B]`` for mean/max and ``weights`` shaped
+  like ``ids`` when weighted; the table is the graph input ``table`` so it can be bound
+  once (and live on the GPU) and may exceed protobuf's 2 GB. Only
+  Gather/Cast/Mul/Reduce/Div/Where run, which all have CUDA kernels, so nothing falls
+  back to the CPU.
+- :func:`flat_model` is the standalone export: inputs ``indices`` ``[N]`` and
+  ``offsets`` ``[B]`` (bag starts, PyTorch's default layout), optional
+  ``per_sample_weights`` ``[N]``, output ``embeddings`` ``[B, D]``; the table is an
+  initializer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+OPSET = 18
+#: onnx >= 1.23 writes IR 14, which onnxruntime 1.31 rejects; opset 18 needs only IR 8+.
+IR_VERSION = 10
+
+
+def sentinel_value(mode: str) -> float:
+    """The sentinel row's value: neutral for the reduction of ``mode``."""
+    return float("-inf") if mode == "max" else 0.0
+
+
+def with_sentinel(weight: npt.NDArray[Any], mode: str, dtype: npt.DTypeLike | None = None
+                  ) -> npt.NDArray[Any]:
+    """``weight`` with one sentinel row appended (a new ``(R + 1, D)`` array)."""
+    dtype = weight.dtype if dtype is None else np.dtype(dtype)
+    table = np.empty((weight.shape[0] + 1, weight.shape[1]), dtype=dtype)
+    table[:-1] = weight
+    table[-1] = sentinel_value(mode)
+    return table
+
+
+def _helpers() -> Any:
+    import onnx
+    from onnx import TensorProto, helper
+
+    return onnx, TensorProto, helper
+
+
+def element_types(table_dtype: npt.DTypeLike) -> tuple[int, int]:
+    """(table, compute) ONNX element types: float16 tables compute in float32.
+
+    Raises:
+        ValueError: not float16, float32 or float64.
+    """
+    _, tensor_proto, _ = _helpers()
+    dtype = np.dtype(table_dtype)
+    types = {np.dtype(np.float16): (tensor_proto.FLOAT16, tensor_proto.FLOAT),
+             np.dtype(np.float32): (tensor_proto.FLOAT, tensor_proto.FLOAT),
+             np.dtype(np.float64): (tensor_proto.DOUBLE, tensor_proto.DOUBLE)}
+    if dtype not in types:
+        raise ValueError(f"ONNX tables must be float16, float32 or float64; got {dtype}")
+    return types[dtype]
+
+
+def _tail(nodes: list[Any], initializers: list[Any], mode: str, table_type: int,
+          compute: int, weighted: bool, output: str, bags_first: bool = False) -> None:
+    """Append Gather -> (Cast) -> (Mul) -> Reduce -> (mean/max fix-up) nodes.
+
+    ``ids`` (and ``weights``) are ``[L, B]``, or ``[B, L]`` when ``bags_first``.
+    """
+    onnx, tensor_proto, helper = _helpers()
+    initializers.append(helper.make_tensor("axis0", tensor_proto.INT64, [1],
+                                           [1 if bags_first else 0]))
+    nodes.append(helper.make_node("Gather", ["table", "ids"], ["gathered"], axis=0))
+    rows = "gathered"
+    if table_type != compute:
+        nodes.append(helper.make_node("Cast", [rows], ["rows32"], to=compute))
+        rows = "rows32"
+    if weighted:
+        initializers.append(helper.make_tensor("axis2", tensor_proto.INT64, [1], [2]))
+        nodes.append(helper.make_node("Unsqueeze", ["weights", "axis2"], ["weights3"]))
+        nodes.append(helper.make_node("Mul", [rows, "weights3"], ["weighted"]))
+        rows = "weighted"
+    reduce = "ReduceMax" if mode == "max" else "ReduceSum"
+    pooled = output if mode == "sum" else "pooled"
+    nodes.append(helper.make_node(reduce, [rows, "axis0"], [pooled], keepdims=0))
+    if mode == "sum":
+        return
+    initializers.append(helper.make_tensor("axis1", tensor_proto.INT64, [1], [1]))
+    nodes.append(helper.make_node("Unsqueeze", ["counts", "axis1"], ["counts2"]))
+    if mode == "mean":
+        initializers.append(helper.make_tensor("one", compute, [], [1.0]))
+        nodes.append(helper.make_node("Max", ["counts2", "one"], ["divisor"]))
+        nodes.append(helper.make_node("Div", [pooled, "divisor"], [output]))
+    else:
+        initializers.append(helper.make_tensor("zero", compute, [], [0.0]))
+        nodes.append(helper.make_node("Equal", ["counts2", "zero"], ["empty"]))
+        nodes.append(helper.make_node("Where", ["empty", "zero", pooled], [output]))
+
+
+def _model(nodes: list[Any], initializers: list[Any], inputs: list[Any], dim: int,
+           compute: int, name: str) -> Any:
+    onnx, tensor_proto, helper = _helpers()
+    graph = helper.make_graph(
+        nodes, name, inputs,
+        [helper.make_tensor_value_info("embeddings", compute, ["bags", dim])],
+        initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="bagserve")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def padded_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *,
+                 weighted: bool = False, bags_first: bool = False) -> Any:
+    """The kernel's graph; see the module docstring. Returns an ``onnx.ModelProto``.
+
+    ``bags_first`` lays ``ids`` out ``[B, L]`` and reduces axis 1: on the CPU EP that
+    reduction is twice as fast as over axis 0 (measured); CUDA takes ``[L, B]``.
+    """
+    onnx, tensor_proto, helper = _helpers()
+    table_type, compute = element_types(table_dtype)
+    layout = ["bags", "length"] if bags_first else ["length", "bags"]
+    inputs = [helper.make_tensor_value_info("table", table_type, ["rows", dim]),
+              helper.make_tensor_value_info("ids", tensor_proto.INT64, layout)]
+    if weighted:
+        inputs.append(helper.make_tensor_value_info("weights", compute, layout))
+    if mode != "sum":
+        inputs.append(helper.make_tensor_value_info("counts", compute, ["bags"]))
+    nodes: list[Any] = []
+    initializers: list[Any] = []
+    _tail(nodes, initializers, mode, table_type, compute, weighted, "embeddings", bags_first)
+    return _model(nodes, initializers, inputs, dim, compute, f"embedding_bag_{mode}_padded")
+
+
+def flat_model(table: npt.NDArray[Any], mode: str, *, padding_idx: int | None = None,
+               weighted: bool = False, include_last_offset: bool = False) -> Any:
+    """The standalone export graph over a sentinel-extended ``(R + 1, D)`` table.
+
+    ``offsets`` holds the ``B`` bag starts, or ``B + 1`` entries ending with ``N`` when
+    ``include_last_offset``. The table (float16/32/64) becomes an initializer; save
+    models over 2 GB with external data. Returns an ``onnx.ModelProto``.
+    """
+    onnx, tensor_proto, helper = _helpers()
+    from onnx import numpy_helper
+
+    sentinel = table.shape[0] - 1
+    table_type, compute = element_types(table.dtype)
+    inputs = [helper.make_tensor_value_info("indices", tensor_proto.INT64, ["ids"]),
+              helper.make_tensor_value_info("offsets", tensor_proto.INT64, ["bags"])]
+    if weighted:
+        inputs.append(helper.make_tensor_value_info("per_sample_weights", compute, ["ids"]))
+    init = [numpy_helper.from_array(table, "table"),
+            helper.make_tensor("sentinel", tensor_proto.INT64, [1], [sentinel]),
+            helper.make_tensor("zero_i", tensor_proto.INT64, [1], [0]),
+            helper.make_tensor("zero_s", tensor_proto.INT64, [], [0]),
+            helper.make_tensor("one_s", tensor_proto.INT64, [], [1]),
+            helper.make_tensor("one_i", tensor_proto.INT64, [1], [1]),
+            helper.make_tensor("big", tensor_proto.INT64, [1], [np.iinfo(np.int64).max]),
+            helper.make_tensor("axis_a", tensor_proto.INT64, [1], [0]),
+            helper.make_tensor("axis_b", tensor_proto.INT64, [1], [1])]
+    node = helper.make_node
+    nodes = [node("Shape", ["indices"], ["total"])]
+    if include_last_offset:
+        # starts = offsets[:-1]; ends = offsets[1:]
+        init.append(helper.make_tensor("minus_one", tensor_proto.INT64, [1], [-1]))
+        nodes += [node("Slice", ["offsets", "zero_i", "minus_one"], ["starts"]),
+                  node("Slice", ["offsets", "one_i", "big"], ["ends"])]
+    else:
+        # starts = offsets; ends = offsets[1:] ++ [N]
+        nodes += [node("Identity", ["offsets"], ["starts"]),
+                  node("Slice", ["offsets", "one_i", "big"], ["next_starts"]),
+                  node("Concat", ["next_starts", "total"], ["ends"], axis=0)]
+    nodes += [
+        node("Sub", ["ends", "starts"], ["lengths"]),
+        # L = max(lengths ++ [0]); steps = 0..L-1
+        node("Concat", ["lengths", "zero_i"], ["lengths0"], axis=0),
+        node("ReduceMax", ["lengths0"], ["longest"], keepdims=0),
+        node("Range", ["zero_s", "longest", "one_s"], ["steps"]),
+        node("Unsqueeze", ["steps", "axis_b"], ["steps_col"]),       # [L, 1]
+        node("Unsqueeze", ["starts", "axis_a"], ["starts_row"]),    # [1, B]
+        node("Unsqueeze", ["lengths", "axis_a"], ["lengths_row"]),  # [1, B]
+        node("Add", ["steps_col", "starts_row"], ["positions"]),    # [L, B]
+        node("Less", ["steps_col", "lengths_row"], ["inside"]),     # [L, B]
+        # Positions past a bag's end read a sentinel id appended to indices.
+        node("Where", ["inside", "positions", "total"], ["safe_positions"]),
+        node("Concat", ["indices", "sentinel"], ["indices_ext"], axis=0),
+        node("Gather", ["indices_ext", "safe_positions"], ["raw_ids"], axis=0),
+    ]
+    ids = "raw_ids"
+    if padding_idx is not None:
+        init.append(helper.make_tensor("padding", tensor_proto.INT64, [], [padding_idx]))
+        nodes += [node("Equal", [ids, "padding"], ["is_padding"]),
+                  node("Where", ["is_padding", "sentinel", ids], ["ids"])]
+    else:
+        nodes.append(node("Identity", [ids], ["ids"]))
+    if weighted:
+        init.append(helper.make_tensor("zero_f", compute, [1], [0.0]))
+        nodes += [node("Concat", ["per_sample_weights", "zero_f"], ["weights_ext"], axis=0),
+                  node("Gather", ["weights_ext", "safe_positions"], ["weights"], axis=0)]
+    if mode != "sum":
+        nodes += [node("Equal", ["ids", "sentinel"], ["is_sentinel"]),
+                  node("Not", ["is_sentinel"], ["is_real"]),
+                  node("Cast", ["is_real"], ["real"], to=compute),
+                  node("ReduceSum", ["real", "axis_a"], ["counts"], keepdims=0)]
+    _tail(nodes, init, mode, table_type, compute, weighted, "embeddings")
+    return _model(nodes, init, inputs, table.shape[1], compute, f"embedding_bag_{mode}")

@@ -1,0 +1,1 @@
+"""The HTTP service and command line. Imports go service -> models -> kernels."""

@@ -1,0 +1,81 @@
+"""``bagserve`` command line: ``serve`` the models, ``export`` one as ONNX / Triton."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _add_table_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="table checkpoint (.safetensors, .npy, "
+                        ".npz, .pt, .pth, .bin)")
+    parser.add_argument("--tensor", help="tensor name inside the checkpoint, when it holds "
+                        "several")
+    parser.add_argument("--mode", default="mean", choices=["sum", "mean", "max"])
+    parser.add_argument("--padding-idx", type=int, default=None)
+    parser.add_argument("--max-norm", type=float, default=None)
+    parser.add_argument("--norm-type", type=float, default=2.0)
+    parser.add_argument("--include-last-offset", action="store_true",
+                        help="offsets input holds B+1 entries, the last equal to len(indices)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from models import EmbeddingBag
+    from models.export import export_onnx, export_triton
+
+    bag = EmbeddingBag.from_checkpoint(args.checkpoint, args.tensor, mode=args.mode,
+                                       padding_idx=args.padding_idx, max_norm=args.max_norm,
+                                       norm_type=args.norm_type,
+                                       include_last_offset=args.include_last_offset)
+    table_dtype = "float16" if args.fp16 else None
+    if args.output is not None:
+        path = export_onnx(bag, args.output, weighted=args.weighted, table_dtype=table_dtype)
+        print(f"wrote {path}")
+    if args.triton_repository is not None:
+        name = args.name or args.checkpoint.stem
+        folder = export_triton(bag, args.triton_repository, name, weighted=args.weighted,
+                               table_dtype=table_dtype)
+        print(f"wrote Triton model {folder}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bagserve", description="Serve torch.nn.EmbeddingBag "
+                                     "tables over HTTP, without PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write a standalone ONNX model and/or a "
+                                 "Triton model repository")
+    _add_table_options(export)
+    export.add_argument("--output", "-o", type=Path, help="the .onnx file to write")
+    export.add_argument("--triton-repository", type=Path,
+                        help="write <dir>/<name>/config.pbtxt and <name>/1/model.onnx")
+    export.add_argument("--name", help="Triton model name (default: the checkpoint's stem)")
+    export.add_argument("--weighted", action="store_true",
+                        help="add the per_sample_weights input (mode sum only)")
+    export.add_argument("--fp16", action="store_true", help="store the table as float16")
+    export.set_defaults(handler=_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bagserve`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "export" and args.output is None and args.triton_repository is None:
+        parser.error("export needs --output and/or --triton-repository")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        status: int = args.handler(args)
+    except ValueError as exc:  # CheckpointError, invalid options: a message, no traceback
+        print(f"bagserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

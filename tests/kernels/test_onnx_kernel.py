@@ -1,0 +1,125 @@
+"""The ONNX Runtime kernel: provider detection, fp16 tables, determinism, buckets, CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import BackendError, TableSpec, make_kernel
+from kernels.numba_kernel import NumbaKernel
+from kernels.onnx_graph import padded_model
+from kernels.onnx_kernel import CPU, CUDA, OnnxKernel, _buckets, cuda_status
+
+CUDA_USABLE, CUDA_REASON = cuda_status()
+needs_cuda = pytest.mark.skipif(not CUDA_USABLE, reason=f"CUDA not usable: {CUDA_REASON}")
+
+
+def _batch(seed: int, rows: int = 2000, bags: int = 300, max_len: int = 30
+           ) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, max_len, bags)
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    return rng.integers(0, rows, int(offsets[-1])).astype(np.int64), offsets
+
+
+@pytest.fixture(scope="module")
+def table() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((2000, 24)).astype(np.float32)
+
+
+def test_provider_names_what_really_runs(table: np.ndarray) -> None:
+    kernel = OnnxKernel(TableSpec(table, "sum"))
+    assert kernel.provider == (CUDA if CUDA_USABLE else CPU)
+    assert OnnxKernel(TableSpec(table, "sum"), device="cpu").provider == CPU
+    if not CUDA_USABLE:
+        assert CUDA_REASON  # says why
+
+
+@pytest.mark.skipif(CUDA_USABLE, reason="CUDA is usable here")
+def test_demanding_cuda_without_it_fails_loudly(table: np.ndarray) -> None:
+    with pytest.raises(BackendError, match="device='cuda' requested but CUDA is not usable"):
+        make_kernel(TableSpec(table, "sum"), "onnx", device="cuda")
+
+
+@pytest.mark.skipif(CUDA_USABLE, reason="CUDA is usable here")
+def test_auto_backend_without_cuda_is_the_fused_cpu_kernel(table: np.ndarray) -> None:
+    assert make_kernel(TableSpec(table, "mean"), "auto").name == "numba"
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_thread_count_never_changes_results(table: np.ndarray, mode: str) -> None:
+    indices, offsets = _batch(1)
+    spec = TableSpec(table, mode)  # type: ignore[arg-type]
+    one = OnnxKernel(spec, device="cpu", num_threads=1)(indices, offsets)
+    two = OnnxKernel(spec, device="cpu", num_threads=2)(indices, offsets)
+    np.testing.assert_array_equal(one, two)
+    # The CPU EP's reduction is not in strict bag order: ~1e-6 relative (DESIGN.md).
+    np.testing.assert_allclose(one, NumbaKernel(spec)(indices, offsets), rtol=2e-6,
+                               atol=2e-6)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_float16_table_accumulates_in_float32(table: np.ndarray, mode: str) -> None:
+    indices, offsets = _batch(2)
+    kernel = OnnxKernel(TableSpec(table, mode, 5), device="cpu",  # type: ignore[arg-type]
+                        table_dtype="float16")
+    out = kernel(indices, offsets)
+    assert out.dtype == np.float32
+    rounded = TableSpec(table.astype(np.float16).astype(np.float32), mode, 5)  # type: ignore[arg-type]
+    np.testing.assert_allclose(out, NumbaKernel(rounded)(indices, offsets), rtol=1e-6,
+                               atol=1e-5)
+
+
+def test_one_long_bag_splits_into_buckets(table: np.ndarray) -> None:
+    lengths = np.array([1, 2, 0, 3, 900, 2, 1], dtype=np.int64)
+    groups = _buckets(lengths)
+    assert len(groups) > 1
+    np.testing.assert_array_equal(np.sort(np.concatenate(groups)), [0, 1, 3, 4, 5, 6])
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    indices = np.random.default_rng(3).integers(0, 2000, int(offsets[-1])).astype(np.int64)
+    spec = TableSpec(table, "mean")
+    np.testing.assert_allclose(OnnxKernel(spec, device="cpu")(indices, offsets),
+                               NumbaKernel(spec)(indices, offsets), rtol=2e-6, atol=2e-6)
+
+
+def test_even_bags_run_in_one_group() -> None:
+    assert len(_buckets(np.full(64, 32, dtype=np.int64))) == 1
+    assert _buckets(np.zeros(3, dtype=np.int64)) == []
+
+
+@pytest.mark.parametrize(("mode", "weighted"),
+                         [("sum", False), ("sum", True), ("mean", False), ("max", False)])
+def test_kernel_graph_holds_only_ops_with_cuda_kernels_and_no_table(mode: str,
+                                                                    weighted: bool) -> None:
+    model = padded_model(mode, 128, np.float16, weighted=weighted)
+    ops = {node.op_type for node in model.graph.node}
+    # No Shape/Range subgraphs: onnxruntime pins those to the CPU, which
+    # disable_cpu_ep_fallback turns into a load failure on CUDA.
+    assert ops <= {"Gather", "Cast", "Unsqueeze", "Mul", "ReduceSum", "ReduceMax", "Max",
+                   "Div", "Equal", "Where"}, ops
+    # The table is a bound input, so tables over protobuf's 2 GB limit work.
+    assert "table" in {i.name for i in model.graph.input}
+    assert model.ByteSize() < 2000
+
+
+def test_weight_view_shares_the_uploaded_table(table: np.ndarray) -> None:
+    kernel = OnnxKernel(TableSpec(table, "sum"), device="cpu")
+    np.testing.assert_array_equal(kernel.spec.weight, table)
+    assert not np.shares_memory(kernel.spec.weight, table)  # a copy with the sentinel row
+
+
+@needs_cuda
+@pytest.mark.parametrize("table_dtype", [None, "float16"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_cuda_matches_cpu(table: np.ndarray, mode: str, table_dtype: str | None) -> None:
+    indices, offsets = _batch(4)
+    weights = np.random.default_rng(5).standard_normal(indices.size).astype(np.float32)
+    spec = TableSpec(table, mode)  # type: ignore[arg-type]
+    cuda = OnnxKernel(spec, device="cuda", table_dtype=table_dtype)
+    cpu = OnnxKernel(spec, device="cpu", table_dtype=table_dtype)
+    assert cuda.provider == CUDA
+    np.testing.assert_allclose(cuda(indices, offsets), cpu(indices, offsets), rtol=1e-5,
+                               atol=1e-5)
+    if mode == "sum":
+        np.testing.assert_allclose(cuda(indices, offsets, weights),
+                                   cpu(indices, offsets, weights), rtol=1e-5, atol=1e-5)
