@@ -13,8 +13,8 @@ Positions past a bag's end and ``padding_idx`` occurrences point at a sentinel r
 appended to the table (zeros for sum/mean, ``-inf`` for max), so no mask pass is needed.
 No ScatterND: with ``reduction`` it drops duplicate updates on the multi-threaded CPU EP.
 
-- :func:`padded_model` takes ``ids`` already laid out ``[L, B]`` or ``[B, L]`` (the
-  kernel pads on the host), plus ``counts`` ``[B]`` for mean/max and ``weights`` shaped
+- :func:`padded_model` takes ``ids`` already laid out ``[L, B]`` (the kernel pads on
+  the host), plus ``counts`` ``[B]`` for mean/max and ``weights`` shaped
   like ``ids`` when weighted; the table is the graph input ``table`` so it can be bound
   once (and live on the GPU) and may exceed protobuf's 2 GB. Only
   Gather/Cast/Mul/Reduce/Div/Where run, which all have CUDA kernels, so nothing falls
@@ -76,14 +76,11 @@ def element_types(table_dtype: npt.DTypeLike) -> tuple[int, int]:
 
 
 def _tail(nodes: list[Any], initializers: list[Any], mode: str, table_type: int,
-          compute: int, weighted: bool, output: str, bags_first: bool = False) -> None:
-    """Append Gather -> (Cast) -> (Mul) -> Reduce -> (mean/max fix-up) nodes.
-
-    ``ids`` (and ``weights``) are ``[L, B]``, or ``[B, L]`` when ``bags_first``.
-    """
+          compute: int, weighted: bool, output: str) -> None:
+    """Append Gather -> (Cast) -> (Mul) -> Reduce -> (mean/max fix-up) nodes over ``[L, B]``
+    ids (and weights)."""
     onnx, tensor_proto, helper = _helpers()
-    initializers.append(helper.make_tensor("axis0", tensor_proto.INT64, [1],
-                                           [1 if bags_first else 0]))
+    initializers.append(helper.make_tensor("axis0", tensor_proto.INT64, [1], [0]))
     nodes.append(helper.make_node("Gather", ["table", "ids"], ["gathered"], axis=0))
     rows = "gathered"
     if table_type != compute:
@@ -126,15 +123,11 @@ def _model(nodes: list[Any], initializers: list[Any], inputs: list[Any], dim: in
 
 
 def padded_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *,
-                 weighted: bool = False, bags_first: bool = False) -> Any:
-    """The kernel's graph; see the module docstring. Returns an ``onnx.ModelProto``.
-
-    ``bags_first`` lays ``ids`` out ``[B, L]`` and reduces axis 1: on the CPU EP that
-    reduction is twice as fast as over axis 0 (measured); CUDA takes ``[L, B]``.
-    """
+                 weighted: bool = False) -> Any:
+    """The kernel's graph; see the module docstring. Returns an ``onnx.ModelProto``."""
     onnx, tensor_proto, helper = _helpers()
     table_type, compute = element_types(table_dtype)
-    layout = ["bags", "length"] if bags_first else ["length", "bags"]
+    layout = ["length", "bags"]
     inputs = [helper.make_tensor_value_info("table", table_type, ["rows", dim]),
               helper.make_tensor_value_info("ids", tensor_proto.INT64, layout)]
     if weighted:
@@ -143,7 +136,7 @@ def padded_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *,
         inputs.append(helper.make_tensor_value_info("counts", compute, ["bags"]))
     nodes: list[Any] = []
     initializers: list[Any] = []
-    _tail(nodes, initializers, mode, table_type, compute, weighted, "embeddings", bags_first)
+    _tail(nodes, initializers, mode, table_type, compute, weighted, "embeddings")
     return _model(nodes, initializers, inputs, dim, compute, f"embedding_bag_{mode}_padded")
 
 

@@ -5,12 +5,13 @@ on CUDA it lives on the device as an ``OrtValue`` bound by IO binding on every c
 only the ids (and weights) cross the bus; on the CPU the ``OrtValue`` wraps the NumPy
 array without a copy. Bags are padded on the host; when one long bag would make the
 padding more than double the work, bags are split into power-of-two length buckets, one
-run each. CUDA gets ``[L, B]`` ids in one run per bucket. The CPU EP gets ``[B, L]`` ids
-(its reduction over axis 1 is 2x faster than over axis 0, though not in strict bag
-order: sums drift ~1e-6 relative, within DESIGN.md's tolerance) in chunks of about 4 MB
-of gathered rows, so the reduction reads them from cache; chunks run concurrently on
-``num_threads`` single-threaded runs (measured: 1.2x faster than onnxruntime's own
-intra-op threads here, and results never depend on the thread count). Sessions are built
+run each. Reducing ``[L, B, D]`` over axis 0 adds the rows of a bag in order, so
+results are PyTorch's to the bit and never depend on which other bags share the batch
+(``[B, L]`` over axis 1 measured 2x faster on the CPU EP but reorders the additions: a
+bag's vector then changed with its batch, so it was dropped). CUDA runs each bucket at
+once; the CPU EP splits it into chunks of about 4 MB of gathered rows that run
+concurrently on ``num_threads`` single-threaded sessions (faster here than onnxruntime's
+own intra-op threads, and the thread count never changes results). Sessions are built
 with ``session.disable_cpu_ep_fallback`` on CUDA, so a node without a CUDA kernel fails
 at load instead of silently running on the CPU. onnxruntime-gpu without usable CUDA
 libraries only logs an error and falls back to the CPU: that is detected, and
@@ -216,8 +217,7 @@ class OnnxKernel:
         with self._lock:
             if weighted not in self._sessions:
                 model = padded_model(self.spec.mode, self.spec.embedding_dim,
-                                     self.table_dtype, weighted=weighted,
-                                     bags_first=self.device == "cpu")
+                                     self.table_dtype, weighted=weighted)
                 # CPU parallelism comes from concurrent chunks, one thread each.
                 self._sessions[weighted] = _session(model, self.device, self.device_id, 1)
             return self._sessions[weighted]
@@ -248,14 +248,9 @@ class OnnxKernel:
 
     def _run(self, indices: IndexArray, starts: IndexArray, lengths: IndexArray,
              per_sample_weights: FloatArray | None) -> FloatArray:
-        if self.device == "cpu":  # [B, L]
-            steps = np.arange(int(lengths.max()), dtype=np.int64)[None, :]
-            positions = starts[:, None] + steps
-            inside = steps < lengths[:, None]
-        else:  # [L, B]
-            steps = np.arange(int(lengths.max()), dtype=np.int64)[:, None]
-            positions = starts[None, :] + steps
-            inside = steps < lengths[None, :]
+        steps = np.arange(int(lengths.max()), dtype=np.int64)[:, None]
+        positions = starts[None, :] + steps  # [L, B]
+        inside = steps < lengths[None, :]
         ids = np.where(inside, np.take(indices, positions, mode="clip"), self._sentinel)
         if self._padding is not None:
             ids[ids == self._padding] = self._sentinel
@@ -267,8 +262,7 @@ class OnnxKernel:
             weights = np.where(inside, np.take(per_sample_weights, positions, mode="clip"), 0)
             binding.bind_cpu_input("weights", weights.astype(self.compute_dtype, copy=False))
         if self.spec.mode != "sum":
-            counts = (ids != self._sentinel).sum(axis=1 if self.device == "cpu" else 0)
-            counts = counts.astype(self.compute_dtype)
+            counts = (ids != self._sentinel).sum(axis=0).astype(self.compute_dtype)
             binding.bind_cpu_input("counts", counts)
         if self.device == "cuda":
             binding.bind_output("embeddings", "cuda", self.device_id)

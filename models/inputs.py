@@ -54,19 +54,23 @@ def _integer_array(name: str, value: Any) -> npt.NDArray[np.int64]:
 
 
 def _check_range(indices: npt.NDArray[np.int64], num_embeddings: int,
-                 shape: tuple[int, ...]) -> None:
-    """Raise for the first id outside ``[0, num_embeddings)``, with its position."""
+                 shape: tuple[int, ...], offsets: npt.NDArray[np.int64]) -> None:
+    """Raise for the first id outside ``[0, num_embeddings)``, with its position (and, for
+    1-D input, its bag and place in the bag)."""
     if indices.size == 0:
         return
     low, high = int(indices.min()), int(indices.max())
     if low >= 0 and high < num_embeddings:
         return
-    bad = np.flatnonzero((indices < 0) | (indices >= num_embeddings))[0]
-    position: int | tuple[int, ...] = int(bad)
+    bad = int(np.flatnonzero((indices < 0) | (indices >= num_embeddings))[0])
+    where = f"at position {bad}"
     if len(shape) > 1:
-        position = tuple(int(i) for i in np.unravel_index(bad, shape))
+        where = f"at position {tuple(int(i) for i in np.unravel_index(bad, shape))}"
+    else:
+        bag = int(np.searchsorted(offsets, bad, side="right")) - 1
+        where += f" (bag {bag}, item {bad - int(offsets[bag])})"
     raise InvalidInputError(f"index {int(indices[bad])} out of range [0, {num_embeddings}) "
-                            f"at position {position}")
+                            f"{where}")
 
 
 def _check_offsets(offsets: npt.NDArray[np.int64], length: int,
@@ -163,5 +167,5 @@ def flatten_inputs(
         raise InvalidInputError(f"input has to be 1D or 2D; got {ids.ndim}D with shape "
                                 f"{ids.shape}")
     weights = _check_weights(per_sample_weights, mode, ids.shape, np.dtype(dtype))
-    _check_range(ids.reshape(-1), num_embeddings, ids.shape)
+    _check_range(ids.reshape(-1), num_embeddings, ids.shape, csr)
     return FlatBatch(ids.reshape(-1), csr, weights)

@@ -86,3 +86,20 @@ def test_make_kernel_picks_the_fused_loop_and_honours_fused_false() -> None:
     assert make_kernel(spec, fused=False).name == "numpy"
     with pytest.raises(BackendError, match="backend must be one of numpy, onnx, auto; got 'gpu'"):
         make_kernel(spec, "gpu")
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy", "onnx"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_a_bags_vector_does_not_depend_on_its_batch(backend: str, mode: str) -> None:
+    rng = np.random.default_rng(14)
+    weight = rng.standard_normal((1000, 64)).astype(np.float32)
+    spec = TableSpec(weight, mode)  # type: ignore[arg-type]
+    kernel = (make_kernel(spec, "onnx", device="cpu") if backend == "onnx"
+              else make_kernel(spec, fused=backend == "numba"))
+    ids = rng.integers(0, 1000, 20).astype(np.int64)
+    alone = kernel(ids, np.array([0, 20], np.int64))
+    for extra in (1, 21, 33, 200, 900):
+        others = rng.integers(0, 1000, extra).astype(np.int64)
+        batch = kernel(np.concatenate([others, ids]),
+                       np.array([0, extra, extra + 20], np.int64))
+        np.testing.assert_array_equal(batch[1], alone[0])
