@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,10 +45,62 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.config import DEMO, ConfigError, load_config
+    from service.logs import configure_logging
+    from service.registry import ModelLoadError, load_model
+    from service.settings import Settings
+    from service.state import ServiceState
+
+    overrides = {key: getattr(args, key) for key in ("config", "host", "port")
+                 if getattr(args, key) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValueError as exc:
+        print(f"bagserve serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        specs = load_config(settings.config) if settings.config else [DEMO]
+        # Load before binding the port: a bad checkpoint stops start-up with its name.
+        models = [load_model(spec) for spec in specs]
+    except (ConfigError, ModelLoadError) as exc:
+        print(f"bagserve serve: error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings, models=models)
+    state: ServiceState = app.state.service
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM/SIGINT: not ready first, then uvicorn's graceful shutdown (stop
+        accepting, finish in-flight requests, run the lifespan shutdown)."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            state.begin_drain()
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s))
+    DrainingServer(config).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bagserve", description="Serve torch.nn.EmbeddingBag "
                                      "tables over HTTP, without PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the configured models (or the built-in "
+                                "demo model) over HTTP")
+    serve.add_argument("--config", type=Path, default=None,
+                       help="TOML file of [[models]] (env BAGSERVE_CONFIG); default: demo")
+    serve.add_argument("--host", default=None, help="listen address (env BAGSERVE_HOST; "
+                       "default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="listen port (env "
+                       "BAGSERVE_PORT; default 8000)")
+    serve.set_defaults(handler=_serve)
     export = commands.add_parser("export", help="write a standalone ONNX model and/or a "
                                  "Triton model repository")
     _add_table_options(export)

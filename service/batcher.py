@@ -1,0 +1,256 @@
+"""Dynamic batching: one batcher per model owns its kernel and answers every request.
+
+Requests queue FIFO. The loop takes requests up to ``max_batch_ids`` / ``max_batch_bags``,
+concatenates them into one flat batch while the previous batch is still computing, then
+tops the batch up with whatever arrived meanwhile and hands it to a one-thread executor
+(the kernels release the GIL and use their own threads). Rows are split back per request.
+Every admitted request ends with a result or an exception: a failed batch fails each of
+its requests with the same error; requests whose client went away or whose deadline
+passed are dropped before compute. Admission is bounded in queued ids and bags: past it,
+``Overloaded`` (429) at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from models import FlatBatch
+from service.errors import ComputeFailed, DeadlineExceeded, NotReady, Overloaded
+from service.metrics import Metrics
+from service.registry import LoadedModel
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One request's rows and how it went. ``rows`` is ``(bags, D)``."""
+
+    rows: npt.NDArray[np.floating]
+    queue_s: float
+    compute_s: float
+    batch_bags: int
+    batch_ids: int
+
+
+@dataclass(eq=False)
+class _Pending:
+    batch: FlatBatch
+    future: asyncio.Future[BatchResult]
+    enqueued: float
+    cancelled: asyncio.Event | None = None
+    #: The waiter gave up (deadline, cancellation): drop it, answer nobody.
+    abandoned: bool = False
+    ids: int = field(init=False)
+    bags: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ids = int(self.batch.indices.shape[0])
+        self.bags = self.batch.num_bags
+
+    @property
+    def gone(self) -> bool:
+        return self.abandoned or (self.cancelled is not None and self.cancelled.is_set())
+
+
+def _concat(items: list[_Pending], dtype: np.dtype[np.floating]) -> FlatBatch:
+    """One flat batch holding the items' bags in order."""
+    if len(items) == 1:
+        return items[0].batch
+    indices = np.concatenate([p.batch.indices for p in items])
+    offsets = np.zeros(sum(p.bags for p in items) + 1, dtype=np.int64)
+    start, base = 0, 0
+    for p in items:
+        offsets[start + 1 : start + p.bags + 1] = p.batch.offsets[1:] + base
+        start += p.bags
+        base += p.ids
+    weights = None
+    if any(p.batch.per_sample_weights is not None for p in items):
+        # A request without weights weighs every id 1: w * row == row exactly.
+        weights = np.concatenate([
+            p.batch.per_sample_weights if p.batch.per_sample_weights is not None
+            else np.ones(p.ids, dtype=dtype) for p in items])
+    return FlatBatch(indices, offsets, weights)
+
+
+class Batcher:
+    """The queue and compute loop of one model. Create and use on the event loop."""
+
+    def __init__(self, model: LoadedModel, settings: Settings, metrics: Metrics) -> None:
+        self.model = model
+        self._settings = settings
+        self._metrics = metrics
+        self._queue: deque[_Pending] = deque()
+        self.queued_ids = 0
+        self.queued_bags = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{model.name}")
+        self._task: asyncio.Task[None] | None = None
+        self._dtype = np.dtype(model.bag.weight.dtype)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(),
+                                                            name=f"batcher-{self.model.name}")
+
+    async def close(self) -> None:
+        """Stop admitting, finish everything admitted, then stop the loop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, batch: FlatBatch, cancelled: asyncio.Event | None = None
+                     ) -> BatchResult:
+        """Queue one request's validated batch and wait for its rows.
+
+        Args:
+            batch: the request in kernel layout.
+            cancelled: set when the client disconnects; the request is then dropped.
+
+        Raises:
+            Overloaded: the queue is full (429, with Retry-After).
+            NotReady: the server is shutting down.
+            DeadlineExceeded: not computed within ``request_timeout_s``.
+            ComputeFailed: the batch holding this request failed.
+        """
+        name = self.model.name
+        if self._closing:
+            raise NotReady("server is shutting down", headers=self._retry())
+        pending = _Pending(batch, asyncio.get_running_loop().create_future(),
+                           time.perf_counter(), cancelled)
+        settings = self._settings
+        if (self.queued_ids + pending.ids > settings.max_queue_ids
+                or self.queued_bags + pending.bags > settings.max_queue_bags):
+            self._metrics.requests.labels(name, "overloaded").inc()
+            raise Overloaded(f"model {name!r} is at capacity ({self.queued_ids} ids and "
+                             f"{self.queued_bags} bags queued); retry later",
+                             headers=self._retry())
+        self._queue.append(pending)
+        self._account(pending, +1)
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(pending.future),
+                                          settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            pending.abandoned = True
+            self._metrics.requests.labels(name, "deadline").inc()
+            raise DeadlineExceeded(f"model {name!r} did not answer within "
+                                   f"{settings.request_timeout_s:g} s",
+                                   headers=self._retry()) from None
+        except asyncio.CancelledError:
+            pending.abandoned = True
+            raise
+
+    def _retry(self) -> dict[str, str]:
+        return {"Retry-After": str(self._settings.retry_after_s)}
+
+    def _account(self, pending: _Pending, sign: int) -> None:
+        self.queued_ids += sign * pending.ids
+        self.queued_bags += sign * pending.bags
+        self._metrics.queue_ids.labels(self.model.name).set(self.queued_ids)
+
+    def _take(self, ids_budget: int, bags_budget: int) -> list[_Pending]:
+        """Pop requests FIFO within the budgets, dropping abandoned ones."""
+        items: list[_Pending] = []
+        ids = bags = 0
+        while self._queue:
+            pending = self._queue[0]
+            if pending.gone:
+                self._queue.popleft()
+                self._account(pending, -1)
+                self._drop(pending)
+                continue
+            if ids + pending.ids > ids_budget or bags + pending.bags > bags_budget:
+                break
+            self._queue.popleft()
+            self._account(pending, -1)
+            items.append(pending)
+            ids += pending.ids
+            bags += pending.bags
+        return items
+
+    def _drop(self, pending: _Pending) -> None:
+        if not pending.abandoned:
+            self._metrics.requests.labels(self.model.name, "disconnected").inc()
+        pending.future.cancel()  # nobody awaits it any more
+
+    async def _loop(self) -> None:
+        settings = self._settings
+        running: asyncio.Task[None] | None = None
+        while True:
+            if not self._queue:
+                if self._closing:
+                    break
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            items = self._take(settings.max_batch_ids, settings.max_batch_bags)
+            if not items:
+                continue
+            if running is not None and not running.done():
+                prepared = _concat(items, self._dtype)  # overlaps the running batch
+                await running
+                more = self._take(settings.max_batch_ids - sum(p.ids for p in items),
+                                  settings.max_batch_bags - sum(p.bags for p in items))
+                if more:
+                    items += more
+                    prepared = _concat(items, self._dtype)
+            else:
+                prepared = _concat(items, self._dtype)
+            running = asyncio.get_running_loop().create_task(self._compute(items, prepared))
+        if running is not None:
+            await running
+
+    def _run_kernel(self, batch: FlatBatch) -> npt.NDArray[np.floating]:
+        result: npt.NDArray[np.floating] = self.model.bag.kernel(
+            batch.indices, batch.offsets, batch.per_sample_weights)
+        return result
+
+    async def _compute(self, items: list[_Pending], batch: FlatBatch) -> None:
+        live = [p for p in items if not p.gone]
+        for p in items:
+            if p.gone:
+                self._drop(p)
+        if not live:
+            return
+        if len(live) != len(items):
+            items, batch = live, _concat(live, self._dtype)
+        name = self.model.name
+        started = time.perf_counter()
+        self._metrics.batch_bags.labels(name).observe(batch.num_bags)
+        self._metrics.batch_ids.labels(name).observe(batch.indices.shape[0])
+        try:
+            rows = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_kernel, batch)
+        except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+            logger.exception("batch failed", extra={"model": name, "requests": len(items)})
+            error = ComputeFailed(f"computing the batch for model {name!r} failed: "
+                                  f"{type(exc).__name__}")
+            for p in items:
+                if p.abandoned:
+                    p.future.cancel()
+                elif not p.future.done():
+                    p.future.set_exception(error)
+            return
+        compute_s = time.perf_counter() - started
+        self._metrics.compute_seconds.labels(name).observe(compute_s)
+        start = 0
+        for p in items:
+            if p.abandoned:
+                p.future.cancel()
+            elif not p.future.done():
+                p.future.set_result(BatchResult(rows[start : start + p.bags],
+                                                started - p.enqueued, compute_s,
+                                                batch.num_bags, batch.indices.shape[0]))
+            start += p.bags

@@ -1,0 +1,115 @@
+"""Model specs: which tables to serve and how, from a TOML file or the built-in demo.
+
+```toml
+[[models]]
+name = "items"
+checkpoint = "items.safetensors"   # relative to this file
+tensor = "weight"                  # key inside the checkpoint, when it holds several
+mode = "mean"                      # plus padding_idx, max_norm, norm_type, include_last_offset
+backend = "auto"                   # numpy | onnx | auto
+```
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+#: Model names appear in URLs and metric labels: keep them plain.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+DEMO_NAME = "demo"
+DEMO_ROWS = 10_000
+DEMO_DIM = 64
+DEMO_SEED = 20261124
+
+
+class ConfigError(ValueError):
+    """The model config is invalid; the message names the file, model and field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served table. ``checkpoint`` is ``None`` only for the built-in demo model."""
+
+    name: str
+    checkpoint: Path | None = None
+    tensor: str | None = None
+    mode: str = "mean"
+    padding_idx: int | None = None
+    max_norm: float | None = None
+    norm_type: float = 2.0
+    include_last_offset: bool = False
+    backend: str = "auto"
+    device: str = "auto"
+    table_dtype: str | None = None
+    num_threads: int | None = None
+
+
+DEMO = ModelSpec(name=DEMO_NAME, mode="mean", backend="auto")
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "checkpoint": (str,), "tensor": (str,), "mode": (str,),
+    "padding_idx": (int,), "max_norm": (int, float), "norm_type": (int, float),
+    "include_last_offset": (bool,), "backend": (str,), "device": (str,),
+    "table_dtype": (str,), "num_threads": (int,),
+}
+
+
+def _spec(entry: Any, where: str, base: Path) -> ModelSpec:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: each [[models]] entry must be a table")
+    known = {f.name for f in fields(ModelSpec)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(sorted(known))}")
+    for key, value in entry.items():
+        types = _TYPES[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            raise ConfigError(f"{where}: field {key!r} must be "
+                              f"{' or '.join(t.__name__ for t in types)}; got {value!r}")
+    name = entry.get("name")
+    if name is None or not NAME.match(name):
+        raise ConfigError(f"{where}: name must match {NAME.pattern}; got {name!r}")
+    if "checkpoint" not in entry:
+        raise ConfigError(f"{where} ({name}): checkpoint is required")
+    values = dict(entry)
+    values["checkpoint"] = (base / entry["checkpoint"]).resolve()
+    for key in ("max_norm", "norm_type"):
+        if key in values:
+            values[key] = float(values[key])
+    return ModelSpec(**values)
+
+
+def load_config(path: str | Path) -> list[ModelSpec]:
+    """Read the ``[[models]]`` of a TOML file; checkpoints resolve relative to it.
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown or mistyped fields, duplicate names.
+    """
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    entries = document.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{path}: expected at least one [[models]] table")
+    specs = [_spec(entry, f"{path}: models[{i}]", path.parent)
+             for i, entry in enumerate(entries)]
+    names = [spec.name for spec in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: duplicate model name(s): {', '.join(duplicates)}")
+    return specs

@@ -1,0 +1,124 @@
+"""One exception hierarchy, one status table, one handler for every route.
+
+Native and OpenAI routes answer ``{"error": {"type": ..., "message": ...}}``; KServe v2
+routes (``/v2``) answer ``{"error": "..."}``. Nothing a client sends produces a 500; an
+unexpected server fault is logged with its traceback and answered without one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from models import CheckpointError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of every error the service answers on purpose."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class Unauthorized(ServiceError):
+    status, type = 401, "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status, type = 403, "forbidden"
+
+
+class ModelNotFound(ServiceError):
+    status, type = 404, "model_not_found"
+
+
+class BodyTooLarge(ServiceError):
+    status, type = 413, "body_too_large"
+
+
+class InvalidRequest(ServiceError):
+    status, type = 422, "invalid_request"
+
+
+class Overloaded(ServiceError):
+    status, type = 429, "overloaded"
+
+
+class NotReady(ServiceError):
+    status, type = 503, "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    status, type = 503, "deadline_exceeded"
+
+
+class ComputeFailed(ServiceError):
+    status, type = 500, "compute_failed"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its batch ran; nobody is left to answer."""
+
+
+def error_response(request: Request, status: int, type_: str, message: str,
+                   headers: dict[str, str] | None = None) -> Response:
+    """The error body in the shape of the route's protocol."""
+    body: Any
+    if request.url.path.startswith("/v2"):
+        body = {"error": message}
+    else:
+        body = {"error": {"type": type_, "message": message}}
+    return Response(orjson.dumps(body), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Route every error through :func:`error_response`."""
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        return error_response(request, exc.status, exc.type, exc.message, exc.headers)
+
+    @app.exception_handler(InvalidInputError)
+    async def invalid_input(request: Request, exc: InvalidInputError) -> Response:
+        return error_response(request, 422, InvalidRequest.type, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+        return error_response(request, 422, InvalidRequest.type, problems)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return error_response(request, exc.status_code,
+                              _HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail),
+                              dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(request, 500, "internal_error", "internal server error")
+
+
+__all__ = [
+    "BodyTooLarge", "CheckpointError", "ClientGone", "ComputeFailed", "DeadlineExceeded",
+    "Forbidden", "InvalidRequest", "ModelNotFound", "NotReady", "Overloaded", "ServiceError",
+    "Unauthorized", "error_response", "install_handlers",
+]

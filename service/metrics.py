@@ -1,0 +1,47 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536,
+          262144)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    registry: CollectorRegistry
+    requests: Counter
+    queue_ids: Gauge
+    batch_bags: Histogram
+    batch_ids: Histogram
+    queue_seconds: Histogram
+    compute_seconds: Histogram
+    request_seconds: Histogram
+
+    @classmethod
+    def create(cls) -> Metrics:
+        registry = CollectorRegistry()
+        return cls(
+            registry=registry,
+            requests=Counter("bagserve_requests", "Inference requests by model and outcome "
+                             "(ok, invalid, overloaded, deadline, disconnected, failed)",
+                             ["model", "outcome"], registry=registry),
+            queue_ids=Gauge("bagserve_queue_ids", "Ids waiting in the model's queue",
+                            ["model"], registry=registry),
+            batch_bags=Histogram("bagserve_batch_bags", "Bags per computed batch", ["model"],
+                                 buckets=_SIZES, registry=registry),
+            batch_ids=Histogram("bagserve_batch_ids", "Ids per computed batch", ["model"],
+                                buckets=_SIZES, registry=registry),
+            queue_seconds=Histogram("bagserve_queue_seconds", "Time from admission to the "
+                                    "start of the request's batch", ["model"],
+                                    buckets=_LATENCY, registry=registry),
+            compute_seconds=Histogram("bagserve_compute_seconds", "Kernel time per batch",
+                                      ["model"], buckets=_LATENCY, registry=registry),
+            request_seconds=Histogram("bagserve_request_seconds", "End-to-end time of "
+                                      "answered inference requests", ["model"],
+                                      buckets=_LATENCY, registry=registry),
+        )

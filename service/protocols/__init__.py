@@ -1,0 +1,1 @@
+"""One module per wire protocol: native, OpenAI-compatible, KServe v2."""

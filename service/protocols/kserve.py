@@ -1,0 +1,214 @@
+"""KServe v2 / Open Inference Protocol, with the binary tensor data extension.
+
+``tritonclient.http`` sends tensors in binary by default and no Content-Type: the body
+is read as bytes. With ``Inference-Header-Content-Length: n`` the first ``n`` bytes are
+the JSON header and the tensors follow back to back, each input's size in its
+``parameters.binary_data_size``. Outputs come back the same way when an output asks for
+``binary_data`` or the request sets ``parameters.binary_data_output``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from service.errors import InvalidRequest, ModelNotFound
+from service.inference import embed, require_api_key, service_state
+from service.schemas import KSERVE_ERRORS, KServeInferRequest, KServeInferResponse, json_body
+from service.wire import float_array, int_array, parse_json, ragged, read_body
+
+router = APIRouter(tags=["kserve-v2"])
+protected = APIRouter(tags=["kserve-v2"], dependencies=[Depends(require_api_key)])
+
+VERSION = "1"
+_DTYPES: dict[str, np.dtype[Any]] = {"INT64": np.dtype("<i8"), "INT32": np.dtype("<i4"),
+                                     "FP32": np.dtype("<f4")}
+_ALLOWED = {"indices": ("INT64", "INT32"), "offsets": ("INT64", "INT32"),
+            "per_sample_weights": ("FP32",)}
+HEADER = "inference-header-content-length"
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+@router.get("/v2", summary="Server metadata")
+async def server_metadata() -> Response:
+    from service import __version__
+
+    return _json({"name": "bagserve", "version": __version__,
+                  "extensions": ["binary_tensor_data"]})
+
+
+@router.get("/v2/health/live", summary="Liveness")
+async def live() -> Response:
+    return _json({"live": True})
+
+
+@router.get("/v2/health/ready", summary="Readiness: every model loaded and warmed up")
+async def ready(request: Request) -> Response:
+    is_ready = service_state(request).ready
+    return _json({"ready": is_ready}, 200 if is_ready else 503)
+
+
+def _model(request: Request, name: str, version: str | None) -> Any:
+    state = service_state(request)
+    if name not in state.models or version not in (None, "", VERSION):
+        raise ModelNotFound(f"model {name!r} version {version!r} not found" if version
+                            else f"model {name!r} not found")
+    return state.models[name]
+
+
+@protected.get("/v2/models/{name}", summary="Model metadata", responses=KSERVE_ERRORS)
+@protected.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
+async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
+    model = _model(request, name, version)
+    index = "INT64"
+    return _json({
+        "name": name, "versions": [VERSION], "platform": "bagserve",
+        "inputs": [{"name": "indices", "datatype": index, "shape": [-1]},
+                   {"name": "offsets", "datatype": index, "shape": [-1]},
+                   {"name": "per_sample_weights", "datatype": "FP32", "shape": [-1]}],
+        "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, model.dim]}]})
+
+
+@protected.get("/v2/models/{name}/ready", summary="Model readiness", responses=KSERVE_ERRORS)
+@protected.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
+async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+    _model(request, name, version)
+    is_ready = service_state(request).ready
+    return _json({"name": name, "ready": is_ready}, 200 if is_ready else 503)
+
+
+def _split(raw: bytes, request: Request) -> tuple[dict[str, Any], bytes]:
+    """(JSON header, binary tail) of an infer request."""
+    declared = request.headers.get(HEADER)
+    if declared is None:
+        header = parse_json(raw)
+        tail = b""
+    else:
+        if not declared.isdigit() or int(declared) > len(raw):
+            raise InvalidRequest(f"Inference-Header-Content-Length {declared!r} does not fit "
+                                 f"a body of {len(raw)} bytes")
+        header = parse_json(raw[: int(declared)])
+        tail = raw[int(declared):]
+    if not isinstance(header, dict):
+        raise InvalidRequest("the inference request must be a JSON object")
+    return header, tail
+
+
+def _tensor(spec: Any, tail: bytes, position: int) -> tuple[str, npt.NDArray[Any], int]:
+    """Decode one input; returns (name, array shaped as declared, bytes consumed)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise InvalidRequest("each input needs a name, shape and datatype")
+    name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
+    if name not in _ALLOWED:
+        raise InvalidRequest(f"unknown input {name!r}; expected indices, offsets and "
+                             "optionally per_sample_weights")
+    if datatype not in _ALLOWED[name]:
+        raise InvalidRequest(f"input {name!r} must be {' or '.join(_ALLOWED[name])}; got "
+                             f"{datatype!r}")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
+            or not all(type(d) is int and d >= 0 for d in shape)):
+        raise InvalidRequest(f"input {name!r} needs a shape of 1 or 2 non-negative ints; "
+                             f"got {shape!r}")
+    count = int(np.prod(shape, dtype=np.int64))
+    parameters = spec.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    dtype = _DTYPES[datatype]
+    used = 0
+    if size is not None:
+        if type(size) is not int or size < 0 or position + size > len(tail):
+            raise InvalidRequest(f"input {name!r}: binary_data_size {size!r} runs past the "
+                                 f"{len(tail) - position} binary bytes left")
+        if size != count * dtype.itemsize:
+            raise InvalidRequest(f"input {name!r}: binary_data_size {size} is not shape "
+                                 f"{shape} x {dtype.itemsize} bytes")
+        array = np.frombuffer(tail, dtype=dtype, count=count, offset=position)
+        used = size
+    elif "data" in spec:
+        data = spec["data"]
+        if isinstance(data, list) and data and isinstance(data[0], list):
+            data, _ = ragged(data, f"{name}.data", "number")
+        array = (float_array(data, f"{name}.data") if datatype == "FP32"
+                 else int_array(data, f"{name}.data"))
+        if array.size != count:
+            raise InvalidRequest(f"input {name!r} holds {array.size} values for shape {shape}")
+    else:
+        raise InvalidRequest(f"input {name!r} has neither data nor binary_data_size")
+    if datatype == "FP32" and not np.isfinite(array).all():
+        raise InvalidRequest(f"input {name!r} holds NaN or infinite values")
+    return name, array.reshape(shape), used
+
+
+@protected.post("/v2/models/{name}/infer", response_model=KServeInferResponse,
+                responses=KSERVE_ERRORS, summary="Infer (JSON or binary tensor extension)",
+                openapi_extra=json_body(KServeInferRequest, "application/octet-stream"))
+@protected.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    model = _model(request, name, version)
+    raw = await read_body(request, service_state(request).settings.max_body_bytes)
+    header, tail = _split(raw, request)
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidRequest("inputs must be a non-empty list")
+    tensors: dict[str, npt.NDArray[Any]] = {}
+    position = 0
+    for spec in inputs:
+        key, array, used = _tensor(spec, tail, position)
+        if key in tensors:
+            raise InvalidRequest(f"input {key!r} given twice")
+        tensors[key] = array
+        position += used
+    if position != len(tail):
+        raise InvalidRequest(f"{len(tail) - position} binary bytes follow the declared inputs")
+    if "indices" not in tensors:
+        raise InvalidRequest("input 'indices' is required")
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidRequest("parameters must be an object")
+    last = parameters.get("include_last_offset")
+    if last is not None and not isinstance(last, bool):
+        raise InvalidRequest(f"parameters.include_last_offset must be a boolean; got {last!r}")
+    binary = _wants_binary(header, parameters)
+    answer = await embed(request, model.name, tensors["indices"], tensors.get("offsets"),
+                         tensors.get("per_sample_weights"), include_last_offset=last)
+    return _respond(header, binary, answer.rows, name, answer.timing_headers())
+
+
+def _wants_binary(header: dict[str, Any], parameters: dict[str, Any]) -> bool:
+    outputs = header.get("outputs")
+    if isinstance(outputs, list):
+        for output in outputs:
+            if not isinstance(output, dict) or output.get("name") != "embeddings":
+                raise InvalidRequest(f"unknown output {output!r}; the only output is "
+                                     "'embeddings'")
+            options = output.get("parameters") or {}
+            if isinstance(options, dict) and options.get("binary_data") is not None:
+                return bool(options["binary_data"])
+    return bool(parameters.get("binary_data_output", False))
+
+
+def _respond(header: dict[str, Any], binary: bool, rows: npt.NDArray[Any],
+             name: str, headers: dict[str, str]) -> Response:
+    data = np.ascontiguousarray(rows, dtype="<f4")
+    output: dict[str, Any] = {"name": "embeddings", "datatype": "FP32",
+                              "shape": list(data.shape)}
+    payload: dict[str, Any] = {"model_name": name, "model_version": VERSION,
+                               "outputs": [output]}
+    if isinstance(header.get("id"), str):
+        payload["id"] = header["id"]
+    if binary:
+        output["parameters"] = {"binary_data_size": data.nbytes}
+        head = orjson.dumps(payload)
+        headers = {**headers, "Inference-Header-Content-Length": str(len(head))}
+        return Response(head + data.tobytes(), headers=headers,
+                        media_type="application/octet-stream")
+    output["data"] = data.reshape(-1)
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), headers=headers,
+                    media_type="application/json")

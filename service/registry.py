@@ -1,0 +1,88 @@
+"""Load the configured models: checkpoint -> EmbeddingBag -> warm-up -> ready."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from models import EmbeddingBag, read_checkpoint
+from service.config import DEMO_DIM, DEMO_ROWS, DEMO_SEED, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the model and the file."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A ready model: its spec and the module that computes it."""
+
+    spec: ModelSpec
+    bag: EmbeddingBag
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def dim(self) -> int:
+        return self.bag.embedding_dim
+
+    def describe(self) -> dict[str, object]:
+        """The public facts about the model (``GET /v1/models``)."""
+        return {"id": self.name, "object": "model", "owned_by": "bagserve",
+                "dim": self.dim, "rows": self.bag.num_embeddings, "mode": self.bag.mode,
+                "dtype": str(self.bag.weight.dtype), "backend": self.bag.kernel.name,
+                "provider": self.bag.provider, "padding_idx": self.bag.padding_idx,
+                "include_last_offset": self.bag.include_last_offset}
+
+
+def demo_table() -> np.ndarray:
+    """The built-in demo table: deterministic, no download."""
+    rng = np.random.default_rng(DEMO_SEED)
+    return rng.standard_normal((DEMO_ROWS, DEMO_DIM), dtype=np.float32)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Read the checkpoint, build the module and run one warm-up batch.
+
+    Raises:
+        ModelLoadError: missing, corrupt or unsafe checkpoint, options that do not fit
+            it, or a backend that cannot start; the message names model and file.
+    """
+    started = time.perf_counter()
+    source = "built-in demo table" if spec.checkpoint is None else str(spec.checkpoint)
+    try:
+        table = (demo_table() if spec.checkpoint is None
+                 else read_checkpoint(spec.checkpoint, spec.tensor))
+        bag = EmbeddingBag.from_pretrained(
+            table, mode=spec.mode, padding_idx=spec.padding_idx, max_norm=spec.max_norm,
+            norm_type=spec.norm_type, include_last_offset=spec.include_last_offset,
+            backend=spec.backend, device=spec.device, table_dtype=spec.table_dtype,
+            num_threads=spec.num_threads)
+        _check_finite(bag)
+        # Warm-up: compiles the numba loops / builds ONNX sessions before "ready".
+        bag(np.zeros((2, 2), dtype=np.int64))
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise ModelLoadError(f"model {spec.name!r} ({source}): {exc}") from exc
+    logger.info("model loaded", extra={"model": spec.name, "source": source,
+                                       "rows": bag.num_embeddings, "dim": bag.embedding_dim,
+                                       "provider": bag.provider,
+                                       "seconds": round(time.perf_counter() - started, 3)})
+    return LoadedModel(spec, bag)
+
+
+def _check_finite(bag: EmbeddingBag, rows_per_step: int = 1 << 16) -> None:
+    """Refuse tables with NaN or infinite rows: every lookup touching one is garbage."""
+    weight = bag.weight
+    for start in range(0, weight.shape[0], rows_per_step):
+        block = weight[start : start + rows_per_step]
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            row = start + int(np.flatnonzero(~finite)[0])
+            raise ValueError(f"table row {row} holds NaN or infinite values")

@@ -1,0 +1,55 @@
+"""The one settings object: CLI flags, then ``BAGSERVE_*`` environment variables, then
+defaults. Read once at start and passed explicitly (``app.state.settings``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Each field is also ``BAGSERVE_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="BAGSERVE_", frozen=True, extra="forbid")
+
+    config: Path | None = Field(None, description="TOML file of [[models]]; none serves the "
+                                "built-in demo model 'demo'")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free one)")
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body "
+                                "(413 above)")
+    max_bags_per_request: int = Field(4096, ge=1, description="bags in one request (422 above)")
+    max_ids_per_request: int = Field(131_072, ge=1, description="ids in one request (422 above)")
+    max_bag_length: int = Field(65_536, ge=1, description="ids in one bag (422 above)")
+
+    max_batch_ids: int = Field(262_144, ge=1, description="ids per computed batch")
+    max_batch_bags: int = Field(8192, ge=1, description="bags per computed batch")
+    max_queue_ids: int = Field(1_048_576, ge=1, description="ids waiting per model before "
+                               "requests get 429")
+    max_queue_bags: int = Field(65_536, ge=1, description="bags waiting per model before "
+                                "requests get 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline from admission to "
+                                     "answer; a request still queued then gets 503")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds on 429 and 503")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long admitted "
+                                    "requests may take to finish before the server exits")
+    api_key: SecretStr | None = Field(None, description="if set, inference routes need "
+                                      "'Authorization: Bearer <key>' (health and metrics open)")
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$",
+                           description="log level")
+    log_format: str = Field("json", pattern="^(json|text)$", description="log line format")
+
+    @model_validator(mode="after")
+    def _limits_fit_batches(self) -> Settings:
+        if self.max_ids_per_request > self.max_batch_ids:
+            raise ValueError(f"max_ids_per_request ({self.max_ids_per_request}) must not "
+                             f"exceed max_batch_ids ({self.max_batch_ids})")
+        if self.max_bags_per_request > self.max_batch_bags:
+            raise ValueError(f"max_bags_per_request ({self.max_bags_per_request}) must not "
+                             f"exceed max_batch_bags ({self.max_batch_bags})")
+        if self.max_batch_ids > self.max_queue_ids or self.max_batch_bags > self.max_queue_bags:
+            raise ValueError("the queue (max_queue_ids/bags) must hold at least one batch")
+        return self

@@ -1,0 +1,146 @@
+"""Wire formats: read bodies within limits, turn JSON id lists into arrays, encode rows.
+
+Ids never go through per-element pydantic validation: ``orjson`` parses the body, one
+``set(map(type, ...))`` pass proves every id is a plain integer (JSON ``true`` would
+otherwise become 1), and NumPy converts the list in C. pydantic models in
+:mod:`service.schemas` document the same bodies in the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import base64
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from starlette.requests import Request
+
+from service.errors import BodyTooLarge, InvalidRequest
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes before reading it
+    all when Content-Length says so, and while streaming when it lies or is absent."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a JSON body; raises InvalidRequest naming the parse error."""
+    if not body:
+        raise InvalidRequest("request body is empty; expected JSON")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    value = parse_json(body)
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"request body must be a JSON object; got {type(value).__name__}")
+    return value
+
+
+def _describe(value: Any) -> str:
+    text = orjson.dumps(value).decode() if not isinstance(value, (bytes, bytearray)) else "bytes"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _first_bad(values: list[Any], allowed: tuple[type, ...]) -> int:
+    return next(i for i, v in enumerate(values) if type(v) not in allowed)
+
+
+def int_array(values: Any, field: str) -> npt.NDArray[np.int64]:
+    """A flat JSON list of integers as int64; raises InvalidRequest naming the field."""
+    if not isinstance(values, list):
+        raise InvalidRequest(f"{field} must be a list of integers; got {_describe(values)}")
+    if set(map(type, values)) - {int}:
+        bad = _first_bad(values, (int,))
+        raise InvalidRequest(f"{field}[{bad}] must be an integer; got {_describe(values[bad])}")
+    try:
+        return np.array(values, dtype=np.int64)
+    except OverflowError:
+        raise InvalidRequest(f"{field} holds an integer outside int64") from None
+
+
+def float_array(values: Any, field: str) -> npt.NDArray[np.float32]:
+    """A flat JSON list of finite numbers as float32; raises InvalidRequest."""
+    if not isinstance(values, list):
+        raise InvalidRequest(f"{field} must be a list of numbers; got {_describe(values)}")
+    if set(map(type, values)) - {int, float}:
+        bad = _first_bad(values, (int, float))
+        raise InvalidRequest(f"{field}[{bad}] must be a number; got {_describe(values[bad])}")
+    array = np.array(values, dtype=np.float64)
+    finite = np.isfinite(array.astype(np.float32))
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise InvalidRequest(f"{field}[{bad}] = {values[bad]!r} is not a finite float32")
+    return array.astype(np.float32)
+
+
+def ragged(values: Any, field: str, element: str = "integer"
+           ) -> tuple[list[Any], npt.NDArray[np.int64]]:
+    """Flatten a JSON list of lists; returns (flat values, ``[B + 1]`` offsets)."""
+    if not isinstance(values, list):
+        raise InvalidRequest(f"{field} must be a list of lists; got {_describe(values)}")
+    if set(map(type, values)) - {list}:
+        bad = _first_bad(values, (list,))
+        raise InvalidRequest(f"{field}[{bad}] must be a list of {element}s; got "
+                             f"{_describe(values[bad])}")
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=len(values)),
+              out=offsets[1:])
+    return list(chain.from_iterable(values)), offsets
+
+
+def base64_rows(rows: npt.NDArray[np.floating]) -> list[str]:
+    """Each row as the base64 of its little-endian float32 bytes."""
+    data = np.ascontiguousarray(rows, dtype="<f4")
+    return [base64.b64encode(row.tobytes()).decode("ascii") for row in data]
+
+
+def little_endian_f32(rows: npt.NDArray[np.floating]) -> bytes:
+    return np.ascontiguousarray(rows, dtype="<f4").tobytes()
+
+
+def _ragged_position(offsets: npt.NDArray[np.int64], flat_index: int) -> tuple[int, int]:
+    bag = int(np.searchsorted(offsets, flat_index, side="right")) - 1
+    return bag, flat_index - int(offsets[bag])
+
+
+def ragged_ints(values: Any, field: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """A JSON list of integer lists as (int64 ids ``[N]``, offsets ``[B + 1]``)."""
+    flat, offsets = ragged(values, field)
+    try:
+        return int_array(flat, field), offsets
+    except InvalidRequest:
+        if set(map(type, flat)) - {int}:
+            bag, item = _ragged_position(offsets, _first_bad(flat, (int,)))
+            raise InvalidRequest(f"{field}[{bag}][{item}] must be an integer; got "
+                                 f"{_describe(values[bag][item])}") from None
+        raise
+
+
+def ragged_floats(values: Any, field: str, offsets: npt.NDArray[np.int64]
+                  ) -> npt.NDArray[np.float32]:
+    """Per-id floats shaped like the bags (same lengths as ``offsets``) as float32 ``[N]``."""
+    flat, own = ragged(values, field, "number")
+    if own.shape != offsets.shape or not np.array_equal(own, offsets):
+        if own.shape != offsets.shape:
+            raise InvalidRequest(f"{field} has {own.size - 1} lists for {offsets.size - 1} bags")
+        bag = int(np.flatnonzero(np.diff(own) != np.diff(offsets))[0])
+        raise InvalidRequest(f"{field}[{bag}] has {int(own[bag + 1] - own[bag])} weights for "
+                             f"{int(offsets[bag + 1] - offsets[bag])} ids")
+    return float_array(flat, field)
