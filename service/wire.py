@@ -83,7 +83,7 @@ def float_array(values: Any, field: str) -> npt.NDArray[np.float32]:
         bad = _first_bad(values, (int, float))
         raise InvalidRequest(f"{field}[{bad}] must be a number; got {_describe(values[bad])}")
     array = np.array(values, dtype=np.float64)
-    finite = np.isfinite(array.astype(np.float32))
+    finite = np.abs(array) <= np.finfo(np.float32).max  # False for NaN, inf and overflow
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
         raise InvalidRequest(f"{field}[{bad}] = {values[bad]!r} is not a finite float32")
