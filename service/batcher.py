@@ -148,8 +148,9 @@ class Batcher:
             raise DeadlineExceeded(f"model {name!r} did not answer within "
                                    f"{settings.request_timeout_s:g} s",
                                    headers=self._retry()) from None
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the request task itself was cancelled
             pending.abandoned = True
+            self._metrics.requests.labels(name, "disconnected").inc()
             raise
 
     def _retry(self) -> dict[str, str]:

@@ -1,0 +1,149 @@
+"""The batcher: equivalence under concurrency, faults, overload, deadlines, disconnects,
+draining. Kernel doubles add delay or failures around the real kernel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from models import EmbeddingBag
+from service.app import create_app
+from service.settings import Settings
+from tests.service.conftest import WrappedBag, loaded, table, wrapped
+
+EMBED = "/v1/models/{}/embed"
+
+
+def _post(client: TestClient, model: str, bags: list[list[int]], **extra: Any) -> Any:
+    return client.post(EMBED.format(model), json={"bags": bags, **extra})
+
+
+def test_batched_results_equal_results_alone(make_client: Callable[..., TestClient]) -> None:
+    client = make_client([wrapped("slow", "mean", delay=0.02)])
+    rng = np.random.default_rng(0)
+    requests = [[list(map(int, rng.integers(0, 50, int(n)))) for n in rng.integers(0, 9, 3)]
+                for _ in range(40)]
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda bags: _post(client, "slow", bags), requests))
+    engine = EmbeddingBag.from_pretrained(table(), mode="mean")
+    batch_sizes = []
+    for bags, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.text
+        expected = np.stack([engine(np.array([b], np.int64).reshape(1, -1))[0] for b in bags])
+        np.testing.assert_array_equal(np.array(response.json()["embeddings"], np.float32),
+                                      expected)
+        batch_sizes.append(int(response.headers["x-batch-bags"]))
+    assert max(batch_sizes) > 3  # concurrent requests really shared batches
+
+
+def test_batches_respect_the_budgets(make_client: Callable[..., TestClient]) -> None:
+    model = wrapped("slow", delay=0.01)
+    client = make_client([model], max_batch_bags=4, max_bags_per_request=4)
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda _: _post(client, "slow", [[1], [2]]), range(24)))
+    assert isinstance(model.bag, WrappedBag)
+    assert max(model.bag.wrapped.calls) <= 4
+    assert sum(model.bag.wrapped.calls) == 48  # every bag computed exactly once
+
+
+def test_failed_batch_fails_each_request_and_next_batch_works(
+        make_client: Callable[..., TestClient]) -> None:
+    poison = 13
+    client = make_client([wrapped("flaky", delay=0.05,
+                                  fail=lambda ids: bool((ids == poison).any()))])
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_post, client, "flaky", [[poison if i == 0 else 1]])
+                   for i in range(8)]
+        responses = [f.result() for f in futures]
+    failed = [r for r in responses if r.status_code != 200]
+    assert failed, "the poisoned batch must fail"
+    for response in failed:
+        assert response.status_code == 500
+        assert response.json()["error"] == {
+            "type": "compute_failed",
+            "message": "computing the batch for model 'flaky' failed: RuntimeError"}
+        assert "Traceback" not in response.text
+    assert _post(client, "flaky", [[1, 2]]).status_code == 200
+
+
+def test_overload_answers_429_at_once(make_client: Callable[..., TestClient]) -> None:
+    client = make_client([wrapped("slow", delay=0.3)], max_queue_bags=2, max_batch_bags=2,
+                         max_bags_per_request=1, retry_after_s=3)
+    with ThreadPoolExecutor(10) as pool:
+        responses = list(pool.map(lambda _: _post(client, "slow", [[1]]), range(10)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(429) >= 5, statuses
+    assert set(statuses) <= {200, 429}
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.headers["retry-after"] == "3"
+    assert "is at capacity" in rejected.json()["error"]["message"]
+
+
+def test_deadline_turns_a_stuck_request_into_503(make_client: Callable[..., TestClient]
+                                                 ) -> None:
+    client = make_client([wrapped("stuck", delay=0.5)], request_timeout_s=0.1)
+    response = _post(client, "stuck", [[1]])
+    assert response.status_code == 503
+    assert response.json()["error"]["type"] == "deadline_exceeded"
+    assert "retry-after" in response.headers
+
+
+@pytest.mark.anyio
+async def test_disconnected_client_is_dropped_before_compute() -> None:
+    model = wrapped("slow", delay=0.3)
+    app = create_app(Settings(), models=[model])
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            first = asyncio.ensure_future(http.post(EMBED.format("slow"), json={"bags": [[1]]}))
+            await asyncio.sleep(0.05)  # the first batch is computing
+            second = asyncio.ensure_future(http.post(EMBED.format("slow"),
+                                                     json={"bags": [[2], [3]]}))
+            await asyncio.sleep(0.05)  # queued behind it
+            second.cancel()  # the client goes away
+            assert (await first).status_code == 200
+            await asyncio.sleep(0.4)
+        assert isinstance(model.bag, WrappedBag)
+        assert model.bag.wrapped.calls == [1]  # the cancelled request never computed
+        metrics = app.state.service.metrics.requests.labels("slow", "disconnected")
+        assert metrics._value.get() == 1
+
+
+@pytest.mark.anyio
+async def test_drain_finishes_admitted_requests_and_refuses_new_ones() -> None:
+    model = wrapped("slow", delay=0.2)
+    app = create_app(Settings(), models=[model])
+    state = app.state.service
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            admitted = [asyncio.ensure_future(http.post(EMBED.format("slow"),
+                                                        json={"bags": [[i]]}))
+                        for i in range(6)]
+            await asyncio.sleep(0.05)
+            state.begin_drain()
+            assert (await http.get("/v2/health/ready")).status_code == 503
+            late = await http.post(EMBED.format("slow"), json={"bags": [[1]]})
+            assert late.status_code == 503
+            assert late.json()["error"]["message"] == "server is shutting down"
+            stop = asyncio.ensure_future(state.stop())
+            results = await asyncio.gather(*admitted)
+            await stop
+    assert [r.status_code for r in results] == [200] * 6
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def test_loaded_helper_builds_real_models() -> None:
+    model = loaded("x", "max")
+    assert model.bag.mode == "max" and model.dim == 8

@@ -1,0 +1,127 @@
+"""Config files, settings and start-up failures that name the model and file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from models import write_safetensors
+from service.app import create_app
+from service.config import ConfigError, ModelSpec, load_config
+from service.registry import ModelLoadError, load_model
+from service.settings import Settings
+from tests.service.conftest import table
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_serves_several_models_with_their_options(tmp_path: Path) -> None:
+    write_safetensors(tmp_path / "a.safetensors", {"weight": table(1)})
+    np.save(tmp_path / "b.npy", table(2, rows=20, dim=4))
+    config = _write(tmp_path, """
+[[models]]
+name = "a"
+checkpoint = "a.safetensors"
+mode = "sum"
+padding_idx = 0
+
+[[models]]
+name = "b"
+checkpoint = "b.npy"
+mode = "max"
+backend = "numpy"
+""")
+    specs = load_config(config)
+    assert [s.name for s in specs] == ["a", "b"]
+    assert specs[0].checkpoint == (tmp_path / "a.safetensors").resolve()
+    with TestClient(create_app(Settings(config=config))) as client:
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert models["a"]["mode"] == "sum" and models["b"]["dim"] == 4
+        response = client.post("/v1/models/b/embed", json={"bags": [[1, 2]]})
+        np.testing.assert_array_equal(np.array(response.json()["embeddings"][0], np.float32),
+                                      table(2, rows=20, dim=4)[[1, 2]].max(axis=0))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[[models]]\nname = 'a'\n", "checkpoint is required"),
+        ("[[models]]\nname = 'a'\ncheckpoint = 'x.npy'\ncolour = 1\n", "unknown field(s) colour"),
+        ("[[models]]\nname = 'a'\ncheckpoint = 3\n", "field 'checkpoint' must be str; got 3"),
+        ("[[models]]\nname = 'a'\ncheckpoint = 'x'\npadding_idx = true\n",
+         "field 'padding_idx' must be int; got True"),
+        ("[[models]]\nname = '../etc'\ncheckpoint = 'x'\n", "name must match"),
+        ("[[models]]\nname = 'a'\ncheckpoint = 'x'\n[[models]]\nname = 'a'\ncheckpoint = 'y'\n",
+         "duplicate model name(s): a"),
+        ("models = 3\n", "expected at least one [[models]] table"),
+        ("[[models]\n", "invalid TOML"),
+    ],
+)
+def test_bad_config_is_named(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"models.toml: .*{_escape(message)}"):
+        load_config(_write(tmp_path, text))
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.toml: cannot read config"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: None, "checkpoint not found"),
+        (lambda p: p.write_bytes(b"garbage!"), "corrupt safetensors header"),
+        (lambda p: write_safetensors(p, {"w": np.full((3, 2), np.nan, np.float32)}),
+         "table row 0 holds NaN or infinite values"),
+        (lambda p: write_safetensors(p, {"w": np.zeros(4, np.float32)}),
+         "holds no 2-D float tensor"),
+    ],
+)
+def test_load_failure_names_model_and_file(tmp_path: Path, make: object, message: str) -> None:
+    path = tmp_path / "t.safetensors"
+    make(path)  # type: ignore[operator]
+    with pytest.raises(ModelLoadError, match=f"model 'm' \\({_escape(str(path))}\\): .*"
+                                             f"{_escape(message)}"):
+        load_model(ModelSpec(name="m", checkpoint=path))
+
+
+def test_options_that_do_not_fit_the_table_fail_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, {"w": table()})
+    with pytest.raises(ModelLoadError, match="padding_idx must be within num_embeddings"):
+        load_model(ModelSpec(name="m", checkpoint=path, padding_idx=500))
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BAGSERVE_PORT", "9123")
+    monkeypatch.setenv("BAGSERVE_MAX_BAG_LENGTH", "7")
+    settings = Settings()
+    assert settings.port == 9123 and settings.max_bag_length == 7
+    with pytest.raises(ValueError, match="max_ids_per_request .* must not exceed max_batch_ids"):
+        Settings(max_ids_per_request=10, max_batch_ids=5)
+
+
+def test_metrics_count_outcomes_and_batches(client: TestClient) -> None:
+    client.post("/v1/models/items/embed", json={"bags": [[1, 2]]})
+    client.post("/v1/models/items/embed", json={"bags": [[99]]})
+    text = client.get("/metrics").text
+    assert 'bagserve_requests_total{model="items",outcome="ok"} 1.0' in text
+    assert 'bagserve_requests_total{model="items",outcome="invalid"} 1.0' in text
+    for name in ("bagserve_batch_bags_bucket", "bagserve_batch_ids_bucket",
+                 "bagserve_queue_seconds_bucket", "bagserve_compute_seconds_bucket",
+                 "bagserve_request_seconds_bucket", "bagserve_queue_ids"):
+        assert f'{name}{{' in text, name
