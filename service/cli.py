@@ -75,11 +75,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM/SIGINT: not ready first, then uvicorn's graceful shutdown (stop
-        accepting, finish in-flight requests, run the lifespan shutdown)."""
+        accepting, finish in-flight requests, run the lifespan shutdown). A completed
+        drain exits 0 instead of re-raising the signal, so orchestrators see success."""
 
         def handle_exit(self, sig: int, frame: object) -> None:
             state.begin_drain()
             super().handle_exit(sig, frame)  # type: ignore[arg-type]
+            self._captured_signals.clear()
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, lifespan="on",

@@ -1,0 +1,82 @@
+"""Start-up, the demo model, SIGTERM under load, start-up failures: real processes."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from models import EmbeddingBag
+from service.registry import demo_table
+from tests.integration.conftest import BAGSERVE, start_server
+
+
+def test_demo_model_serves_without_config(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        response = httpx.post(f"{server.url}/v1/models/demo/embed",
+                              json={"bags": [[1, 2, 3]]}, timeout=10)
+        assert response.status_code == 200
+        expected = EmbeddingBag.from_pretrained(demo_table(), mode="mean")([[1, 2, 3]])
+        np.testing.assert_array_equal(np.array(response.json()["embeddings"], np.float32),
+                                      expected)
+    finally:
+        assert server.stop() == 0
+
+
+def test_bad_checkpoint_stops_start_up_naming_model_and_file(tmp_path: Path) -> None:
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 4)
+    config = tmp_path / "models.toml"
+    config.write_text('[[models]]\nname = "items"\ncheckpoint = "broken.safetensors"\n')
+    result = subprocess.run([BAGSERVE, "serve", "--config", str(config), "--port", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "model 'items'" in result.stderr
+    assert str(tmp_path / "broken.safetensors") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_under_load_loses_no_admitted_request(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    engine = EmbeddingBag.from_pretrained(demo_table(), mode="mean")
+    outcomes: list[str] = []
+    wrong: list[int] = []
+    stop_sending = threading.Event()
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            while not stop_sending.is_set():
+                bags = rng.integers(0, 10_000, (64, 32))
+                try:
+                    response = http.post("/v1/models/demo/embed",
+                                         json={"bags": bags.tolist()})
+                except httpx.TransportError:
+                    outcomes.append("not admitted (connection closed)")
+                    return
+                outcomes.append(str(response.status_code))
+                if response.status_code == 200:
+                    rows = np.array(response.json()["embeddings"], np.float32)
+                    if not np.array_equal(rows, engine(bags)):
+                        wrong.append(seed)
+                elif response.status_code == 503:
+                    return
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(16)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    code = server.stop(timeout=60)
+    stop_sending.set()
+    for thread in threads:
+        thread.join(30)
+    assert code == 0, server.log.read_text()
+    assert not wrong
+    assert outcomes.count("200") > 16
+    assert set(outcomes) <= {"200", "503", "not admitted (connection closed)"}, set(outcomes)
+    log = server.log.read_text()
+    assert log.index("draining") < log.index("Shutting down")
