@@ -42,6 +42,8 @@ class FlatBatch:
 def _integer_array(name: str, value: Any) -> npt.NDArray[np.int64]:
     """``value`` as an int64 array; raises if it holds anything but integers."""
     array = np.asarray(value)
+    if array.dtype == np.int64:  # the common case, checked cheaply
+        return np.ascontiguousarray(array)
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
         if array.size == 0 and array.dtype == np.float64 and not isinstance(value, np.ndarray):
             # An empty Python list has no dtype of its own; treat it as empty ids.

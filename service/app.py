@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from service import __version__
 from service.config import DEMO, ModelSpec
 from service.errors import install_handlers
+from service.fastpath import FastPath
 from service.protocols import kserve, native, openai, ops
 from service.registry import LoadedModel
 from service.settings import Settings
@@ -35,7 +38,7 @@ def create_app(settings: Settings | None = None, specs: list[ModelSpec] | None =
         finally:
             await state.stop()
 
-    app = FastAPI(title="bagserve", version=__version__, lifespan=lifespan,
+    app = BagserveApp(title="bagserve", version=__version__, lifespan=lifespan,
                   description="torch.nn.EmbeddingBag as a service: native, OpenAI-compatible "
                   "and KServe v2 protocols over dynamically batched kernels.")
     app.state.service = state
@@ -46,3 +49,21 @@ def create_app(settings: Settings | None = None, specs: list[ModelSpec] | None =
     app.include_router(kserve.protected)
     app.include_router(ops.router)
     return app
+
+
+class BagserveApp(FastAPI):
+    """FastAPI with the inference routes dispatched by :class:`FastPath` before FastAPI's
+    middleware stack (its telemetry middleware alone read the environment per request)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._fast_path = FastPath(super().__call__, [
+            (r"/v1/models/(?P<name>[^/]+)/embed", native.embed_native),
+            (r"/v1/embeddings", openai.embeddings),
+            (r"/v2/models/(?P<name>[^/]+)/infer", kserve.infer),
+            (r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer", kserve.infer),
+        ])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self
+        await self._fast_path(scope, receive, send)

@@ -21,14 +21,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from starlette.types import Receive
 
 from models import FlatBatch
-from service.errors import ComputeFailed, DeadlineExceeded, NotReady, Overloaded
+from service.errors import (
+    ClientDisconnected,
+    ComputeFailed,
+    DeadlineExceeded,
+    NotReady,
+    Overloaded,
+)
 from service.metrics import Metrics
 from service.registry import LoadedModel
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+#: A request still queued this long starts watching for its client's disconnect.
+WATCH_AFTER_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,8 @@ class _Pending:
     batch: FlatBatch
     future: asyncio.Future[BatchResult]
     enqueued: float
-    cancelled: asyncio.Event | None = None
+    #: The client disconnected while queued: drop it before compute.
+    client_gone: bool = False
     #: The waiter gave up (deadline, cancellation): drop it, answer nobody.
     abandoned: bool = False
     ids: int = field(init=False)
@@ -59,7 +70,32 @@ class _Pending:
 
     @property
     def gone(self) -> bool:
-        return self.abandoned or (self.cancelled is not None and self.cancelled.is_set())
+        return self.abandoned or self.client_gone
+
+
+class _Watch:
+    """Listens for ``http.disconnect`` on a queued request's receive channel."""
+
+    def __init__(self, pending: _Pending, receive: Receive | None) -> None:
+        self._pending = pending
+        self._receive = receive
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._receive is not None and not self._pending.future.done():
+            self._task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _listen(self) -> None:
+        assert self._receive is not None
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self._pending.client_gone = True
+                return
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _concat(items: list[_Pending], dtype: np.dtype[np.floating]) -> FlatBatch:
@@ -88,7 +124,6 @@ class Batcher:
     def __init__(self, model: LoadedModel, settings: Settings, metrics: Metrics) -> None:
         self.model = model
         self._settings = settings
-        self._metrics = metrics
         self._queue: deque[_Pending] = deque()
         self.queued_ids = 0
         self.queued_bags = 0
@@ -97,6 +132,17 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{model.name}")
         self._task: asyncio.Task[None] | None = None
         self._dtype = np.dtype(model.bag.weight.dtype)
+        # Resolved once: labels() takes a lock and a dict lookup on every call.
+        self._count = {outcome: metrics.requests.labels(model.name, outcome)
+                       for outcome in ("ok", "invalid", "overloaded", "deadline",
+                                       "disconnected", "failed")}
+        self._queue_seconds = metrics.queue_seconds.labels(model.name)
+        self._request_seconds = metrics.request_seconds.labels(model.name)
+        # Read at scrape time: nothing to update per request.
+        metrics.queue_ids.labels(model.name).set_function(lambda: self.queued_ids)
+        self._batch_bags = metrics.batch_bags.labels(model.name)
+        self._batch_ids = metrics.batch_ids.labels(model.name)
+        self._compute_seconds = metrics.compute_seconds.labels(model.name)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(),
@@ -110,13 +156,15 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, batch: FlatBatch, cancelled: asyncio.Event | None = None
-                     ) -> BatchResult:
+    async def submit(self, batch: FlatBatch, receive: Receive | None = None) -> BatchResult:
         """Queue one request's validated batch and wait for its rows.
 
         Args:
             batch: the request in kernel layout.
-            cancelled: set when the client disconnects; the request is then dropped.
+            receive: the request's ASGI receive (body already read): a request still
+                queued after ``WATCH_AFTER_S`` starts listening on it for the client's
+                disconnect, and is dropped before compute if it comes. Requests answered
+                sooner never pay for a watcher task.
 
         Raises:
             Overloaded: the queue is full (429, with Retry-After).
@@ -127,31 +175,52 @@ class Batcher:
         name = self.model.name
         if self._closing:
             raise NotReady("server is shutting down", headers=self._retry())
-        pending = _Pending(batch, asyncio.get_running_loop().create_future(),
-                           time.perf_counter(), cancelled)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(batch, loop.create_future(), time.perf_counter())
         settings = self._settings
         if (self.queued_ids + pending.ids > settings.max_queue_ids
                 or self.queued_bags + pending.bags > settings.max_queue_bags):
-            self._metrics.requests.labels(name, "overloaded").inc()
+            self._count["overloaded"].inc()
             raise Overloaded(f"model {name!r} is at capacity ({self.queued_ids} ids and "
                              f"{self.queued_bags} bags queued); retry later",
                              headers=self._retry())
         self._queue.append(pending)
         self._account(pending, +1)
         self._wake.set()
+        # Timers instead of asyncio.wait_for + shield and an eager watcher: no extra task
+        # per request on the common path.
+        timer = loop.call_later(settings.request_timeout_s, self._expire, pending)
+        watch = _Watch(pending, receive)
+        watch_timer = loop.call_later(WATCH_AFTER_S, watch.start) if receive else None
         try:
-            return await asyncio.wait_for(asyncio.shield(pending.future),
-                                          settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            pending.abandoned = True
-            self._metrics.requests.labels(name, "deadline").inc()
-            raise DeadlineExceeded(f"model {name!r} did not answer within "
-                                   f"{settings.request_timeout_s:g} s",
-                                   headers=self._retry()) from None
+            return await pending.future
         except asyncio.CancelledError:  # the request task itself was cancelled
             pending.abandoned = True
-            self._metrics.requests.labels(name, "disconnected").inc()
+            self._count["disconnected"].inc()
             raise
+        finally:
+            timer.cancel()
+            if watch_timer is not None:
+                watch_timer.cancel()
+            watch.stop()
+
+    def _expire(self, pending: _Pending) -> None:
+        """The deadline passed before the request's rows were ready."""
+        if pending.future.done():
+            return
+        pending.abandoned = True
+        self._count["deadline"].inc()
+        pending.future.set_exception(DeadlineExceeded(
+            f"model {self.model.name!r} did not answer within "
+            f"{self._settings.request_timeout_s:g} s", headers=self._retry()))
+
+    def record(self, outcome: str, result: BatchResult | None = None,
+               total_s: float = 0.0) -> None:
+        """Count one finished request (``ok`` with its timings, ``invalid``, ``failed``)."""
+        self._count[outcome].inc()
+        if result is not None:
+            self._queue_seconds.observe(result.queue_s)
+            self._request_seconds.observe(total_s)
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self._settings.retry_after_s)}
@@ -159,7 +228,6 @@ class Batcher:
     def _account(self, pending: _Pending, sign: int) -> None:
         self.queued_ids += sign * pending.ids
         self.queued_bags += sign * pending.bags
-        self._metrics.queue_ids.labels(self.model.name).set(self.queued_ids)
 
     def _take(self, ids_budget: int, bags_budget: int) -> list[_Pending]:
         """Pop requests FIFO within the budgets, dropping abandoned ones."""
@@ -182,9 +250,12 @@ class Batcher:
         return items
 
     def _drop(self, pending: _Pending) -> None:
-        if not pending.abandoned:
-            self._metrics.requests.labels(self.model.name, "disconnected").inc()
-        pending.future.cancel()  # nobody awaits it any more
+        if pending.abandoned:
+            pending.future.cancel()  # nobody awaits it any more
+        elif not pending.future.done():
+            self._count["disconnected"].inc()
+            pending.future.set_exception(ClientDisconnected(
+                "the client disconnected before its batch ran"))
 
     async def _loop(self) -> None:
         settings = self._settings
@@ -229,8 +300,8 @@ class Batcher:
             items, batch = live, _concat(live, self._dtype)
         name = self.model.name
         started = time.perf_counter()
-        self._metrics.batch_bags.labels(name).observe(batch.num_bags)
-        self._metrics.batch_ids.labels(name).observe(batch.indices.shape[0])
+        self._batch_bags.observe(batch.num_bags)
+        self._batch_ids.observe(batch.indices.shape[0])
         try:
             rows = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._run_kernel, batch)
@@ -245,7 +316,7 @@ class Batcher:
                     p.future.set_exception(error)
             return
         compute_s = time.perf_counter() - started
-        self._metrics.compute_seconds.labels(name).observe(compute_s)
+        self._compute_seconds.observe(compute_s)
         start = 0
         for p in items:
             if p.abandoned:

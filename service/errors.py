@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from models import CheckpointError, InvalidInputError
+from models import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +65,14 @@ class DeadlineExceeded(ServiceError):
     status, type = 503, "deadline_exceeded"
 
 
+class ClientDisconnected(ServiceError):
+    """The client went away while queued; the answer goes nowhere (nginx's 499)."""
+
+    status, type = 499, "client_closed_request"
+
+
 class ComputeFailed(ServiceError):
     status, type = 500, "compute_failed"
-
-
-class ClientGone(Exception):
-    """The client disconnected before its batch ran; nobody is left to answer."""
 
 
 def error_response(request: Request, status: int, type_: str, message: str,
@@ -88,37 +90,40 @@ def error_response(request: Request, status: int, type_: str, message: str,
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
-def install_handlers(app: FastAPI) -> None:
-    """Route every error through :func:`error_response`."""
-
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> Response:
+def exception_response(request: Request, exc: Exception) -> Response:
+    """The one status table: any exception raised while serving ``request`` as a response."""
+    if isinstance(exc, ServiceError):
         return error_response(request, exc.status, exc.type, exc.message, exc.headers)
-
-    @app.exception_handler(InvalidInputError)
-    async def invalid_input(request: Request, exc: InvalidInputError) -> Response:
+    if isinstance(exc, InvalidInputError):
         return error_response(request, 422, InvalidRequest.type, str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+    if isinstance(exc, RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
                              for e in exc.errors())
         return error_response(request, 422, InvalidRequest.type, problems)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
+    if isinstance(exc, HTTPException):
         return error_response(request, exc.status_code,
                               _HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail),
                               dict(exc.headers or {}))
+    logger.exception("unexpected error on %s %s", request.method, request.url.path,
+                     exc_info=exc)
+    return error_response(request, 500, "internal_error", "internal server error")
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(request, 500, "internal_error", "internal server error")
+
+def install_handlers(app: FastAPI) -> None:
+    """Route every error through :func:`exception_response`. Each expected kind is named:
+    a handler for plain ``Exception`` sits in Starlette's outermost middleware, which
+    re-raises after answering (so the server logs it) — right for faults only."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        return exception_response(request, exc)
+
+    for kind in (ServiceError, InvalidInputError, HTTPException, RequestValidationError,
+                 Exception):
+        app.add_exception_handler(kind, handle)
 
 
 __all__ = [
-    "BodyTooLarge", "CheckpointError", "ClientGone", "ComputeFailed", "DeadlineExceeded",
-    "Forbidden", "InvalidRequest", "ModelNotFound", "NotReady", "Overloaded", "ServiceError",
-    "Unauthorized", "error_response", "install_handlers",
+    "BodyTooLarge", "ClientDisconnected", "ComputeFailed", "DeadlineExceeded", "Forbidden", "InvalidRequest",
+    "ModelNotFound", "NotReady", "Overloaded", "ServiceError", "Unauthorized",
+    "error_response", "exception_response", "install_handlers",
 ]

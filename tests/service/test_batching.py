@@ -147,3 +147,42 @@ def anyio_backend() -> str:
 def test_loaded_helper_builds_real_models() -> None:
     model = loaded("x", "max")
     assert model.bag.mode == "max" and model.dim == 8
+
+
+@pytest.mark.anyio
+async def test_http_disconnect_while_queued_drops_the_request() -> None:
+    """The uvicorn path: the handler keeps running, the client's receive channel says
+    http.disconnect; the request must not be computed."""
+    model = wrapped("slow", delay=0.3)
+    app = create_app(Settings(), models=[model])
+    sent: list[dict[str, Any]] = []
+
+    async def call(body: bytes, disconnect_after: float | None) -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(disconnect_after if disconnect_after is not None else 60)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/models/slow/embed",
+                 "raw_path": b"/v1/models/slow/embed", "query_string": b"", "headers": [],
+                 "http_version": "1.1", "scheme": "http", "server": ("t", 80),
+                 "client": ("c", 1), "root_path": ""}
+        await app(scope, receive, send)
+
+    async with app.router.lifespan_context(app):
+        first = asyncio.ensure_future(call(b'{"bags": [[1]]}', None))
+        await asyncio.sleep(0.05)
+        await call(b'{"bags": [[2], [3]]}', 0.02)  # queued, then the client leaves
+        await first
+    assert isinstance(model.bag, WrappedBag)
+    assert model.bag.wrapped.calls == [1]
+    statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+    assert sorted(statuses) == [200, 499]
+    counter = app.state.service.metrics.requests.labels("slow", "disconnected")
+    assert counter._value.get() == 1

@@ -1,0 +1,25 @@
+"""The ceiling: a bare FastAPI endpoint that parses the same JSON body and returns an
+orjson-serialised array of the same shape, with no lookup, validation or batching.
+
+    uvicorn benchmarks.bare_app:app --port 8001
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+app = FastAPI()
+DIM = 128
+ROW = np.linspace(-1, 1, DIM, dtype=np.float32)
+
+
+@app.post("/v1/models/{name}/embed")
+async def embed(name: str, request: Request) -> Response:
+    bags = orjson.loads(await request.body())["bags"]
+    rows = np.broadcast_to(ROW, (len(bags), DIM))
+    return Response(orjson.dumps({"model": name, "dim": DIM, "embeddings": rows},
+                                 option=orjson.OPT_SERIALIZE_NUMPY),
+                    media_type="application/json")
