@@ -123,7 +123,7 @@ def install_handlers(app: FastAPI) -> None:
 
 
 __all__ = [
-    "BodyTooLarge", "ClientDisconnected", "ComputeFailed", "DeadlineExceeded", "Forbidden", "InvalidRequest",
-    "ModelNotFound", "NotReady", "Overloaded", "ServiceError", "Unauthorized",
+    "BodyTooLarge", "ClientDisconnected", "ComputeFailed", "DeadlineExceeded", "Forbidden",
+    "InvalidRequest", "ModelNotFound", "NotReady", "Overloaded", "ServiceError", "Unauthorized",
     "error_response", "exception_response", "install_handlers",
 ]
