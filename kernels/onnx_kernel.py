@@ -120,14 +120,16 @@ def cuda_status(device_id: int = 0) -> tuple[bool, str]:
 
 @functools.lru_cache(maxsize=8)
 def _cuda_status(device_id: int) -> tuple[bool, str]:
+    # The driver first: without it, onnxruntime is not even imported (it costs a worker
+    # process tens of MB of private memory).
+    if not _nvidia_driver():
+        return False, "no NVIDIA driver (libcuda.so.1 does not load)"
     try:
         ort = _ort()
     except OnnxUnavailableError as exc:
         return False, str(exc)
     if CUDA not in ort.get_available_providers():
         return False, f"this onnxruntime build has no {CUDA}"
-    if not _nvidia_driver():
-        return False, "no NVIDIA driver (libcuda.so.1 does not load)"
     try:
         session = _session(padded_model("sum", 4, np.float32), "cuda", device_id, None)
         table = np.ones((3, 4), np.float32)

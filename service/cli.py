@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,16 +45,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.app import create_app
     from service.config import DEMO, ConfigError, load_config
     from service.logs import configure_logging
     from service.registry import ModelLoadError, load_model
+    from service.server import run_single, run_workers
     from service.settings import Settings
-    from service.state import ServiceState
 
-    overrides = {key: getattr(args, key) for key in ("config", "host", "port")
+    overrides = {key: getattr(args, key) for key in ("config", "host", "port", "workers")
                  if getattr(args, key) is not None}
     try:
         settings = Settings(**overrides)
@@ -65,29 +61,16 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         specs = load_config(settings.config) if settings.config else [DEMO]
+        if settings.workers > 1:
+            # Workers load their own models after the fork (see service.server); a bad
+            # checkpoint makes them fail start-up, and the pool exits 2.
+            return run_workers(settings, specs, settings.workers)
         # Load before binding the port: a bad checkpoint stops start-up with its name.
         models = [load_model(spec) for spec in specs]
     except (ConfigError, ModelLoadError) as exc:
         print(f"bagserve serve: error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings, models=models)
-    state: ServiceState = app.state.service
-
-    class DrainingServer(uvicorn.Server):
-        """SIGTERM/SIGINT: not ready first, then uvicorn's graceful shutdown (stop
-        accepting, finish in-flight requests, run the lifespan shutdown). A completed
-        drain exits 0 instead of re-raising the signal, so orchestrators see success."""
-
-        def handle_exit(self, sig: int, frame: object) -> None:
-            state.begin_drain()
-            super().handle_exit(sig, frame)  # type: ignore[arg-type]
-            self._captured_signals.clear()
-
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s))
-    DrainingServer(config).run()
-    return 0
+    return run_single(settings, models)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="listen port (env "
                        "BAGSERVE_PORT; default 8000)")
+    serve.add_argument("--workers", type=int, default=None, help="server processes sharing "
+                       "the port and the memory-mapped tables (env BAGSERVE_WORKERS; default 1)")
     serve.set_defaults(handler=_serve)
     export = commands.add_parser("export", help="write a standalone ONNX model and/or a "
                                  "Triton model repository")

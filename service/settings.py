@@ -18,6 +18,8 @@ class Settings(BaseSettings):
                                 "built-in demo model 'demo'")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free one)")
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port; "
+                         "they share the interpreter's pages and the memory-mapped tables")
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body "
                                 "(413 above)")

@@ -1,0 +1,69 @@
+"""--workers: processes share the memory-mapped table and the interpreter's pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from tests.integration.conftest import start_server
+
+ROWS, DIM = (1 << 30) // (128 * 4), 128  # a 1 GiB float32 table
+
+
+def _unique_mib(pid: int) -> float:
+    """USS: pages only this process maps (private clean + private dirty), in MiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":")
+        fields[key] = int(value.split()[0])
+    return (fields["Private_Clean"] + fields["Private_Dirty"]) / 1024
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()]
+
+
+def test_two_workers_share_a_1gib_table(tmp_path: Path) -> None:
+    table = np.lib.format.open_memmap(tmp_path / "table.npy", mode="w+", dtype=np.float32,
+                                      shape=(ROWS, DIM))
+    step = 1 << 18
+    for start in range(0, ROWS, step):
+        table[start : start + step] = np.float32(start / ROWS)
+    table.flush()
+    del table
+    config = tmp_path / "models.toml"
+    config.write_text('[[models]]\nname = "big"\ncheckpoint = "table.npy"\nmode = "sum"\n')
+    server = start_server(tmp_path, "--config", str(config), "--workers", "2")
+    try:
+        workers = _children(server.process.pid)
+        assert len(workers) == 2
+        # Every worker read every row at start-up (the NaN/inf check); then traffic that
+        # sweeps all rows twice, one new connection per request, lands on both.
+        for _sweep in range(2):
+            for start in range(0, ROWS, 65536):
+                response = httpx.post(f"{server.url}/v1/models/big/embed",
+                                      json={"indices": list(range(start, start + 65536)),
+                                            "offsets": [0]}, timeout=60)
+                assert response.status_code == 200, response.text
+        table_mib = ROWS * DIM * 4 / 2**20
+        unique = [_unique_mib(pid) for pid in workers]
+        assert all(u < 0.10 * table_mib for u in unique), (unique, table_mib)
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+
+
+def test_a_worker_failing_to_start_stops_the_pool(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.integration.conftest import BAGSERVE
+
+    (tmp_path / "broken.npy").write_bytes(b"not numpy")
+    config = tmp_path / "models.toml"
+    config.write_text('[[models]]\nname = "big"\ncheckpoint = "broken.npy"\n')
+    result = subprocess.run([BAGSERVE, "serve", "--config", str(config), "--port", "0",
+                             "--workers", "2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "broken.npy" in result.stderr
