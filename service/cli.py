@@ -73,6 +73,23 @@ def _serve(args: argparse.Namespace) -> int:
     return run_single(settings, models)
 
 
+def _ready(args: argparse.Namespace) -> int:
+    """Exit 0 when the local server answers ready (the container HEALTHCHECK)."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    port = args.port or int(os.environ.get("BAGSERVE_PORT", "8000"))
+    url = f"http://127.0.0.1:{port}/v2/health/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            ready = response.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"bagserve ready: {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ready else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bagserve", description="Serve torch.nn.EmbeddingBag "
                                      "tables over HTTP, without PyTorch.")
@@ -88,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=None, help="server processes sharing "
                        "the port and the memory-mapped tables (env BAGSERVE_WORKERS; default 1)")
     serve.set_defaults(handler=_serve)
+    ready = commands.add_parser("ready", help="exit 0 if the local server is ready "
+                                "(for container health checks)")
+    ready.add_argument("--port", type=int, default=None, help="default: BAGSERVE_PORT or 8000")
+    ready.add_argument("--timeout", type=float, default=2.0)
+    ready.set_defaults(handler=_ready)
     export = commands.add_parser("export", help="write a standalone ONNX model and/or a "
                                  "Triton model repository")
     _add_table_options(export)
