@@ -118,8 +118,9 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (site / "dependencies.pth").write_text(f"{ours}\n")
     wheel = next((folder / "wheels").glob("bagserve-*.whl"))
     # The venv's own pip, as in the image: console scripts point at the venv's python.
+    # --ignore-installed: never uninstall the bagserve this environment sees via the .pth.
     subprocess.run([str(venv / "bin" / "pip"), "install", "--no-deps", "--no-index",
-                    str(wheel)], check=True, capture_output=True)
+                    "--ignore-installed", str(wheel)], check=True, capture_output=True)
     return venv
 
 
