@@ -13,6 +13,7 @@ from service import __version__
 from service.config import DEMO, ModelSpec
 from service.errors import install_handlers
 from service.fastpath import FastPath
+from service.schemas import components
 from service.protocols import kserve, native, openai, ops
 from service.registry import LoadedModel
 from service.settings import Settings
@@ -63,6 +64,15 @@ class BagserveApp(FastAPI):
             (r"/v2/models/(?P<name>[^/]+)/infer", kserve.infer),
             (r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/infer", kserve.infer),
         ])
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's schema plus the definitions nested in the hand-parsed request bodies."""
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            stored = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name, definition in components().items():
+                stored.setdefault(name, definition)
+        return super().openapi()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["app"] = self

@@ -104,13 +104,29 @@ class KServeError(BaseModel):
     error: str
 
 
+#: Request models documented through ``openapi_extra``: FastAPI does not see them, so
+#: their nested definitions are added to the schema's components by :func:`components`.
+_REQUEST_MODELS: list[type[BaseModel]] = []
+_REF = "#/components/schemas/{model}"
+
+
 def json_body(model: type[BaseModel], *extra_types: str) -> dict[str, Any]:
     """``openapi_extra`` documenting a body that the route parses itself."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _REQUEST_MODELS.append(model)
+    schema = model.model_json_schema(ref_template=_REF)
+    schema.pop("$defs", None)
     content = {"application/json": {"schema": schema}}
     for media_type in extra_types:
         content[media_type] = {"schema": {"type": "string", "format": "binary"}}
     return {"requestBody": {"required": True, "content": content}}
+
+
+def components() -> dict[str, Any]:
+    """The nested definitions of every request model, for ``components.schemas``."""
+    definitions: dict[str, Any] = {}
+    for model in _REQUEST_MODELS:
+        definitions.update(model.model_json_schema(ref_template=_REF).get("$defs", {}))
+    return definitions
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
