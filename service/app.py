@@ -13,9 +13,9 @@ from service import __version__
 from service.config import DEMO, ModelSpec
 from service.errors import install_handlers
 from service.fastpath import FastPath
-from service.schemas import components
 from service.protocols import kserve, native, openai, ops
 from service.registry import LoadedModel
+from service.schemas import components
 from service.settings import Settings
 from service.state import ServiceState
 
