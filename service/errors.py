@@ -45,6 +45,10 @@ class ModelNotFound(ServiceError):
     status, type = 404, "model_not_found"
 
 
+class RequestTimeout(ServiceError):
+    status, type = 408, "request_timeout"
+
+
 class BodyTooLarge(ServiceError):
     status, type = 413, "body_too_large"
 
@@ -124,6 +128,7 @@ def install_handlers(app: FastAPI) -> None:
 
 __all__ = [
     "BodyTooLarge", "ClientDisconnected", "ComputeFailed", "DeadlineExceeded", "Forbidden",
-    "InvalidRequest", "ModelNotFound", "NotReady", "Overloaded", "ServiceError", "Unauthorized",
+    "InvalidRequest", "ModelNotFound", "NotReady", "Overloaded", "RequestTimeout",
+    "ServiceError", "Unauthorized",
     "error_response", "exception_response", "install_handlers",
 ]

@@ -16,6 +16,7 @@ from service.batcher import BatchResult
 from service.errors import Forbidden, InvalidRequest, ServiceError, Unauthorized
 from service.registry import LoadedModel
 from service.state import ServiceState
+from service.wire import read_body
 
 
 def service_state(request: Request) -> ServiceState:
@@ -38,6 +39,12 @@ async def require_api_key(request: Request) -> None:
                            headers={"WWW-Authenticate": "Bearer"})
     if not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
         raise Forbidden("invalid API key")
+
+
+async def body_of(request: Request) -> bytes:
+    """The request body within the configured size and time limits."""
+    settings = service_state(request).settings
+    return await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,9 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body "
                                 "(413 above)")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body not fully received "
+                                  "within this time gets 408: slow clients cannot hold "
+                                  "the server")
     max_bags_per_request: int = Field(4096, ge=1, description="bags in one request (422 above)")
     max_ids_per_request: int = Field(131_072, ge=1, description="ids in one request (422 above)")
     max_bag_length: int = Field(65_536, ge=1, description="ids in one bag (422 above)")

@@ -8,6 +8,7 @@ otherwise become 1), and NumPy converts the list in C. pydantic models in
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from itertools import chain
 from typing import Any
@@ -17,22 +18,43 @@ import numpy.typing as npt
 import orjson
 from starlette.requests import Request
 
-from service.errors import BodyTooLarge, InvalidRequest
+from service.errors import BodyTooLarge, InvalidRequest, RequestTimeout
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The request body, refusing (413) anything over ``limit`` bytes before reading it
-    all when Content-Length says so, and while streaming when it lies or is absent."""
+    all when Content-Length says so, and while streaming when it lies or is absent; and
+    (408) a body still incomplete after ``timeout`` seconds, so a slow client cannot keep
+    a request open forever. A timer, not ``asyncio.wait_for``: no task per request."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    task = asyncio.current_task()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        if task is not None:
+            task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if task is not None and hasattr(task, "uncancel"):
+            task.uncancel()
+        raise RequestTimeout(f"request body not received within {timeout:g} s") from None
+    finally:
+        timer.cancel()
     return b"".join(chunks)
 
 

@@ -18,9 +18,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.errors import InvalidRequest, ModelNotFound
-from service.inference import embed, require_api_key, service_state
+from service.inference import body_of, embed, require_api_key, service_state
 from service.schemas import KSERVE_ERRORS, KServeInferRequest, KServeInferResponse, json_body
-from service.wire import float_array, int_array, parse_json, ragged, read_body
+from service.wire import float_array, int_array, parse_json, ragged
 
 router = APIRouter(tags=["kserve-v2"])
 protected = APIRouter(tags=["kserve-v2"], dependencies=[Depends(require_api_key)])
@@ -152,7 +152,7 @@ def _tensor(spec: Any, tail: bytes, position: int) -> tuple[str, npt.NDArray[Any
 @protected.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     model = _model(request, name, version)
-    raw = await read_body(request, service_state(request).settings.max_body_bytes)
+    raw = await body_of(request)
     header, tail = _split(raw, request)
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.errors import InvalidRequest
-from service.inference import embed, require_api_key, service_state
+from service.inference import body_of, embed, require_api_key, service_state
 from service.schemas import ERRORS, EmbedRequest, EmbedResponse, json_body
 from service.wire import (
     base64_rows,
@@ -20,7 +20,6 @@ from service.wire import (
     little_endian_f32,
     ragged_floats,
     ragged_ints,
-    read_body,
 )
 
 router = APIRouter(tags=["native"], dependencies=[Depends(require_api_key)])
@@ -64,7 +63,7 @@ def _parse(body: dict[str, Any]) -> tuple[Any, Any, Any, bool | None, str]:
                     "little-endian float32 bytes with Accept: application/octet-stream"}},
     openapi_extra=json_body(EmbedRequest), summary="Pool bags of ids into embeddings")
 async def embed_native(name: str, request: Request) -> Response:
-    body = json_object(await read_body(request, service_state(request).settings.max_body_bytes))
+    body = json_object(await body_of(request))
     ids, offsets, weights, last, encoding = _parse(body)
     answer = await embed(request, name, ids, offsets, weights, include_last_offset=last)
     headers = answer.timing_headers()

@@ -16,9 +16,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.errors import InvalidRequest
-from service.inference import embed, require_api_key, service_state
+from service.inference import body_of, embed, require_api_key, service_state
 from service.schemas import ERRORS, OpenAIEmbeddingRequest, OpenAIEmbeddingResponse, json_body
-from service.wire import base64_rows, int_array, json_object, ragged_ints, read_body
+from service.wire import base64_rows, int_array, json_object, ragged_ints
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 
@@ -41,7 +41,7 @@ def _ids(value: Any) -> tuple[Any, Any]:
              openapi_extra=json_body(OpenAIEmbeddingRequest),
              summary="OpenAI-compatible embeddings of token-id inputs")
 async def embeddings(request: Request) -> Response:
-    body = json_object(await read_body(request, service_state(request).settings.max_body_bytes))
+    body = json_object(await body_of(request))
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise InvalidRequest("model must be the name of a served model")

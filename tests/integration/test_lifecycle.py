@@ -80,3 +80,24 @@ def test_sigterm_under_load_loses_no_admitted_request(tmp_path: Path) -> None:
     assert set(outcomes) <= {"200", "503", "not admitted (connection closed)"}, set(outcomes)
     log = server.log.read_text()
     assert log.index("draining") < log.index("Shutting down")
+
+
+def test_slow_client_gets_408_and_others_are_served(tmp_path: Path) -> None:
+    import socket
+
+    server = start_server(tmp_path, env={"BAGSERVE_BODY_TIMEOUT_S": "1"})
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as slow:
+            slow.sendall(b"POST /v1/models/demo/embed HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                         b'{"bags": [[1')
+            # Meanwhile the server answers everyone else.
+            response = httpx.post(f"{server.url}/v1/models/demo/embed",
+                                  json={"bags": [[1]]}, timeout=10)
+            assert response.status_code == 200
+            slow.settimeout(10)
+            answer = slow.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"request body not received within 1 s" in answer
+    finally:
+        assert server.stop() == 0
