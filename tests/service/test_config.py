@@ -89,6 +89,11 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
          "table row 0 holds NaN or infinite values"),
         (lambda p: write_safetensors(p, {"w": np.zeros(4, np.float32)}),
          "holds no 2-D float tensor"),
+        (lambda p: (write_safetensors(p, {"w": np.ones((64, 8), np.float32)}),
+                    p.write_bytes(p.read_bytes()[:-100])),
+         "do not fit the 1948 data bytes (truncated or corrupt file)"),
+        (lambda p: write_safetensors(p, {"w": np.ones((4, 2, 2), np.float32)}),
+         "holds no 2-D float tensor"),
     ],
 )
 def test_load_failure_names_model_and_file(tmp_path: Path, make: object, message: str) -> None:
