@@ -152,6 +152,7 @@ def _tensor(spec: Any, tail: bytes, position: int) -> tuple[str, npt.NDArray[Any
 @protected.post("/v2/models/{name}/versions/{version}/infer", include_in_schema=False)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     model = _model(request, name, version)
+    service_state(request).batcher(name).refuse_if_full()
     raw = await body_of(request)
     header, tail = _split(raw, request)
     inputs = header.get("inputs")

@@ -63,6 +63,7 @@ def _parse(body: dict[str, Any]) -> tuple[Any, Any, Any, bool | None, str]:
                     "little-endian float32 bytes with Accept: application/octet-stream"}},
     openapi_extra=json_body(EmbedRequest), summary="Pool bags of ids into embeddings")
 async def embed_native(name: str, request: Request) -> Response:
+    service_state(request).batcher(name).refuse_if_full()
     body = json_object(await body_of(request))
     ids, offsets, weights, last, encoding = _parse(body)
     answer = await embed(request, name, ids, offsets, weights, include_last_offset=last)
