@@ -47,6 +47,15 @@ def _kernels() -> dict[str, Any]:
         return _compiled
 
 
+def _read_only(array: Any) -> Any:
+    """A read-only view: numba compiles one specialisation per mix of writable and
+    read-only arguments (~1 s each), so every input reaches the loops read-only."""
+    if array.flags.writeable:
+        array = array.view()
+        array.flags.writeable = False
+    return array
+
+
 class NumbaKernel:
     """Fused, parallel CPU kernel (the default CPU path).
 
@@ -72,6 +81,7 @@ class NumbaKernel:
         self.num_threads = num_threads
         self._set_threads = numba.set_num_threads
         self._loops = _kernels()
+        self._table = _read_only(spec.weight)
         # -1 never matches a validated id, so the loops need no Optional.
         self._padding = -1 if spec.padding_idx is None else spec.padding_idx
 
@@ -81,7 +91,7 @@ class NumbaKernel:
         offsets: IndexArray,
         per_sample_weights: FloatArray | None = None,
     ) -> FloatArray:
-        weight = self.spec.weight
+        weight = self._table
         num_bags = offsets.shape[0] - 1
         if num_bags == 0 or indices.shape[0] == 0:
             return np.zeros((num_bags, weight.shape[1]), dtype=weight.dtype)
@@ -89,10 +99,11 @@ class NumbaKernel:
         if self.num_threads is not None:
             # Thread-local in numba: set on every call because callers move between threads.
             self._set_threads(self.num_threads)
+        indices, offsets = _read_only(indices), _read_only(offsets)
         if self.spec.mode == "max":
             self._loops["max"](weight, indices, offsets, self._padding, out)
         elif per_sample_weights is not None:
-            self._loops["weighted"](weight, indices, offsets, per_sample_weights,
+            self._loops["weighted"](weight, indices, offsets, _read_only(per_sample_weights),
                                     self._padding, out)
         else:
             self._loops["sum"](weight, indices, offsets, self._padding,
