@@ -10,13 +10,11 @@ corrupt and hostile checkpoints at start-up. Every figure is counted, none estim
 
 from __future__ import annotations
 
-import asyncio
 import json
 import pickle
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from collections import Counter
@@ -29,100 +27,43 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models import EmbeddingBag, write_safetensors  # noqa: E402
+from models import write_safetensors  # noqa: E402
 from service.registry import demo_table  # noqa: E402
 from tests.integration.conftest import BAGSERVE, start_server  # noqa: E402
+from tests.integration.scenarios import flood, rss_mib, sigterm_under_load  # noqa: E402
 
-ENGINE = EmbeddingBag.from_pretrained(demo_table(), mode="mean")
 
-
-def flood(folder: Path) -> dict[str, Any]:
+def flood_figures(folder: Path) -> dict[str, Any]:
     server = start_server(folder, env={"BAGSERVE_MAX_QUEUE_BAGS": "1024",
                                        "BAGSERVE_MAX_BATCH_BAGS": "1024",
                                        "BAGSERVE_MAX_BAGS_PER_REQUEST": "256",
                                        "BAGSERVE_REQUEST_TIMEOUT_S": "10"})
-    rss = [0.0, 0.0]
-    results: list[tuple[str, float, bool]] = []
-
-    async def run() -> None:
-        stop = time.monotonic() + 10
-
-        async def client(seed: int) -> None:
-            rng = np.random.default_rng(seed)
-            async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-                while time.monotonic() < stop:
-                    bags = rng.integers(0, 10_000, (256, 32))
-                    started = time.monotonic()
-                    try:
-                        response = await http.post("/v1/models/demo/embed",
-                                                   json={"bags": bags.tolist()})
-                    except httpx.TransportError:
-                        results.append(("lost", time.monotonic() - started, True))
-                        continue
-                    ok = response.status_code != 200 or np.array_equal(
-                        np.array(response.json()["embeddings"], np.float32), ENGINE(bags))
-                    results.append((str(response.status_code), time.monotonic() - started, ok))
-
-        await asyncio.gather(*(client(seed) for seed in range(64)))
-
     try:
-        rss[0] = _rss(server.process.pid)
-        asyncio.run(run())
-        rss[1] = _rss(server.process.pid)
+        before = rss_mib(server.process.pid)
+        seen = flood(server, seconds=10, clients=64, bags=256)
+        after = rss_mib(server.process.pid)
     finally:
         code = server.stop()
-    statuses = Counter(s for s, _, _ in results)
-    admitted = sorted(t for s, t, _ in results if s == "200")
-    rejected = sorted(t for s, t, _ in results if s == "429")
-    return {"sent": len(results), "admitted": statuses["200"], "rejected_429": statuses["429"],
-            "failed": sum(v for k, v in statuses.items() if k not in ("200", "429", "lost")),
-            "lost": statuses["lost"], "wrong": sum(not ok for _, _, ok in results),
-            "admitted_p99_s": admitted[int(0.99 * (len(admitted) - 1))] if admitted else 0,
-            "rejected_p50_ms": 1e3 * rejected[len(rejected) // 2] if rejected else 0,
-            "rss_growth_mib": rss[1] - rss[0], "exit": code}
+    statuses = seen.statuses
+    return {"sent": sum(statuses.values()), "admitted (200)": statuses["200"],
+            "rejected (429)": statuses["429"],
+            "failed (other status)": sum(v for k, v in statuses.items()
+                                         if k not in ("200", "429", "lost")),
+            "lost (no answer)": statuses["lost"], "wrong answers": seen.wrong,
+            "admitted p99 latency, s": round(seen.quantile("200", 0.99), 3),
+            "rejected p50 latency, s": round(seen.quantile("429", 0.5), 3),
+            "server RSS growth, MiB": round(after - before, 1), "exit code": code}
 
 
-def _rss(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def sigterm(folder: Path) -> dict[str, Any]:
-    server = start_server(folder)
-    outcomes: list[str] = []
-    stop = threading.Event()
-
-    def client(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        with httpx.Client(base_url=server.url, timeout=30) as http:
-            while not stop.is_set():
-                bags = rng.integers(0, 10_000, (64, 32))
-                try:
-                    response = http.post("/v1/models/demo/embed", json={"bags": bags.tolist()})
-                except httpx.TransportError:
-                    outcomes.append("refused")
-                    return
-                good = response.status_code != 200 or np.array_equal(
-                    np.array(response.json()["embeddings"], np.float32), ENGINE(bags))
-                outcomes.append(str(response.status_code) if good else "wrong")
-                if response.status_code == 503:
-                    return
-
-    threads = [threading.Thread(target=client, args=(s,)) for s in range(16)]
-    for thread in threads:
-        thread.start()
-    time.sleep(2)
-    code = server.stop(timeout=60)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    counts = Counter(outcomes)
-    return {"sent": len(outcomes), "answered_200": counts["200"], "draining_503": counts["503"],
-            "refused_before_admission": counts["refused"], "wrong": counts["wrong"],
-            "other": len(outcomes) - counts["200"] - counts["503"] - counts["refused"]
-            - counts["wrong"], "exit": code}
+def sigterm_figures(folder: Path) -> dict[str, Any]:
+    seen, code = sigterm_under_load(start_server(folder), clients=16, after_s=2.0)
+    statuses = seen.statuses
+    return {"sent": sum(statuses.values()), "answered (200)": statuses["200"],
+            "refused while draining (503)": statuses["503"],
+            "connection closed before admission": statuses["refused"],
+            "wrong answers": seen.wrong,
+            "other": sum(v for k, v in statuses.items() if k not in ("200", "503", "refused")),
+            "exit code": code}
 
 
 def wire_fuzz(folder: Path, per_family: int = 300) -> dict[str, Counter[str]]:
@@ -269,8 +210,8 @@ def _start_fails(folder: Path, checkpoint: Path) -> str:
 def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bagserve-reliability-"))
     started = time.strftime("%Y-%m-%d")
-    overload = flood(folder)
-    drain = sigterm(folder)
+    overload = flood_figures(folder)
+    drain = sigterm_figures(folder)
     fuzz = wire_fuzz(folder)
     faults = kernel_faults()
     checkpoints = checkpoint_faults(folder)
@@ -281,9 +222,7 @@ def main() -> None:
              "tests/service/test_batching.py, tests/models/test_checkpoints.py).", "",
              "## Overload: 64 clients, 10 s, 256 bags x 32 ids per request, queue bound "
              "1,024 bags", "", "| figure | value |", "|---|---:|"]
-    for key, value in overload.items():
-        lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float)
-                     else f"| {key} | {value} |")
+    lines += [f"| {key} | {value} |" for key, value in overload.items()]
     lines += ["", "## SIGTERM under load: 16 clients, SIGTERM after 2 s", "",
               "| figure | value |", "|---|---:|"]
     lines += [f"| {key} | {value} |" for key, value in drain.items()]

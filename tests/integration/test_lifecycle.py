@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +11,7 @@ import numpy as np
 from models import EmbeddingBag
 from service.registry import demo_table
 from tests.integration.conftest import BAGSERVE, start_server
+from tests.integration.scenarios import sigterm_under_load
 
 
 def test_demo_model_serves_without_config(tmp_path: Path) -> None:
@@ -42,42 +41,11 @@ def test_bad_checkpoint_stops_start_up_naming_model_and_file(tmp_path: Path) -> 
 
 def test_sigterm_under_load_loses_no_admitted_request(tmp_path: Path) -> None:
     server = start_server(tmp_path)
-    engine = EmbeddingBag.from_pretrained(demo_table(), mode="mean")
-    outcomes: list[str] = []
-    wrong: list[int] = []
-    stop_sending = threading.Event()
-
-    def client(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        with httpx.Client(base_url=server.url, timeout=30) as http:
-            while not stop_sending.is_set():
-                bags = rng.integers(0, 10_000, (64, 32))
-                try:
-                    response = http.post("/v1/models/demo/embed",
-                                         json={"bags": bags.tolist()})
-                except httpx.TransportError:
-                    outcomes.append("not admitted (connection closed)")
-                    return
-                outcomes.append(str(response.status_code))
-                if response.status_code == 200:
-                    rows = np.array(response.json()["embeddings"], np.float32)
-                    if not np.array_equal(rows, engine(bags)):
-                        wrong.append(seed)
-                elif response.status_code == 503:
-                    return
-
-    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(16)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.0)
-    code = server.stop(timeout=60)
-    stop_sending.set()
-    for thread in threads:
-        thread.join(30)
+    seen, code = sigterm_under_load(server, clients=16, after_s=1.0)
     assert code == 0, server.log.read_text()
-    assert not wrong
-    assert outcomes.count("200") > 16
-    assert set(outcomes) <= {"200", "503", "not admitted (connection closed)"}, set(outcomes)
+    assert seen.wrong == 0
+    assert seen.statuses["200"] > 16
+    assert set(seen.statuses) <= {"200", "503", "refused"}, seen.statuses
     log = server.log.read_text()
     assert log.index("draining") < log.index("Shutting down")
 
