@@ -30,14 +30,16 @@ sys.path.insert(0, str(ROOT))
 from models import write_safetensors  # noqa: E402
 from service.registry import demo_table  # noqa: E402
 from tests.integration.conftest import BAGSERVE, start_server  # noqa: E402
-from tests.integration.scenarios import flood, rss_mib, sigterm_under_load  # noqa: E402
+from tests.integration.scenarios import (  # noqa: E402
+    FLOOD_ENV,
+    flood,
+    rss_mib,
+    sigterm_under_load,
+)
 
 
 def flood_figures(folder: Path) -> dict[str, Any]:
-    server = start_server(folder, env={"BAGSERVE_MAX_QUEUE_BAGS": "1024",
-                                       "BAGSERVE_MAX_BATCH_BAGS": "1024",
-                                       "BAGSERVE_MAX_BAGS_PER_REQUEST": "256",
-                                       "BAGSERVE_REQUEST_TIMEOUT_S": "10"})
+    server = start_server(folder, env=FLOOD_ENV)
     try:
         before = rss_mib(server.process.pid)
         seen = flood(server, seconds=10, clients=64, bags=256)

@@ -8,15 +8,11 @@ from pathlib import Path
 import httpx
 
 from tests.integration.conftest import start_server
-from tests.integration.scenarios import flood, rss_mib
+from tests.integration.scenarios import FLOOD_ENV, flood, rss_mib
 
 
 def test_flood_gets_429s_never_timeouts_or_wrong_answers(tmp_path: Path) -> None:
-    # A small queue (about 4 requests of 256 bags) and a generous deadline.
-    server = start_server(tmp_path, env={"BAGSERVE_MAX_QUEUE_BAGS": "1024",
-                                         "BAGSERVE_MAX_BATCH_BAGS": "1024",
-                                         "BAGSERVE_MAX_BAGS_PER_REQUEST": "256",
-                                         "BAGSERVE_REQUEST_TIMEOUT_S": "10"})
+    server = start_server(tmp_path, env=FLOOD_ENV)
     try:
         rss_before = rss_mib(server.process.pid)
         seen = flood(server, seconds=5, clients=48, bags=256)
