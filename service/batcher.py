@@ -156,11 +156,14 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, batch: FlatBatch, receive: Receive | None = None) -> BatchResult:
+    async def submit(self, batch: FlatBatch, receive: Receive | None = None,
+                     timeout: float | None = None) -> BatchResult:
         """Queue one request's validated batch and wait for its rows.
 
         Args:
             batch: the request in kernel layout.
+            timeout: this request's own deadline in seconds, capped by
+                ``request_timeout_s`` (``None``: the setting).
             receive: the request's ASGI receive (body already read): a request still
                 queued after ``WATCH_AFTER_S`` starts listening on it for the client's
                 disconnect, and is dropped before compute if it comes. Requests answered
@@ -169,7 +172,7 @@ class Batcher:
         Raises:
             Overloaded: the queue is full (429, with Retry-After).
             NotReady: the server is shutting down.
-            DeadlineExceeded: not computed within ``request_timeout_s``.
+            DeadlineExceeded: not computed within the deadline.
             ComputeFailed: the batch holding this request failed.
         """
         name = self.model.name
@@ -189,7 +192,9 @@ class Batcher:
         self._wake.set()
         # Timers instead of asyncio.wait_for + shield and an eager watcher: no extra task
         # per request on the common path.
-        timer = loop.call_later(settings.request_timeout_s, self._expire, pending)
+        deadline = settings.request_timeout_s if timeout is None else min(
+            timeout, settings.request_timeout_s)
+        timer = loop.call_later(deadline, self._expire, pending, deadline)
         watch = _Watch(pending, receive)
         watch_timer = loop.call_later(WATCH_AFTER_S, watch.start) if receive else None
         try:
@@ -204,15 +209,15 @@ class Batcher:
                 watch_timer.cancel()
             watch.stop()
 
-    def _expire(self, pending: _Pending) -> None:
+    def _expire(self, pending: _Pending, deadline: float) -> None:
         """The deadline passed before the request's rows were ready."""
         if pending.future.done():
             return
         pending.abandoned = True
         self._count["deadline"].inc()
         pending.future.set_exception(DeadlineExceeded(
-            f"model {self.model.name!r} did not answer within "
-            f"{self._settings.request_timeout_s:g} s", headers=self._retry()))
+            f"model {self.model.name!r} did not answer within {deadline:g} s",
+            headers=self._retry()))
 
     def refuse_if_full(self) -> None:
         """Answer 429 before a body is even read when nothing more can be admitted: under

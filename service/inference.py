@@ -65,6 +65,24 @@ class Answer:
                 "X-Batch-Bags": str(self.result.batch_bags)}
 
 
+#: Header a client may send to bound its own wait, in milliseconds (capped by the server).
+DEADLINE_HEADER = "x-request-timeout-ms"
+
+
+def _client_deadline(request: Request) -> float | None:
+    value = request.headers.get(DEADLINE_HEADER)
+    if value is None:
+        return None
+    try:
+        milliseconds = float(value)
+    except ValueError:
+        milliseconds = float("nan")
+    if not 0 < milliseconds < float("inf"):
+        raise InvalidRequest(f"{DEADLINE_HEADER} must be a positive number of "
+                             f"milliseconds; got {value!r}")
+    return milliseconds / 1e3
+
+
 async def embed(request: Request, model_name: str, input: Any, offsets: Any = None,
                 per_sample_weights: Any = None, *, include_last_offset: bool | None = None
                 ) -> Answer:
@@ -92,11 +110,12 @@ async def embed(request: Request, model_name: str, input: Any, offsets: Any = No
                 ("ids in one bag", int(lengths.max(initial=0)), settings.max_bag_length)):
             if value > limit:
                 raise InvalidRequest(f"request holds {value} {what}; the limit is {limit}")
+        deadline = _client_deadline(request)
     except (InvalidInputError, InvalidRequest) as exc:
         batcher.record("invalid")
         raise InvalidRequest(str(exc)) from None
     try:
-        result = await batcher.submit(batch, request.receive)
+        result = await batcher.submit(batch, request.receive, deadline)
     except ServiceError as exc:
         if exc.status == 500:
             batcher.record("failed")

@@ -194,3 +194,18 @@ async def test_http_disconnect_while_queued_drops_the_request() -> None:
     assert sorted(statuses) == [200, 499]
     counter = app.state.service.metrics.requests.labels("slow", "disconnected")
     assert counter._value.get() == 1
+
+
+def test_client_deadline_header_bounds_its_own_wait(make_client: Callable[..., TestClient]
+                                                    ) -> None:
+    client = make_client([wrapped("stuck", delay=0.5)], request_timeout_s=30)
+    response = client.post(EMBED.format("stuck"), json={"bags": [[1]]},
+                           headers={"X-Request-Timeout-Ms": "100"})
+    assert response.status_code == 503
+    assert response.json()["error"] == {
+        "type": "deadline_exceeded", "message": "model 'stuck' did not answer within 0.1 s"}
+    for bad in ("0", "-5", "soon", "nan", "inf"):
+        response = client.post(EMBED.format("stuck"), json={"bags": [[1]]},
+                               headers={"X-Request-Timeout-Ms": bad})
+        assert response.status_code == 422
+        assert "x-request-timeout-ms must be a positive number" in response.text
