@@ -130,3 +130,32 @@ def test_metrics_count_outcomes_and_batches(client: TestClient) -> None:
                  "bagserve_queue_seconds_bucket", "bagserve_compute_seconds_bucket",
                  "bagserve_request_seconds_bucket", "bagserve_queue_ids"):
         assert f'{name}{{' in text, name
+
+
+def test_onnx_backend_serves_the_same_numbers(tmp_path: Path) -> None:
+    write_safetensors(tmp_path / "t.safetensors", {"weight": table(3)})
+    config = _write(tmp_path, """
+[[models]]
+name = "viaonnx"
+checkpoint = "t.safetensors"
+mode = "sum"
+backend = "onnx"
+device = "cpu"
+
+[[models]]
+name = "vianumba"
+checkpoint = "t.safetensors"
+mode = "sum"
+backend = "numpy"
+""")
+    body = {"bags": [[1, 2, 3], [], [4, 4]], "per_sample_weights": [[0.5, 1.0, 2.0], [],
+                                                                    [1.0, -1.5]]}
+    with TestClient(create_app(Settings(config=config))) as client:
+        listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert listed["viaonnx"]["provider"] == "CPUExecutionProvider"
+        onnx = client.post("/v1/models/viaonnx/embed", json=body)
+        numba = client.post("/v1/models/vianumba/embed", json=body)
+    assert onnx.status_code == numba.status_code == 200
+    np.testing.assert_allclose(np.array(onnx.json()["embeddings"], np.float32),
+                               np.array(numba.json()["embeddings"], np.float32), rtol=1e-6,
+                               atol=1e-6)
