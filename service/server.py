@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import replace
 from types import FrameType
 
 import uvicorn
@@ -95,7 +96,13 @@ def _preload() -> None:
 
 
 def run_workers(settings: Settings, specs: list[ModelSpec], workers: int) -> int:
-    """Fork ``workers`` processes serving ``specs`` on one socket; returns the exit code."""
+    """Fork ``workers`` processes serving ``specs`` on one socket; returns the exit code.
+
+    Models without their own ``num_threads`` get the cores divided among the workers, so
+    N workers' kernels do not oversubscribe the machine."""
+    share = max(1, (os.cpu_count() or 1) // workers)
+    specs = [spec if spec.num_threads is not None else replace(spec, num_threads=share)
+             for spec in specs]
     _preload()
     sock = _listen(settings)
     children: dict[int, int] = {}
