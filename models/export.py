@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kernels.onnx_graph import element_types, flat_model, with_sentinel
+from models.checkpoints.onnx_format import SENTINEL_KEY, TABLE_KEY
 from models.embedding_bag import EmbeddingBag
 
 #: Tables at least this large are written as external data (protobuf stops at 2 GB).
@@ -34,11 +35,17 @@ def build_onnx(bag: EmbeddingBag, *, weighted: bool = False,
     """
     if weighted and bag.mode != "sum":
         raise ValueError(f"weighted export needs mode='sum'; the bag's mode is {bag.mode!r}")
+    import onnx
+
     dtype = np.dtype(bag.weight.dtype if table_dtype is None else table_dtype)
     element_types(dtype)
-    return flat_model(with_sentinel(bag.weight, bag.mode, dtype), bag.mode,
-                      padding_idx=bag.padding_idx, weighted=weighted,
-                      include_last_offset=bag.include_last_offset)
+    model = flat_model(with_sentinel(bag.weight, bag.mode, dtype), bag.mode,
+                       padding_idx=bag.padding_idx, weighted=weighted,
+                       include_last_offset=bag.include_last_offset)
+    # Lets read_checkpoint give the table back without its sentinel row.
+    onnx.helper.set_model_props(model, {TABLE_KEY: "table", SENTINEL_KEY: "1",
+                                        "bagserve.mode": bag.mode})
+    return model
 
 
 def export_onnx(bag: EmbeddingBag, path: str | os.PathLike[str], *, weighted: bool = False,

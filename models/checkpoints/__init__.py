@@ -19,6 +19,7 @@ import numpy.typing as npt
 from models.checkpoints.atomic import atomic_write
 from models.checkpoints.entry import TensorEntry
 from models.checkpoints.errors import CheckpointError, UnsafeCheckpointError
+from models.checkpoints.onnx_format import read_onnx
 from models.checkpoints.safetensors_format import read_safetensors, write_safetensors
 from models.checkpoints.torch_format import read_torch
 
@@ -33,7 +34,7 @@ __all__ = [
     "write_safetensors",
 ]
 
-SUFFIXES = (".safetensors", ".npy", ".npz", ".pt", ".pth", ".bin")
+SUFFIXES = (".safetensors", ".npy", ".npz", ".pt", ".pth", ".bin", ".onnx")
 _TABLE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -61,7 +62,7 @@ def _same(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 
 _READERS = {".safetensors": read_safetensors, ".npy": _read_npy, ".npz": _read_npz,
-            ".pt": read_torch, ".pth": read_torch, ".bin": read_torch}
+            ".pt": read_torch, ".pth": read_torch, ".bin": read_torch, ".onnx": read_onnx}
 
 
 def list_tensors(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
@@ -89,7 +90,8 @@ def read_checkpoint(path: str | os.PathLike[str],
     """Read the embedding table of a checkpoint.
 
     Args:
-        path: a .safetensors, .npy, .npz, .pt, .pth or .bin (``torch.save``) file.
+        path: a .safetensors, .npy, .npz, .pt, .pth or .bin (``torch.save``) file, or an
+            .onnx model (its initializers; a bagserve export gives back its table).
         tensor: the tensor's name; may be omitted when the file holds one 2-D float tensor.
 
     Returns:

@@ -99,3 +99,19 @@ def test_cli_export_writes_onnx_and_triton(tmp_path: Path, capsys: pytest.Captur
         expected)
     assert main(["export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "x.onnx")]) == 2
     assert "missing.pt: checkpoint not found" in capsys.readouterr().err
+
+
+def test_an_exported_model_is_a_checkpoint_again(tmp_path: Path) -> None:
+    from models import read_checkpoint
+
+    table = np.random.default_rng(3).standard_normal((40, 6)).astype(np.float32)
+    bag = EmbeddingBag.from_pretrained(table, mode="max")
+    path = export_onnx(bag, tmp_path / "m.onnx")
+    np.testing.assert_array_equal(read_checkpoint(path), table)
+    external = export_onnx(bag, tmp_path / "ext.onnx", external_data=True)
+    np.testing.assert_array_equal(read_checkpoint(external, "table"), table)
+    (tmp_path / "bad.onnx").write_bytes(b"not a protobuf at all")
+    from models import CheckpointError
+
+    with pytest.raises(CheckpointError, match="bad.onnx: not a readable ONNX model"):
+        read_checkpoint(tmp_path / "bad.onnx")
