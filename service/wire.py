@@ -159,9 +159,9 @@ def ragged_floats(values: Any, field: str, offsets: npt.NDArray[np.int64]
                   ) -> npt.NDArray[np.float32]:
     """Per-id floats shaped like the bags (same lengths as ``offsets``) as float32 ``[N]``."""
     flat, own = ragged(values, field, "number")
-    if own.shape != offsets.shape or not np.array_equal(own, offsets):
-        if own.shape != offsets.shape:
-            raise InvalidRequest(f"{field} has {own.size - 1} lists for {offsets.size - 1} bags")
+    if own.shape != offsets.shape:
+        raise InvalidRequest(f"{field} has {own.size - 1} lists for {offsets.size - 1} bags")
+    if not np.array_equal(own, offsets):
         bag = int(np.flatnonzero(np.diff(own) != np.diff(offsets))[0])
         raise InvalidRequest(f"{field}[{bag}] has {int(own[bag + 1] - own[bag])} weights for "
                              f"{int(offsets[bag + 1] - offsets[bag])} ids")
