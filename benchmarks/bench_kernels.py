@@ -43,33 +43,48 @@ SHAPES = {
 }
 
 
-def _torch_call(weight: np.ndarray, indices: np.ndarray, offsets: np.ndarray, mode: str,
-                threads: int) -> Callable[[], Any] | None:
+#: Id sets cycled through, so no call finds the rows of the call before it in cache.
+ID_SETS = 8
+
+
+def _torch_call(weight: np.ndarray, batches: list[tuple[np.ndarray, np.ndarray]], mode: str,
+                threads: int) -> Callable[[int], Any] | None:
     try:
         import torch
     except ImportError:
         return None
     torch.set_num_threads(threads)
-    table, ids, starts = (torch.from_numpy(weight), torch.from_numpy(indices),
-                          torch.from_numpy(offsets[:-1].copy()))
+    table = torch.from_numpy(weight)
+    tensors = [(torch.from_numpy(indices), torch.from_numpy(offsets[:-1].copy()))
+               for indices, offsets in batches]
     embedding_bag = torch.nn.functional.embedding_bag
 
-    def call() -> Any:
+    def call(batch: int) -> Any:
+        ids, starts = tensors[batch]
         with torch.inference_mode():
             return embedding_bag(ids, table, starts, mode=mode)
 
     return call
 
 
-def measure(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call, interleaving the implementations."""
+def measure(calls: dict[str, Callable[[int], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per call, interleaving the implementations.
+
+    Each timed call follows an untimed call of the same implementation: thread pools
+    that spin after a call (torch's OpenMP threads do) would otherwise steal a core from
+    whichever implementation comes next (measured: up to 2x slower), and the vCPUs of
+    these VMs wake slowly from idle, so each implementation is timed in its own steady
+    state, as it runs under load. Consecutive calls take different id sets, so the rows
+    a call gathers are not left in cache by the call before.
+    """
     times: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():
-        call()  # warm-up: JIT compilation, first-touch page faults
-    for _ in range(repeats):
+        call(0)  # warm-up: JIT compilation, first-touch page faults
+    for repeat in range(repeats):
         for name, call in calls.items():
+            call((2 * repeat) % ID_SETS)
             start = time.perf_counter()
-            call()
+            call((2 * repeat + 1) % ID_SETS)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -77,9 +92,11 @@ def measure(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, floa
 def run(shape: Shape, modes: list[str], threads: int, repeats: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((shape.rows, shape.dim), dtype=np.float32)
-    indices = rng.integers(0, shape.rows, shape.bags * shape.ids_per_bag, dtype=np.int64)
-    offsets = np.arange(0, indices.size + 1, shape.ids_per_bag, dtype=np.int64)
-    gathered = indices.size * shape.dim * weight.itemsize
+    offsets = np.arange(0, shape.bags * shape.ids_per_bag + 1, shape.ids_per_bag,
+                        dtype=np.int64)
+    batches = [(rng.integers(0, shape.rows, offsets[-1], dtype=np.int64), offsets)
+               for _ in range(ID_SETS)]
+    gathered = offsets[-1] * shape.dim * weight.itemsize
     rows = []
     for mode in modes:
         spec = TableSpec(weight, mode)  # type: ignore[arg-type]
@@ -88,14 +105,15 @@ def run(shape: Shape, modes: list[str], threads: int, repeats: int) -> list[dict
             "numpy": NumpyKernel(spec),
             "onnx-cpu": OnnxKernel(spec, device="cpu", num_threads=threads),
         }
-        calls: dict[str, Callable[[], Any]] = {
-            name: (lambda k=kernel: k(indices, offsets)) for name, kernel in kernels.items()}
-        torch_call = _torch_call(weight, indices, offsets, mode, threads)
+        calls: dict[str, Callable[[int], Any]] = {
+            name: (lambda batch, k=kernel: k(*batches[batch]))
+            for name, kernel in kernels.items()}
+        torch_call = _torch_call(weight, batches, mode, threads)
         if torch_call is not None:
             calls["torch"] = torch_call
-            reference = np.asarray(torch_call())
+            reference = np.asarray(torch_call(0))
             for name, kernel in kernels.items():
-                np.testing.assert_allclose(kernel(indices, offsets), reference, rtol=1e-4,
+                np.testing.assert_allclose(kernel(*batches[0]), reference, rtol=1e-4,
                                            atol=1e-4, err_msg=name)
         medians = measure(calls, repeats)
         for name, seconds in medians.items():
