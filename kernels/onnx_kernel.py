@@ -9,11 +9,13 @@ run each. Reducing ``[L, B, D]`` over axis 0 adds the rows of a bag in order, so
 results are PyTorch's to the bit and never depend on which other bags share the batch
 (``[B, L]`` over axis 1 measured 2x faster on the CPU EP but reorders the additions: a
 bag's vector then changed with its batch, so it was dropped). CUDA runs each bucket at
-once; the CPU EP splits it into chunks of about 4 MB of gathered rows that run
-concurrently on ``num_threads`` single-threaded sessions (faster here than onnxruntime's
-own intra-op threads, and the thread count never changes results). Sessions are built
-with ``session.disable_cpu_ep_fallback`` on CUDA, so a node without a CUDA kernel fails
-at load instead of silently running on the CPU. onnxruntime-gpu without usable CUDA
+once. The CPU EP cuts each bucket into ``num_threads`` shares, one run each on its own
+single-threaded session, the calling thread running one of them; a share's run is a
+``Scan`` over steps of about 1 MB of gathered rows, so each step is reduced while its
+rows are still in the core's cache (faster here than onnxruntime's own intra-op threads
+or one run per chunk from Python, and the thread count never changes results). Sessions
+are built with ``session.disable_cpu_ep_fallback`` on CUDA, so a node without a CUDA
+kernel fails at load instead of silently running on the CPU. onnxruntime-gpu without usable CUDA
 libraries only logs an error and falls back to the CPU: that is detected, and
 :attr:`OnnxKernel.provider` names the provider really running.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -36,18 +39,29 @@ import numpy as np
 import numpy.typing as npt
 
 from kernels.base import FloatArray, IndexArray, TableSpec
-from kernels.onnx_graph import padded_model, with_sentinel
+from kernels.onnx_graph import padded_model, scanned_model, with_sentinel
 
 logger = logging.getLogger(__name__)
 
 Device = Literal["auto", "cuda", "cpu"]
+#: One run: the bag numbers and their layout, ``(B,)`` (CUDA) or ``(steps, bags a step)``.
+Task = tuple[npt.NDArray[np.int64], tuple[int, ...]]
 DEVICES: tuple[Device, ...] = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-#: CPU EP: gathered bytes per run, small enough to stay in cache for the reduction.
-_CPU_CHUNK_BYTES = 1 << 22
+#: CPU EP: gathered bytes per Scan step, small enough to stay in a core's cache until the
+#: step's reduction reads them back (1 MB measured best of 0.25-4 MB; per-step cost is
+#: small, so the size barely matters between 0.5 and 2 MB).
+_CPU_STEP_BYTES = 1 << 20
+
+#: onnxruntime's CPU ReduceSum over a leading axis takes its vectorised path only for more
+#: than 16 rows per thread; at 16 or fewer it runs a scalar strided loop, measured 4-8x
+#: slower. Bags of 9-16 ids are padded to 17 rows with the (zero) sentinel row, whose
+#: gathers hit the cache: 1.2-1.8x faster, same results. Below 9 ids the extra gathers
+#: cost more than the slow loop (0.5-0.8x at 1-4 ids), so those stay as they are.
+_CPU_FAST_SUM_LENGTHS = (9, 17)
 
 
 class OnnxUnavailableError(RuntimeError):
@@ -161,9 +175,8 @@ class OnnxKernel:
         device: ``"cuda"`` (fail if CUDA is not usable), ``"cpu"``, or ``"auto"`` (CUDA
             when usable, else the CPU EP).
         device_id: the CUDA device.
-        num_threads: CPU EP: chunks run at once (``None``: twice the machine's cores; the
-            gather waits on memory, and more rows in flight measured 1.6x faster than one
-            chunk per core on these 2-core machines).
+        num_threads: CPU EP: runs at once, one share of the batch each (``None``: the
+            machine's cores; more measured 10-25% slower, as runs then share cores).
         table_dtype: store the table as ``float16`` (half the traffic; float32
             accumulation) or keep ``None`` (the spec's dtype).
 
@@ -196,7 +209,7 @@ class OnnxKernel:
                                            f"{reason}")
         self.device: Literal["cuda", "cpu"] = "cuda" if device == "cuda" else "cpu"
         self.device_id = device_id
-        self.num_threads = num_threads or 2 * (os.cpu_count() or 1)
+        self.num_threads = num_threads or os.cpu_count() or 1
         self.provider = CUDA if self.device == "cuda" else CPU
         self._sentinel = spec.num_embeddings
         self._padding = spec.padding_idx
@@ -210,91 +223,150 @@ class OnnxKernel:
         else:
             self._table = ort.OrtValue.ortvalue_from_numpy(host_table)
             self._host_table = host_table  # the OrtValue borrows this memory
-        self._sessions: dict[bool, Any] = {}
+        self._sessions: dict[bool, list[Any]] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         if self.device == "cpu" and self.num_threads > 1:
-            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="onnx-cpu")
+            self._pool = ThreadPoolExecutor(self.num_threads - 1, thread_name_prefix="onnx-cpu")
         self._session(False)  # build (and validate) the unweighted graph now
 
-    def _session(self, weighted: bool) -> Any:
+    def _session(self, weighted: bool, worker: int = 0) -> Any:
+        """The session of ``worker``: one per concurrent share on the CPU, so runs never
+        share a session's allocator (measured 8% faster than one shared session)."""
         with self._lock:
-            if weighted not in self._sessions:
-                model = padded_model(self.spec.mode, self.spec.embedding_dim,
-                                     self.table_dtype, weighted=weighted)
-                # CPU parallelism comes from concurrent chunks, one thread each.
-                self._sessions[weighted] = _session(model, self.device, self.device_id, 1)
-            return self._sessions[weighted]
+            sessions = self._sessions.setdefault(weighted, [])
+            while len(sessions) <= worker:
+                build = padded_model if self.device == "cuda" else scanned_model
+                model = build(self.spec.mode, self.spec.embedding_dim, self.table_dtype,
+                              weighted=weighted)
+                # CPU parallelism comes from concurrent shares, one thread each.
+                sessions.append(_session(model, self.device, self.device_id, 1))
+            return sessions[worker]
 
     def __call__(self, indices: IndexArray, offsets: IndexArray,
                  per_sample_weights: FloatArray | None = None) -> FloatArray:
         num_bags = offsets.shape[0] - 1
         out = np.zeros((num_bags, self.spec.embedding_dim), dtype=self.compute_dtype)
         lengths = np.diff(offsets)
-        row_bytes = self.spec.embedding_dim * self.table_dtype.itemsize
-        chunks = []
-        for bags in _buckets(lengths):
-            step = bags.size
-            if self.device == "cpu":
-                step = max(1, _CPU_CHUNK_BYTES // (int(lengths[bags].max()) * row_bytes))
-            chunks += [bags[start : start + step] for start in range(0, bags.size, step)]
+        tasks = self._plan(lengths)
 
-        def pool(chunk: npt.NDArray[np.int64]) -> None:
-            first, last = int(chunk[0]), int(chunk[-1])
-            if last - first + 1 == chunk.size:  # consecutive bags: write rows in place
-                self._run(indices, offsets[chunk], lengths[chunk], per_sample_weights,
-                          out[first : last + 1])
-            else:
-                out[chunk] = self._run(indices, offsets[chunk], lengths[chunk],
-                                       per_sample_weights)
+        def run(task: Task, worker: int) -> None:
+            bags, shape = task
+            first = int(bags[0])
+            # Consecutive bags that fill whole steps: rows go straight into ``out``.
+            target = (out[first : first + bags.size]
+                      if self.device == "cpu" and int(bags[-1]) - first + 1 == bags.size
+                      and math.prod(shape) == bags.size else None)
+            rows = self._run(indices, offsets[bags], lengths[bags], per_sample_weights,
+                             shape, worker, target)
+            if target is None:
+                out[bags] = rows[: bags.size]
 
-        if self._pool is None or len(chunks) < 2:
-            for chunk in chunks:
-                pool(chunk)
-        else:
-            # list() re-raises the first failure of any chunk.
-            list(self._pool.map(pool, chunks))
+        if self._pool is None or len(tasks) < 2:
+            for task in tasks:
+                run(task, 0)
+            return out
+        # One job per worker, each draining the shared task list with its own session:
+        # a thread handoff costs tens of microseconds on these VMs, so it happens once per
+        # worker and call, never per chunk (a list iterator's next() is atomic under the GIL).
+        queue = iter(tasks)
+
+        def drain(worker: int) -> None:
+            for task in queue:
+                run(task, worker)
+
+        # The calling thread is worker 0: one thread fewer to wake.
+        helpers = [self._pool.submit(drain, worker)
+                   for worker in range(1, min(self.num_threads, len(tasks)))]
+        try:
+            drain(0)
+        finally:
+            for helper in helpers:
+                helper.result()  # waits for every worker; re-raises a worker's failure
         return out
 
+    def _plan(self, lengths: npt.NDArray[np.int64]) -> list[Task]:
+        """Runs to make: ``(bag numbers, layout)``. CUDA: one run per bucket, layout
+        ``(B,)``. CPU: each bucket cut into steps of about :data:`_CPU_STEP_BYTES` of
+        gathered rows, the steps shared evenly among up to ``num_threads`` runs, layout
+        ``(C, b)``: C steps of b bags, b chosen so the last step pads less than C bags."""
+        row_bytes = self.spec.embedding_dim * self.table_dtype.itemsize
+        tasks: list[Task] = []
+        for bags in _buckets(lengths):
+            if self.device == "cuda":
+                tasks.append((bags, (bags.size,)))
+                continue
+            width = self._width(int(lengths[bags].max()))
+            per_step = max(1, _CPU_STEP_BYTES // (width * row_bytes))
+            steps = -(-bags.size // per_step)
+            shares = min(self.num_threads, steps)
+            for share in np.array_split(bags, shares):
+                share_steps = -(-share.size // per_step)
+                tasks.append((share, (share_steps, -(-share.size // share_steps))))
+        return tasks
+
+    def _width(self, longest: int) -> int:
+        """Rows to gather per bag for bags of at most ``longest`` ids."""
+        low, fast = _CPU_FAST_SUM_LENGTHS
+        if self.device == "cpu" and self.spec.mode != "max" and low <= longest < fast:
+            return fast
+        return longest
+
     def _run(self, indices: IndexArray, starts: IndexArray, lengths: IndexArray,
-             per_sample_weights: FloatArray | None,
-             target: FloatArray | None = None) -> FloatArray:
-        """Pool bags of one bucket; rows go to ``target`` (a C-contiguous ``(B, D)`` view
-        of the caller's output, CPU only) when given, else to a new array."""
-        width = int(lengths.max())
+             per_sample_weights: FloatArray | None, shape: tuple[int, ...], worker: int,
+             target: FloatArray | None) -> FloatArray:
+        """Pool the bags starting at ``starts`` in one run laid out as ``shape``: returns
+        ``(prod(shape), D)`` rows, the last ones pooling empty padding bags. Rows go to
+        ``target`` (a C-contiguous view of the caller's output with exactly that many rows,
+        CPU only) when given."""
+        padding = math.prod(shape) - starts.size
+        if padding:
+            starts = np.concatenate((starts, np.zeros(padding, np.int64)))
+            lengths = np.concatenate((lengths, np.zeros(padding, np.int64)))
+        feeds = self._feeds(indices, starts.reshape(shape), lengths.reshape(shape),
+                            per_sample_weights)
+        session = self._session(per_sample_weights is not None, worker)
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("table", self._table)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        if self.device == "cuda":
+            binding.bind_output("embeddings", "cuda", self.device_id)
+        elif target is not None:
+            # onnxruntime writes the rows straight into the caller's buffer: no copy.
+            rows = target.reshape(*shape, self.spec.embedding_dim)
+            binding.bind_ortvalue_output("embeddings", _ort().OrtValue.ortvalue_from_numpy(rows))
+            session.run_with_iobinding(binding)
+            return target
+        else:
+            binding.bind_output("embeddings")
+        session.run_with_iobinding(binding)
+        result: FloatArray = binding.copy_outputs_to_cpu()[0]
+        return result.reshape(-1, self.spec.embedding_dim)
+
+    def _feeds(self, indices: IndexArray, starts: IndexArray, lengths: IndexArray,
+               per_sample_weights: FloatArray | None) -> dict[str, npt.NDArray[Any]]:
+        """The graph's ``ids`` (and ``weights``, ``counts``) for bags laid out like
+        ``starts`` (``[B]`` or ``[C, b]``): ids get a length axis before the last one, and
+        positions past a bag's end or holding ``padding_idx`` read the sentinel row."""
+        width = self._width(int(lengths.max()))
         steps = np.arange(width, dtype=np.int64)[:, None]
-        positions = starts[None, :] + steps  # [L, B]
+        positions = starts[..., None, :] + steps  # [..., L, b]
         ragged = bool((lengths != width).any())
-        inside = steps < lengths[None, :] if ragged else None
+        inside = steps < lengths[..., None, :] if ragged else None
         ids = np.take(indices, positions, mode="clip")
         if inside is not None:
             ids[~inside] = self._sentinel
         if self._padding is not None:
             ids[ids == self._padding] = self._sentinel
-        session = self._session(per_sample_weights is not None)
-        binding = session.io_binding()
-        binding.bind_ortvalue_input("table", self._table)
-        binding.bind_cpu_input("ids", ids)
+        feeds: dict[str, npt.NDArray[Any]] = {"ids": ids}
         if per_sample_weights is not None:
             weights = np.take(per_sample_weights, positions, mode="clip").astype(
                 self.compute_dtype, copy=False)
             if inside is not None:
                 weights[~inside] = 0
-            binding.bind_cpu_input("weights", weights)
+            feeds["weights"] = weights
         if self.spec.mode != "sum":
-            counts = (ids != self._sentinel).sum(axis=0).astype(self.compute_dtype)
-            binding.bind_cpu_input("counts", counts)
-        if self.device == "cuda":
-            binding.bind_output("embeddings", "cuda", self.device_id)
-        elif target is not None:
-            # onnxruntime writes the rows straight into the caller's buffer: no copy.
-            binding.bind_ortvalue_output("embeddings", _ort().OrtValue.ortvalue_from_numpy(target))
-        else:
-            binding.bind_output("embeddings")
-        session.run_with_iobinding(binding)
-        if target is not None and self.device == "cpu":
-            return target
-        result: FloatArray = binding.copy_outputs_to_cpu()[0]
-        if target is not None:
-            target[...] = result
-        return result
+            counts = (ids != self._sentinel).sum(axis=-2)
+            feeds["counts"] = counts.astype(self.compute_dtype)
+        return feeds

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import BackendError, TableSpec, make_kernel
+from kernels import BackendError, TableSpec, make_kernel, onnx_kernel
 from kernels.numba_kernel import NumbaKernel
-from kernels.onnx_graph import padded_model
+from kernels.onnx_graph import padded_model, scanned_model
 from kernels.onnx_kernel import CPU, CUDA, OnnxKernel, _buckets, cuda_status
 
 CUDA_USABLE, CUDA_REASON = cuda_status()
@@ -98,6 +98,44 @@ def test_kernel_graph_holds_only_ops_with_cuda_kernels_and_no_table(mode: str,
     # The table is a bound input, so tables over protobuf's 2 GB limit work.
     assert "table" in {i.name for i in model.graph.input}
     assert model.ByteSize() < 2000
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_cpu_graph_scans_the_padded_tail_over_steps(mode: str) -> None:
+    model = scanned_model(mode, 64, np.float32, weighted=mode == "sum")
+    (scan,) = model.graph.node
+    assert scan.op_type == "Scan"
+    body = next(a.g for a in scan.attribute if a.name == "body")
+    tail = padded_model(mode, 64, np.float32, weighted=mode == "sum")
+    assert [n.op_type for n in body.node] == [n.op_type for n in tail.graph.node]
+    assert [i.name for i in model.graph.input][0] == "table"  # bound, never an initializer
+    assert model.ByteSize() < 2000
+
+
+@pytest.mark.parametrize("step_bytes", [1, 3000, 1 << 20])
+@pytest.mark.parametrize(("mode", "padding_idx", "weighted"),
+                         [("sum", None, False), ("sum", 7, True), ("mean", 7, False),
+                          ("max", None, False), ("max", 7, False)])
+def test_cpu_steps_shares_and_padding_bags_match_numba(
+        table: np.ndarray, monkeypatch: pytest.MonkeyPatch, step_bytes: int, mode: str,
+        padding_idx: int | None, weighted: bool) -> None:
+    # Tiny steps force many Scan steps, uneven shares and padding bags in the last step;
+    # bags of 9-16 ids take the sum path padded to 17 rows.
+    monkeypatch.setattr(onnx_kernel, "_CPU_STEP_BYTES", step_bytes)
+    rng = np.random.default_rng(6)
+    lengths = np.concatenate((rng.integers(0, 17, 97), [0, 12, 16, 9]))
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    indices = rng.integers(0, 2000, int(offsets[-1])).astype(np.int64)
+    indices[::5] = 7
+    weights = rng.standard_normal(indices.size).astype(np.float32) if weighted else None
+    spec = TableSpec(table, mode, padding_idx)  # type: ignore[arg-type]
+    expected = NumbaKernel(spec)(indices, offsets, weights)
+    for threads in (1, 3):
+        out = OnnxKernel(spec, device="cpu", num_threads=threads)(indices, offsets, weights)
+        if weighted:  # numba fuses weight * row + sum into one FMA (torch does too)
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(out, expected)
 
 
 def test_weight_view_shares_the_uploaded_table(table: np.ndarray) -> None:
