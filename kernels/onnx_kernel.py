@@ -231,17 +231,19 @@ class OnnxKernel:
         self._session(False)  # build (and validate) the unweighted graph now
 
     def _session(self, weighted: bool, worker: int = 0) -> Any:
-        """The session of ``worker``: one per concurrent share on the CPU, so runs never
-        share a session's allocator (measured 8% faster than one shared session)."""
+        """The session of ``worker``. The CPU EP has one per concurrent share, so runs never
+        share a session's allocator (measured 8% faster than one shared session); all of a
+        variant's are built on its first use, so warm-up builds every one of them."""
         with self._lock:
-            sessions = self._sessions.setdefault(weighted, [])
-            while len(sessions) <= worker:
+            if weighted not in self._sessions:
                 build = padded_model if self.device == "cuda" else scanned_model
                 model = build(self.spec.mode, self.spec.embedding_dim, self.table_dtype,
                               weighted=weighted)
+                count = 1 if self.device == "cuda" else self.num_threads
                 # CPU parallelism comes from concurrent shares, one thread each.
-                sessions.append(_session(model, self.device, self.device_id, 1))
-            return sessions[worker]
+                self._sessions[weighted] = [
+                    _session(model, self.device, self.device_id, 1) for _ in range(count)]
+            return self._sessions[weighted][worker]
 
     def __call__(self, indices: IndexArray, offsets: IndexArray,
                  per_sample_weights: FloatArray | None = None) -> FloatArray:
