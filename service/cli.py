@@ -46,6 +46,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from service.config import DEMO, ConfigError, load_config
+    from service.heap import keep_batch_buffers
     from service.logs import configure_logging
     from service.registry import ModelLoadError, load_model
     from service.server import run_single, run_workers
@@ -59,6 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"bagserve serve: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    keep_batch_buffers()
     try:
         specs = load_config(settings.config) if settings.config else [DEMO]
         if settings.workers > 1:

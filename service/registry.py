@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ import numpy as np
 
 from models import EmbeddingBag, read_checkpoint
 from service.config import DEMO_DIM, DEMO_ROWS, DEMO_SEED, ModelSpec
+from service.heap import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             num_threads=spec.num_threads)
         _check_finite(bag)
         warm_up(bag)
-        _release_freed_memory()
+        release_freed_memory()
     except (ValueError, OSError, RuntimeError) as exc:
         raise ModelLoadError(f"model {spec.name!r} ({source}): {exc}") from exc
     logger.info("model loaded", extra={"model": spec.name, "source": source,
@@ -89,15 +89,6 @@ def warm_up(bag: EmbeddingBag) -> None:
     kernel(ids, offsets)
     if bag.mode == "sum":
         kernel(ids, offsets, np.ones(4, dtype=bag.weight.dtype))
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap freed by loading (row checks, compilation) back to the OS, so each
-    worker process keeps only what it uses (glibc keeps freed heap pages otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _check_finite(bag: EmbeddingBag, rows_per_step: int = 1 << 16) -> None:
