@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -353,18 +354,33 @@ class OnnxKernel:
         positions past a bag's end or holding ``padding_idx`` read the sentinel row."""
         width = self._width(int(lengths.max()))
         steps = np.arange(width, dtype=np.int64)[:, None]
-        positions = starts[..., None, :] + steps  # [..., L, b]
         ragged = bool((lengths != width).any())
         inside = steps < lengths[..., None, :] if ragged else None
-        ids = np.take(indices, positions, mode="clip")
+        first = int(starts.flat[0])
+        lay_out: Callable[[npt.NDArray[Any], npt.DTypeLike], npt.NDArray[Any]]
+        if inside is None and int(starts.flat[-1]) - first == width * (starts.size - 1):
+            # Consecutive bags of one length: their ids are one block of ``indices``,
+            # transposed (a copy 4-10x cheaper than building positions and taking).
+            block = slice(first, first + starts.size * width)
+
+            def lay_out(values: npt.NDArray[Any], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+                rows = values[block].reshape(*starts.shape, width).swapaxes(-1, -2)
+                return np.ascontiguousarray(rows, dtype=dtype)
+        else:
+            positions = starts[..., None, :] + steps  # [..., L, b]
+
+            def lay_out(values: npt.NDArray[Any], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+                taken = np.take(values, positions, mode="clip")
+                return taken.astype(dtype, copy=False)
+
+        ids = lay_out(indices, np.int64)
         if inside is not None:
             ids[~inside] = self._sentinel
         if self._padding is not None:
             ids[ids == self._padding] = self._sentinel
         feeds: dict[str, npt.NDArray[Any]] = {"ids": ids}
         if per_sample_weights is not None:
-            weights = np.take(per_sample_weights, positions, mode="clip").astype(
-                self.compute_dtype, copy=False)
+            weights = lay_out(per_sample_weights, self.compute_dtype)
             if inside is not None:
                 weights[~inside] = 0
             feeds["weights"] = weights

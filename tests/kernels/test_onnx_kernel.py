@@ -113,17 +113,20 @@ def test_cpu_graph_scans_the_padded_tail_over_steps(mode: str) -> None:
 
 
 @pytest.mark.parametrize("step_bytes", [1, 3000, 1 << 20])
+@pytest.mark.parametrize("bags", ["ragged", "even-5", "even-20"])
 @pytest.mark.parametrize(("mode", "padding_idx", "weighted"),
                          [("sum", None, False), ("sum", 7, True), ("mean", 7, False),
                           ("max", None, False), ("max", 7, False)])
 def test_cpu_steps_shares_and_padding_bags_match_numba(
-        table: np.ndarray, monkeypatch: pytest.MonkeyPatch, step_bytes: int, mode: str,
-        padding_idx: int | None, weighted: bool) -> None:
+        table: np.ndarray, monkeypatch: pytest.MonkeyPatch, step_bytes: int, bags: str,
+        mode: str, padding_idx: int | None, weighted: bool) -> None:
     # Tiny steps force many Scan steps, uneven shares and padding bags in the last step;
-    # bags of 9-16 ids take the sum path padded to 17 rows.
+    # bags of 9-16 ids take the sum path padded to 17 rows; even bags read their ids as
+    # one transposed block.
     monkeypatch.setattr(onnx_kernel, "_CPU_STEP_BYTES", step_bytes)
     rng = np.random.default_rng(6)
-    lengths = np.concatenate((rng.integers(0, 17, 97), [0, 12, 16, 9]))
+    lengths = (np.concatenate((rng.integers(0, 17, 97), [0, 12, 16, 9])) if bags == "ragged"
+               else np.full(101, int(bags.split("-")[1])))
     offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
     indices = rng.integers(0, 2000, int(offsets[-1])).astype(np.int64)
     indices[::5] = 7
