@@ -20,9 +20,10 @@ PREFETCH = 8
 
 
 def _prefetch_intrinsic() -> Any:
-    """``prefetch_row(table, row)``: a read prefetch of the row's first cache line."""
+    """``prefetch(table, row, col)``: a read prefetch of the cache line holding
+    ``table[row, col]``."""
     @intrinsic
-    def prefetch_row(typingctx, table, row):
+    def prefetch(typingctx, table, row, col):
         def codegen(context, builder, signature, args):
             table_type = signature.args[0]
             array = context.make_array(table_type)(context, builder, args[0])
@@ -31,7 +32,7 @@ def _prefetch_intrinsic() -> Any:
                 shape=cgutils.unpack_tuple(builder, array.shape),
                 strides=cgutils.unpack_tuple(builder, array.strides),
                 layout=table_type.layout,
-                inds=[args[1], context.get_constant(types.intp, 0)],
+                inds=[args[1], args[2]],
                 wraparound=False,
             )
             byte_pointer = ir.IntType(8).as_pointer()
@@ -47,22 +48,29 @@ def _prefetch_intrinsic() -> Any:
                                     ir.Constant(i32, 1)])
             return context.get_dummy_value()
 
-        return types.void(table, row), codegen
+        return types.void(table, row, col), codegen
 
-    return prefetch_row
+    return prefetch
 
 
 def build() -> dict[str, Any]:
     """Compile the loops lazily so ``import kernels`` does not pay for numba."""
-    prefetch_row = _prefetch_intrinsic()
+    prefetch = _prefetch_intrinsic()
     ahead = PREFETCH
+
+    @numba.njit(inline="always")
+    def prefetch_row(weight, row, span):
+        # span: the row's leading elements to prefetch, one prefetch per 64-byte line
+        # (a compile-time step: the itemsize is part of the array type).
+        for col in range(0, span, 64 // weight.itemsize):
+            prefetch(weight, row, col)
     options = {"parallel": True, "nogil": True, "cache": True, "boundscheck": False}
     jit = numba.njit(**options)
     # "contract" lets LLVM fuse acc + w * row into one FMA, as PyTorch's weighted path does.
     jit_fma = numba.njit(fastmath={"contract"}, **options)
 
     @jit
-    def pool_sum(weight, indices, offsets, padding_idx, mean, out):
+    def pool_sum(weight, indices, offsets, padding_idx, mean, span, out):
         dim = weight.shape[1]
         n = indices.shape[0]
         for b in numba.prange(offsets.shape[0] - 1):
@@ -81,7 +89,7 @@ def build() -> dict[str, Any]:
                 while k + 8 <= end:
                     if k + ahead + 7 < n:
                         for q in range(k + ahead, k + ahead + 8):
-                            prefetch_row(weight, indices[q])
+                            prefetch_row(weight, indices[q], span)
                     r0 = weight[indices[k]]
                     r1 = weight[indices[k + 1]]
                     r2 = weight[indices[k + 2]]
@@ -96,7 +104,7 @@ def build() -> dict[str, Any]:
                     k += 8
             while k < end:
                 if k + ahead < n:
-                    prefetch_row(weight, indices[k + ahead])
+                    prefetch_row(weight, indices[k + ahead], span)
                 row_id = indices[k]
                 k += 1
                 if row_id == padding_idx:
@@ -111,7 +119,7 @@ def build() -> dict[str, Any]:
                     acc[j] = acc[j] / count
 
     @jit_fma
-    def pool_weighted(weight, indices, offsets, scale, padding_idx, out):
+    def pool_weighted(weight, indices, offsets, scale, padding_idx, span, out):
         dim = weight.shape[1]
         n = indices.shape[0]
         for b in numba.prange(offsets.shape[0] - 1):
@@ -120,7 +128,7 @@ def build() -> dict[str, Any]:
                 acc[j] = 0
             for k in range(offsets[b], offsets[b + 1]):
                 if k + ahead < n:
-                    prefetch_row(weight, indices[k + ahead])
+                    prefetch_row(weight, indices[k + ahead], span)
                 row_id = indices[k]
                 if row_id == padding_idx:
                     continue
@@ -130,7 +138,7 @@ def build() -> dict[str, Any]:
                     acc[j] += w * row[j]
 
     @jit
-    def pool_max(weight, indices, offsets, padding_idx, out):
+    def pool_max(weight, indices, offsets, padding_idx, span, out):
         dim = weight.shape[1]
         n = indices.shape[0]
         for b in numba.prange(offsets.shape[0] - 1):
@@ -138,7 +146,7 @@ def build() -> dict[str, Any]:
             first = True
             for k in range(offsets[b], offsets[b + 1]):
                 if k + ahead < n:
-                    prefetch_row(weight, indices[k + ahead])
+                    prefetch_row(weight, indices[k + ahead], span)
                 row_id = indices[k]
                 if row_id == padding_idx:
                     continue

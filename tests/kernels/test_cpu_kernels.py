@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from kernels import BackendError, Kernel, NumpyKernel, TableSpec, make_kernel
+from kernels import BackendError, Kernel, NumpyKernel, TableSpec, make_kernel, numba_kernel
 from kernels.numba_kernel import NumbaKernel
 from kernels.numpy_kernel import padded_length
 
@@ -103,3 +103,23 @@ def test_a_bags_vector_does_not_depend_on_its_batch(backend: str, mode: str) -> 
         batch = kernel(np.concatenate([others, ids]),
                        np.array([0, extra, extra + 20], np.int64))
         np.testing.assert_array_equal(batch[1], alone[0])
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 10, 1 << 30])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_prefetch_span_follows_the_table_size_and_never_changes_results(
+        monkeypatch: pytest.MonkeyPatch, cache_bytes: int, mode: str) -> None:
+    monkeypatch.setattr(numba_kernel, "_last_level_cache_bytes", lambda: cache_bytes)
+    rng = np.random.default_rng(14)
+    weight = rng.standard_normal((2000, 40)).astype(np.float32)  # 320 KB, 160 B rows
+    indices, offsets = _batch(rng, 2000, 200, 30)
+    spec = TableSpec(weight, mode)  # type: ignore[arg-type]
+    kernel = NumbaKernel(spec)
+    # Cached tables prefetch whole rows (3 lines of 16 floats); DRAM-sized ones one line.
+    assert (kernel._span, kernel._line) == ((40, 16) if cache_bytes > weight.nbytes else (16, 16))
+    np.testing.assert_array_equal(kernel(indices, offsets), NumpyKernel(spec)(indices, offsets))
+    if mode == "sum":
+        weights = rng.standard_normal(indices.size).astype(np.float32)
+        np.testing.assert_allclose(kernel(indices, offsets, weights),
+                                   NumpyKernel(spec)(indices, offsets, weights), rtol=1e-5,
+                                   atol=1e-5)
