@@ -68,24 +68,28 @@ def _torch_call(weight: np.ndarray, batches: list[tuple[np.ndarray, np.ndarray]]
 
 
 def measure(calls: dict[str, Callable[[int], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call, interleaving the implementations.
+    """Median seconds per call, interleaving the implementations in short blocks.
 
-    Each timed call follows an untimed call of the same implementation: thread pools
-    that spin after a call (torch's OpenMP threads do) would otherwise steal a core from
-    whichever implementation comes next (measured: up to 2x slower), and the vCPUs of
-    these VMs wake slowly from idle, so each implementation is timed in its own steady
-    state, as it runs under load. Consecutive calls take different id sets, so the rows
-    a call gathers are not left in cache by the call before.
+    Each round runs every implementation in turn: two untimed calls, then three timed
+    ones. Thread pools that spin after a call (torch's and numba's OpenMP threads do)
+    would otherwise steal a core from whichever implementation comes next (measured: up
+    to 2x slower, and the ratios then depended on the order), and the vCPUs of these VMs
+    wake slowly from idle; so each implementation is timed in its own steady state, as it
+    runs under load. Consecutive calls take different id sets, so the rows a call gathers
+    are not left in cache by the call before.
     """
     times: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():
         call(0)  # warm-up: JIT compilation, first-touch page faults
-    for repeat in range(repeats):
+    batch = 0
+    for _ in range(repeats):
         for name, call in calls.items():
-            call((2 * repeat) % ID_SETS)
-            start = time.perf_counter()
-            call((2 * repeat + 1) % ID_SETS)
-            times[name].append(time.perf_counter() - start)
+            for timed in (False, False, True, True, True):
+                batch = (batch + 1) % ID_SETS
+                start = time.perf_counter()
+                call(batch)
+                if timed:
+                    times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
