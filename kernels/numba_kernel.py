@@ -109,8 +109,8 @@ class NumbaKernel:
         self._set_threads = numba.set_num_threads
         self._loops = _kernels()
         self._table = _read_only(spec.weight)
-        self._line = max(1, _CACHE_LINE // spec.weight.itemsize)  # elements per line
-        self._span = min(spec.embedding_dim, self._line)
+        # Leading elements of a row to prefetch: all of it, or its first cache line.
+        self._span = min(spec.embedding_dim, max(1, _CACHE_LINE // spec.weight.itemsize))
         if spec.weight.nbytes <= _CACHED_TABLE_FACTOR * _last_level_cache_bytes():
             self._span = spec.embedding_dim
         # -1 never matches a validated id, so the loops need no Optional.

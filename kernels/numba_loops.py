@@ -64,6 +64,7 @@ def build() -> dict[str, Any]:
         # (a compile-time step: the itemsize is part of the array type).
         for col in range(0, span, 64 // weight.itemsize):
             prefetch(weight, row, col)
+
     options = {"parallel": True, "nogil": True, "cache": True, "boundscheck": False}
     jit = numba.njit(**options)
     # "contract" lets LLVM fuse acc + w * row into one FMA, as PyTorch's weighted path does.

@@ -15,9 +15,9 @@ single-threaded session, the calling thread running one of them; a share's run i
 rows are still in the core's cache (faster here than onnxruntime's own intra-op threads
 or one run per chunk from Python, and the thread count never changes results). Sessions
 are built with ``session.disable_cpu_ep_fallback`` on CUDA, so a node without a CUDA
-kernel fails at load instead of silently running on the CPU. onnxruntime-gpu without usable CUDA
-libraries only logs an error and falls back to the CPU: that is detected, and
-:attr:`OnnxKernel.provider` names the provider really running.
+kernel fails at load instead of silently running on the CPU. onnxruntime-gpu without
+usable CUDA libraries only logs an error and falls back to the CPU: that is detected,
+and :attr:`OnnxKernel.provider` names the provider really running.
 
 Precision: float32 and float64 tables accumulate in their own dtype; float16 tables halve
 the memory and the gathered bytes, their rows are widened to float32 before the
