@@ -112,11 +112,12 @@ def _tail(nodes: list[Any], initializers: list[Any], mode: str, table_type: int,
 
 
 def _model(nodes: list[Any], initializers: list[Any], inputs: list[Any], dim: int,
-           compute: int, name: str) -> Any:
+           compute: int, name: str, leading: tuple[str, ...] = ("bags",)) -> Any:
+    """A checked opset-18 / IR-10 model whose output ``embeddings`` is ``[*leading, dim]``."""
     onnx, tensor_proto, helper = _helpers()
     graph = helper.make_graph(
         nodes, name, inputs,
-        [helper.make_tensor_value_info("embeddings", compute, ["bags", dim])],
+        [helper.make_tensor_value_info("embeddings", compute, [*leading, dim])],
         initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="bagserve")
@@ -164,7 +165,7 @@ def scanned_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *,
     is one run: no per-chunk Python, no thread handoff per chunk (measured 1.2x faster on
     the CPU EP than one run per chunk from Python). Returns an ``onnx.ModelProto``.
     """
-    onnx, _, helper = _helpers()
+    _, _, helper = _helpers()
     table_type, compute = element_types(table_dtype)
     step_inputs = _padded_inputs(mode, compute, weighted, ["length", "bags"], prefix="step_")
     nodes: list[Any] = []
@@ -179,14 +180,8 @@ def scanned_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *,
               *_padded_inputs(mode, compute, weighted, ["chunks", "length", "bags"])]
     scan = helper.make_node("Scan", [i.name for i in inputs[1:]], ["embeddings"],
                             num_scan_inputs=len(inputs) - 1, body=body)
-    graph = helper.make_graph(
-        [scan], f"embedding_bag_{mode}_scanned", inputs,
-        [helper.make_tensor_value_info("embeddings", compute, ["chunks", "bags", dim])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="bagserve")
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
-    return model
+    return _model([scan], [], inputs, dim, compute, f"embedding_bag_{mode}_scanned",
+                  leading=("chunks", "bags"))
 
 
 def flat_model(table: npt.NDArray[Any], mode: str, *, padding_idx: int | None = None,

@@ -265,10 +265,6 @@ class OnnxKernel:
             if target is None:
                 out[bags] = rows[: bags.size]
 
-        if self._pool is None or len(tasks) < 2:
-            for task in tasks:
-                run(task, 0)
-            return out
         # One job per worker, each draining the shared task list with its own session:
         # a thread handoff costs tens of microseconds on these VMs, so it happens once per
         # worker and call, never per chunk (a list iterator's next() is atomic under the GIL).
@@ -278,9 +274,10 @@ class OnnxKernel:
             for task in queue:
                 run(task, worker)
 
-        # The calling thread is worker 0: one thread fewer to wake.
-        helpers = [self._pool.submit(drain, worker)
-                   for worker in range(1, min(self.num_threads, len(tasks)))]
+        # The calling thread is worker 0: one thread fewer to wake, none for one task.
+        pool = self._pool
+        helpers = [] if pool is None else [
+            pool.submit(drain, worker) for worker in range(1, min(self.num_threads, len(tasks)))]
         try:
             drain(0)
         finally:
