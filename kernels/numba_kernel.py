@@ -1,25 +1,20 @@
 """Fused CPU kernel compiled by numba: gather and pool in one pass over the ids.
 
-Each bag is pooled straight into its output row, so every gathered table row is read
-once and never written back; an unfused ``take`` + ``sum`` moves about three times the
-bytes. Bags run in parallel (``prange``). Inside a bag ids are added strictly in order,
-which is PyTorch's accumulation order, so results match
-``torch.nn.functional.embedding_bag`` bit for bit on float32 tables. Two things make it
-as fast as PyTorch's FBGEMM loop on random rows: eight rows are added per pass over the
-accumulator (``((acc + r0) + r1) + ...`` keeps the order while cutting accumulator
-traffic and putting eight independent row loads in flight), and the rows ``PREFETCH``
-ids ahead are prefetched: whole rows when the table mostly fits the last-level cache,
-only the first line of each for tables served from DRAM (the hardware fetches the
-adjacent lines, and whole rows there issue more prefetches than a core keeps in flight).
-The functions release the GIL so the service can run them in a worker thread.
+Each bag is pooled straight into its output row with the register tiles of
+:mod:`kernels.numba_tiles`: accumulators stay in SIMD registers across the whole bag, so
+every gathered table row is read once and nothing else moves. Bags run in parallel
+(``prange``) when a call is big enough to pay for waking the thread pool, serially
+otherwise. Inside a bag ids are added strictly in order, which is PyTorch's accumulation
+order, so results match ``torch.nn.functional.embedding_bag`` bit for bit on float32
+tables. Each tile prefetches its lines of the row ``PREFETCH_AHEAD`` ids ahead, unless the
+whole table sits in one core's L2 cache, where prefetches are pure overhead. The loops
+release the GIL so the service can run them in a worker thread.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,13 +23,11 @@ from kernels.base import FloatArray, IndexArray, TableSpec
 
 logger = logging.getLogger(__name__)
 
-_CACHE_LINE = 64
-#: Tables up to this many times the last-level cache have most rows there: prefetching
-#: whole rows then hides the cache latency of every line (measured 1.15-1.42x faster on
-#: 24 MB and 44 MB tables, 32 MB L3). Bigger tables come from DRAM, where prefetching only
-#: the first line and letting the hardware fetch the adjacent ones is as fast or faster
-#: (whole rows measured 0.95-0.98x on 61-488 MB tables).
-_CACHED_TABLE_FACTOR = 1.5
+#: Calls gathering fewer bytes than this run on the calling thread: waking the pool costs
+#: more than the second core gives back (see BENCHMARKS.md, small calls).
+PARALLEL_MIN_BYTES = 256 << 10
+#: Tables up to this size live in a core's L2 cache: no prefetching there.
+_PREFETCH_MIN_TABLE_BYTES = 512 << 10
 
 _compile_lock = threading.Lock()
 _compiled: dict[str, Any] | None = None
@@ -57,21 +50,6 @@ def _kernels() -> dict[str, Any]:
 
             _compiled = numba_loops.build()
         return _compiled
-
-
-@functools.lru_cache(maxsize=1)
-def _last_level_cache_bytes() -> int:
-    """The largest CPU cache the OS lists (sysfs), or 32 MiB where it lists none."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    sizes = [0]
-    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        try:
-            text = entry.read_text().strip()
-            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units
-                         else int(text))
-        except (OSError, ValueError, IndexError):
-            continue
-    return max(sizes) or 32 << 20
 
 
 def _read_only(array: Any) -> Any:
@@ -109,10 +87,8 @@ class NumbaKernel:
         self._set_threads = numba.set_num_threads
         self._loops = _kernels()
         self._table = _read_only(spec.weight)
-        # Leading elements of a row to prefetch: all of it, or its first cache line.
-        self._span = min(spec.embedding_dim, max(1, _CACHE_LINE // spec.weight.itemsize))
-        if spec.weight.nbytes <= _CACHED_TABLE_FACTOR * _last_level_cache_bytes():
-            self._span = spec.embedding_dim
+        self._prefetch = int(spec.weight.nbytes > _PREFETCH_MIN_TABLE_BYTES)
+        self._row_bytes = spec.embedding_dim * spec.weight.itemsize
         # -1 never matches a validated id, so the loops need no Optional.
         self._padding = -1 if spec.padding_idx is None else spec.padding_idx
 
@@ -127,16 +103,19 @@ class NumbaKernel:
         if num_bags == 0 or indices.shape[0] == 0:
             return np.zeros((num_bags, weight.shape[1]), dtype=weight.dtype)
         out = np.empty((num_bags, weight.shape[1]), dtype=weight.dtype)
-        if self.num_threads is not None:
+        serial = num_bags == 1 or indices.shape[0] * self._row_bytes < PARALLEL_MIN_BYTES
+        if not serial and self.num_threads is not None:
             # Thread-local in numba: set on every call because callers move between threads.
             self._set_threads(self.num_threads)
         indices, offsets = _read_only(indices), _read_only(offsets)
         if self.spec.mode == "max":
-            self._loops["max"](weight, indices, offsets, self._padding, self._span, out)
+            self._loops["max"][serial](weight, indices, offsets, self._padding, self._prefetch,
+                                       out)
         elif per_sample_weights is not None:
-            self._loops["weighted"](weight, indices, offsets, _read_only(per_sample_weights),
-                                    self._padding, self._span, out)
+            self._loops["weighted"][serial](weight, indices, offsets,
+                                            _read_only(per_sample_weights), self._padding,
+                                            self._prefetch, out)
         else:
-            self._loops["sum"](weight, indices, offsets, self._padding,
-                               self.spec.mode == "mean", self._span, out)
+            self._loops["sum"][serial](weight, indices, offsets, self._padding,
+                                       self.spec.mode == "mean", self._prefetch, out)
         return out

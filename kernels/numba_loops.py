@@ -1,168 +1,108 @@
 """The numba-compiled loops behind :class:`kernels.numba_kernel.NumbaKernel`.
 
 This file is compiled by numba, not run as Python, so mypy skips it (see pyproject.toml);
-its inputs are typed and checked in ``numba_kernel``. See that module's docstring for why
-the loops look the way they do.
+its inputs are typed and checked in ``numba_kernel``. Every loop pools whole bags with the
+register tiles of :mod:`kernels.numba_tiles`: a row of ``dim`` columns is cut into tiles of
+8, 4, 2 and 1 registers plus a masked tail, and each tile walks the bag's ids once.
+
+Each loop exists twice: over the bags in parallel (``prange``), and serially for calls too
+small to pay for waking the thread pool.
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import numba
-from llvmlite import ir
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
-#: How many ids ahead a row is prefetched (measured best of 4-32 on the 3 bench shapes).
-PREFETCH = 8
+from kernels import numba_tiles
 
 
-def _prefetch_intrinsic() -> Any:
-    """``prefetch(table, row, col)``: a read prefetch of the cache line holding
-    ``table[row, col]``."""
-    @intrinsic
-    def prefetch(typingctx, table, row, col):
-        def codegen(context, builder, signature, args):
-            table_type = signature.args[0]
-            array = context.make_array(table_type)(context, builder, args[0])
-            pointer = cgutils.get_item_pointer2(
-                context, builder, data=array.data,
-                shape=cgutils.unpack_tuple(builder, array.shape),
-                strides=cgutils.unpack_tuple(builder, array.strides),
-                layout=table_type.layout,
-                inds=[args[1], args[2]],
-                wraparound=False,
-            )
-            byte_pointer = ir.IntType(8).as_pointer()
-            i32 = ir.IntType(32)
-            function = cgutils.get_or_insert_function(
-                builder.module,
-                ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]),
-                "llvm.prefetch.p0i8",
-            )
-            # read, high temporal locality, data cache
-            builder.call(function, [builder.bitcast(pointer, byte_pointer),
-                                    ir.Constant(i32, 0), ir.Constant(i32, 3),
-                                    ir.Constant(i32, 1)])
-            return context.get_dummy_value()
+def _row_pooler(op):
+    """An inlined ``pool_row(weight, indices, scale, start, end, padding, out, bag,
+    prefetch, divisor)`` running the tiles of ``op`` across one output row."""
+    t8, t4, t2, t1 = (numba_tiles.make_tile(op, vectors) for vectors in (8, 4, 2, 1))
+    tail = numba_tiles.make_tile(op, 1, masked=True)
 
-        return types.void(table, row, col), codegen
+    @numba.njit(inline="always")
+    def pool_row(weight, indices, scale, start, end, padding, out, bag, prefetch, divisor):
+        dim = weight.shape[1]
+        lanes = 32 // weight.itemsize
+        col = 0
+        while col + 8 * lanes <= dim:
+            t8(weight, indices, scale, start, end, padding, col, out, bag, prefetch, divisor, 0)
+            col += 8 * lanes
+        if col + 4 * lanes <= dim:
+            t4(weight, indices, scale, start, end, padding, col, out, bag, prefetch, divisor, 0)
+            col += 4 * lanes
+        if col + 2 * lanes <= dim:
+            t2(weight, indices, scale, start, end, padding, col, out, bag, prefetch, divisor, 0)
+            col += 2 * lanes
+        if col + lanes <= dim:
+            t1(weight, indices, scale, start, end, padding, col, out, bag, prefetch, divisor, 0)
+            col += lanes
+        if col < dim:
+            tail(weight, indices, scale, start, end, padding, col, out, bag, prefetch,
+                 divisor, dim - col)
 
-    return prefetch
+    return pool_row
 
 
 def build() -> dict[str, Any]:
-    """Compile the loops lazily so ``import kernels`` does not pay for numba."""
-    prefetch = _prefetch_intrinsic()
-    ahead = PREFETCH
+    """Compile the loops lazily so ``import kernels`` does not pay for numba.
 
-    @numba.njit(inline="always")
-    def prefetch_row(weight, row, span):
-        # span: the row's leading elements to prefetch, one prefetch per 64-byte line
-        # (a compile-time step: the itemsize is part of the array type).
-        for col in range(0, span, 64 // weight.itemsize):
-            prefetch(weight, row, col)
+    Returns ``{"sum", "weighted", "max"}`` each mapped to ``(parallel, serial)``.
+    """
+    # numba's cache keys a loop by its own file and closure, not by the files it calls:
+    # the tiles' source hash in every closure retires cached loops when the tiles change.
+    stamp = hashlib.sha256(Path(numba_tiles.__file__).read_bytes()).hexdigest()
+    rows = {op: _row_pooler(op) for op in ("sum", "weighted", "max")}
+    parallel, serial = _loops(True, stamp, rows), _loops(False, stamp, rows)
+    return {name: (parallel[name], serial[name]) for name in parallel}
 
-    options = {"parallel": True, "nogil": True, "cache": True, "boundscheck": False}
-    jit = numba.njit(**options)
-    # "contract" lets LLVM fuse acc + w * row into one FMA, as PyTorch's weighted path does.
-    jit_fma = numba.njit(fastmath={"contract"}, **options)
+
+def _loops(parallel, stamp, rows):
+    bags = numba.prange if parallel else range
+    jit = numba.njit(parallel=parallel, nogil=True, cache=True, boundscheck=False)
+    pool_sum_row, pool_weighted_row, pool_max_row = rows["sum"], rows["weighted"], rows["max"]
 
     @jit
-    def pool_sum(weight, indices, offsets, padding_idx, mean, span, out):
-        dim = weight.shape[1]
-        n = indices.shape[0]
-        for b in numba.prange(offsets.shape[0] - 1):
-            acc = out[b]
-            for j in range(dim):
-                acc[j] = 0
-            k = offsets[b]
-            end = offsets[b + 1]
-            count = end - k
-            if padding_idx >= 0:
-                for q in range(k, end):
-                    if indices[q] == padding_idx:
+    def pool_sum(weight, indices, offsets, padding, mean, prefetch, out):
+        assert stamp
+        for bag in bags(offsets.shape[0] - 1):
+            start = offsets[bag]
+            end = offsets[bag + 1]
+            count = end - start
+            if padding >= 0:
+                for position in range(start, end):
+                    if indices[position] == padding:
                         count -= 1
-            if count == end - k:
-                # No padding in this bag: the unrolled path.
-                while k + 8 <= end:
-                    if k + ahead + 7 < n:
-                        for q in range(k + ahead, k + ahead + 8):
-                            prefetch_row(weight, indices[q], span)
-                    r0 = weight[indices[k]]
-                    r1 = weight[indices[k + 1]]
-                    r2 = weight[indices[k + 2]]
-                    r3 = weight[indices[k + 3]]
-                    r4 = weight[indices[k + 4]]
-                    r5 = weight[indices[k + 5]]
-                    r6 = weight[indices[k + 6]]
-                    r7 = weight[indices[k + 7]]
-                    for j in range(dim):
-                        acc[j] = (((((((acc[j] + r0[j]) + r1[j]) + r2[j]) + r3[j]) + r4[j])
-                                   + r5[j]) + r6[j]) + r7[j]
-                    k += 8
-            while k < end:
-                if k + ahead < n:
-                    prefetch_row(weight, indices[k + ahead], span)
-                row_id = indices[k]
-                k += 1
-                if row_id == padding_idx:
-                    continue
-                row = weight[row_id]
-                for j in range(dim):
-                    acc[j] += row[j]
-            if mean and count > 1:
-                # float32 / int64 is computed in float64 and rounded once, which equals
-                # the correctly rounded float32 division PyTorch performs.
-                for j in range(dim):
-                    acc[j] = acc[j] / count
-
-    @jit_fma
-    def pool_weighted(weight, indices, offsets, scale, padding_idx, span, out):
-        dim = weight.shape[1]
-        n = indices.shape[0]
-        for b in numba.prange(offsets.shape[0] - 1):
-            acc = out[b]
-            for j in range(dim):
-                acc[j] = 0
-            for k in range(offsets[b], offsets[b + 1]):
-                if k + ahead < n:
-                    prefetch_row(weight, indices[k + ahead], span)
-                row_id = indices[k]
-                if row_id == padding_idx:
-                    continue
-                row = weight[row_id]
-                w = scale[k]
-                for j in range(dim):
-                    acc[j] += w * row[j]
+            divisor = count if mean else 1
+            pool_sum_row(weight, indices, weight, start, end, padding, out, bag, prefetch,
+                         divisor)
 
     @jit
-    def pool_max(weight, indices, offsets, padding_idx, span, out):
-        dim = weight.shape[1]
-        n = indices.shape[0]
-        for b in numba.prange(offsets.shape[0] - 1):
-            acc = out[b]
-            first = True
-            for k in range(offsets[b], offsets[b + 1]):
-                if k + ahead < n:
-                    prefetch_row(weight, indices[k + ahead], span)
-                row_id = indices[k]
-                if row_id == padding_idx:
-                    continue
-                row = weight[row_id]
-                if first:
-                    for j in range(dim):
-                        acc[j] = row[j]
-                    first = False
-                else:
-                    # Strictly greater keeps the first maximum, as PyTorch does.
-                    for j in range(dim):
-                        if row[j] > acc[j]:
-                            acc[j] = row[j]
-            if first:  # empty bag, or only padding
-                for j in range(dim):
-                    acc[j] = 0
+    def pool_weighted(weight, indices, offsets, scale, padding, prefetch, out):
+        assert stamp
+        for bag in bags(offsets.shape[0] - 1):
+            pool_weighted_row(weight, indices, scale, offsets[bag], offsets[bag + 1], padding,
+                              out, bag, prefetch, 1)
+
+    @jit
+    def pool_max(weight, indices, offsets, padding, prefetch, out):
+        assert stamp
+        for bag in bags(offsets.shape[0] - 1):
+            start = offsets[bag]
+            end = offsets[bag + 1]
+            while start < end and indices[start] == padding:
+                start += 1
+            if start == end:  # empty bag, or only padding
+                for col in range(weight.shape[1]):
+                    out[bag, col] = 0
+            else:
+                pool_max_row(weight, indices, weight, start, end, padding, out, bag, prefetch,
+                             1)
 
     return {"sum": pool_sum, "weighted": pool_weighted, "max": pool_max}

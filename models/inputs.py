@@ -14,6 +14,10 @@ import numpy as np
 import numpy.typing as npt
 
 from kernels import Mode
+from models import fastcheck
+
+#: Whether the compiled one-pass check runs before the NumPy checks (numba imports).
+_FAST = fastcheck.available()
 
 
 class InvalidInputError(ValueError):
@@ -154,6 +158,14 @@ def flatten_inputs(
         InvalidInputError: any argument is invalid; nothing is modified.
     """
     ids = _integer_array("input", input)
+    if _FAST and ids.ndim == 1 and offsets is not None:
+        # One compiled pass accepts valid ids and offsets; anything else falls through to
+        # the NumPy checks below, which find the first problem and word the error.
+        offsets = _integer_array("offsets", offsets)
+        csr = fastcheck.valid_csr(ids, offsets, num_embeddings, include_last_offset)
+        if csr is not None:
+            return FlatBatch(ids, csr, _check_weights(per_sample_weights, mode, ids.shape,
+                                                      np.dtype(dtype)))
     if ids.ndim == 2:
         if offsets is not None:
             raise InvalidInputError("if input is 2D, then offsets has to be None; got "
@@ -169,5 +181,6 @@ def flatten_inputs(
         raise InvalidInputError(f"input has to be 1D or 2D; got {ids.ndim}D with shape "
                                 f"{ids.shape}")
     weights = _check_weights(per_sample_weights, mode, ids.shape, np.dtype(dtype))
-    _check_range(ids.reshape(-1), num_embeddings, ids.shape, csr)
+    if not (_FAST and fastcheck.ids_in_range(ids, num_embeddings)):
+        _check_range(ids.reshape(-1), num_embeddings, ids.shape, csr)
     return FlatBatch(ids.reshape(-1), csr, weights)

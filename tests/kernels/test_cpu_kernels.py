@@ -105,18 +105,19 @@ def test_a_bags_vector_does_not_depend_on_its_batch(backend: str, mode: str) -> 
         np.testing.assert_array_equal(batch[1], alone[0])
 
 
-@pytest.mark.parametrize("cache_bytes", [1 << 10, 1 << 30])
+@pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
+@pytest.mark.parametrize("prefetch", [0, 1])
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
-def test_prefetch_span_follows_the_table_size_and_never_changes_results(
-        monkeypatch: pytest.MonkeyPatch, cache_bytes: int, mode: str) -> None:
-    monkeypatch.setattr(numba_kernel, "_last_level_cache_bytes", lambda: cache_bytes)
+def test_serial_parallel_and_prefetch_paths_give_the_same_results(
+        monkeypatch: pytest.MonkeyPatch, parallel_min_bytes: int, prefetch: int,
+        mode: str) -> None:
+    monkeypatch.setattr(numba_kernel, "PARALLEL_MIN_BYTES", parallel_min_bytes)
     rng = np.random.default_rng(14)
-    weight = rng.standard_normal((2000, 40)).astype(np.float32)  # 320 KB, 160 B rows
+    weight = rng.standard_normal((2000, 40)).astype(np.float32)  # 160 B rows: 4+1 registers
     indices, offsets = _batch(rng, 2000, 200, 30)
     spec = TableSpec(weight, mode)  # type: ignore[arg-type]
     kernel = NumbaKernel(spec)
-    # Cached tables prefetch whole rows (3 lines of 16 floats); DRAM-sized ones one line.
-    assert kernel._span == (40 if cache_bytes > weight.nbytes else 16)
+    kernel._prefetch = prefetch
     np.testing.assert_array_equal(kernel(indices, offsets), NumpyKernel(spec)(indices, offsets))
     if mode == "sum":
         weights = rng.standard_normal(indices.size).astype(np.float32)
