@@ -1,6 +1,16 @@
 """Kernel throughput next to torch.nn.functional.embedding_bag, in one process.
 
     python benchmarks/bench_kernels.py [--threads 2] [--repeats 60] [--shapes a,b,c]
+    python benchmarks/bench_kernels.py --matrix [--dims ...] [--bags ...] [--modes ...]
+        [--traffic zipf1.1/poisson20,...] [--cache hot,cold] [--sweep]
+
+``--shapes`` times every implementation (numba, numpy, ONNX CPU EP) on three fixed
+shapes with uniform ids. ``--matrix`` times what users send through the public API
+(``EmbeddingBag.from_pretrained(W, mode=...)(ids, offsets=starts)``, validation
+included) and the kernel alone, next to torch, on skewed ids and ragged bags (see
+``benchmarks/traffic.py``): hot cache (the same ids every call) and cold (fresh ids
+every call, 8 sets cycled); ``--sweep`` adds every id distribution and bag-length kind at
+one shape.
 
 Every implementation runs the same ids on the same table with the same thread count;
 calls are interleaved round-robin so machine noise hits all of them alike, and the
@@ -14,17 +24,23 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kernels import TableSpec
-from kernels.numba_kernel import NumbaKernel
-from kernels.numpy_kernel import NumpyKernel
-from kernels.onnx_kernel import OnnxKernel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+
+from benchmarks import traffic  # noqa: E402
+from kernels import TableSpec  # noqa: E402
+from kernels.numba_kernel import NumbaKernel  # noqa: E402
+from kernels.numpy_kernel import NumpyKernel  # noqa: E402
+from kernels.onnx_kernel import OnnxKernel  # noqa: E402
+from models import EmbeddingBag  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,8 @@ def _torch_call(weight: np.ndarray, batches: list[tuple[np.ndarray, np.ndarray]]
     return call
 
 
-def measure(calls: dict[str, Callable[[int], Any]], repeats: int) -> dict[str, float]:
+def measure(calls: dict[str, Callable[[int], Any]], repeats: int,
+            id_sets: int = ID_SETS) -> dict[str, float]:
     """Median seconds per call, interleaving the implementations in short blocks.
 
     Each round runs every implementation in turn: two untimed calls, then three timed
@@ -85,7 +102,7 @@ def measure(calls: dict[str, Callable[[int], Any]], repeats: int) -> dict[str, f
     for _ in range(repeats):
         for name, call in calls.items():
             for timed in (False, False, True, True, True):
-                batch = (batch + 1) % ID_SETS
+                batch = (batch + 1) % id_sets
                 start = time.perf_counter()
                 call(batch)
                 if timed:
@@ -128,12 +145,115 @@ def run(shape: Shape, modes: list[str], threads: int, repeats: int) -> list[dict
     return rows
 
 
+#: Bytes of table per matrix cell: every table is far bigger than the 32 MB L3.
+MATRIX_TABLE_BYTES = 256 << 20
+MATRIX_ROWS_MAX = 1_000_000
+ISSUE_CELLS = ((1_000_000, 128, 2048, 32), (30_522, 384, 256, 16), (100_000, 64, 4096, 8))
+
+
+def _matrix_cell(weight: np.ndarray, flow: traffic.Traffic, bags: int, mode: str, hot: bool,
+                 threads: int, seed: int) -> dict[str, float]:
+    """Median ms per call of torch, the public API and the kernel alone on one cell."""
+    import torch
+
+    weighted = mode == "weighted"
+    pooling = "sum" if weighted else mode
+    source = traffic.IdSource(flow.ids, weight.shape[0], seed)
+    sets = [traffic.batch(source, flow, bags) for _ in range(1 if hot else ID_SETS)]
+    bag = EmbeddingBag.from_pretrained(weight, mode=pooling, num_threads=threads)
+    kernel = bag.kernel
+    table = torch.from_numpy(weight)
+    tensors = [(torch.from_numpy(ids), torch.from_numpy(starts),
+                torch.from_numpy(weights) if weighted else None)
+               for ids, starts, weights in sets]
+    flat = [(ids, np.append(starts, ids.size), weights if weighted else None)
+            for ids, starts, weights in sets]
+    embedding_bag = torch.nn.functional.embedding_bag
+
+    def torch_call(index: int) -> Any:
+        ids, starts, weights = tensors[index]
+        with torch.inference_mode():
+            return embedding_bag(ids, table, starts, mode=pooling, per_sample_weights=weights)
+
+    def api_call(index: int) -> Any:
+        ids, starts, weights = sets[index]
+        return bag(ids, offsets=starts, per_sample_weights=weights if weighted else None)
+
+    def kernel_call(index: int) -> Any:
+        return kernel(*flat[index])
+
+    np.testing.assert_allclose(api_call(0), torch_call(0).numpy(), rtol=1e-5, atol=1e-5)
+    start = time.perf_counter()
+    torch_call(0)
+    single = time.perf_counter() - start
+    # About a third of a second per implementation, in 5-call blocks.
+    repeats = int(min(100, max(6, 0.3 / max(single, 1e-6) / 5)))
+    medians = measure({"torch": torch_call, "api": api_call, "kernel": kernel_call}, repeats,
+                      len(sets))
+    return {name: seconds * 1e3 for name, seconds in medians.items()}
+
+
+def _table(rows: int, dim: int, cache: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
+    if (rows, dim) not in cache:
+        cache.clear()  # one table at a time: they are large
+        rng = np.random.default_rng(rows + dim)
+        cache[(rows, dim)] = rng.standard_normal((rows, dim), dtype=np.float32)
+    return cache[(rows, dim)]
+
+
+def run_matrix(args: argparse.Namespace) -> None:
+    """Print the traffic matrix: one row per (traffic, cache, table, bags, mode)."""
+    print("| traffic | cache | table | bags | mode | torch ms | api ms | kernel ms | "
+          "api x torch | kernel x torch |")
+    print("|---|---|---|---:|---|---:|---:|---:|---:|---:|")
+    cells: list[tuple[traffic.Traffic, int, int, int]] = []
+    flows = [traffic.Traffic(*_parse_traffic(text)) for text in args.traffic.split(",")]
+    for flow in flows:
+        for dim in (int(d) for d in args.dims.split(",")):
+            rows = min(MATRIX_ROWS_MAX, MATRIX_TABLE_BYTES // (dim * 4))
+            cells += [(flow, rows, dim, int(b)) for b in args.bags.split(",")]
+    if args.issue_cells:
+        cells += [(traffic.Traffic("zipf1.1", "poisson", length), rows, dim, bags)
+                  for rows, dim, bags, length in ISSUE_CELLS]
+    if args.sweep:
+        cells += [(traffic.Traffic(ids, lengths, 20), 1_000_000, 64, 2048)
+                  for ids in traffic.DISTRIBUTIONS for lengths in traffic.LENGTHS]
+    tables: dict[tuple[int, int], np.ndarray] = {}
+    for seed, (flow, rows, dim, bags) in enumerate(cells):
+        weight = _table(rows, dim, tables)
+        for cache in args.cache.split(","):
+            for mode in args.modes.split(","):
+                ms = _matrix_cell(weight, flow, bags, mode, cache == "hot", args.threads, seed)
+                print(f"| {flow.label} | {cache} | {rows:,}x{dim} | {bags} | {mode} | "
+                      f"{ms['torch']:.4f} | {ms['api']:.4f} | {ms['kernel']:.4f} | "
+                      f"{ms['torch'] / ms['api']:.2f} | {ms['torch'] / ms['kernel']:.2f} |",
+                      flush=True)
+
+
+def _parse_traffic(text: str) -> tuple[str, str, int]:
+    """``"zipf1.1/poisson20"`` -> ``("zipf1.1", "poisson", 20)``."""
+    ids, _, lengths = text.partition("/")
+    kind = lengths.rstrip("0123456789")
+    return ids, kind, int(lengths[len(kind):] or 20)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--shapes", default="a,b,c")
-    parser.add_argument("--modes", default="sum,mean,max")
+    parser.add_argument("--modes", default=None,
+                        help="sum,mean,max (--shapes) or sum,mean,max,weighted (--matrix)")
+    parser.add_argument("--matrix", action="store_true", help="the traffic matrix")
+    parser.add_argument("--dims", default="16,32,64,128,384")
+    parser.add_argument("--bags", default="1,16,256,2048,16384")
+    parser.add_argument("--traffic", default="zipf1.1/poisson20",
+                        help="ids/lengths: uniform|zipfA / fixed|poisson|geometric + mean")
+    parser.add_argument("--cache", default="hot,cold")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also every id distribution x bag-length kind at one shape")
+    parser.add_argument("--issue-cells", action="store_true",
+                        help="also the kernel issue's three measured cells")
     args = parser.parse_args()
     import numba
 
@@ -141,6 +261,11 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"numpy {np.__version__}, numba {numba.__version__}, "
           f"{time.strftime('%Y-%m-%d')}")
+    if args.matrix:
+        args.modes = args.modes or "sum,mean,max,weighted"
+        run_matrix(args)
+        return
+    args.modes = args.modes or "sum,mean,max"
     print("| shape | mode | impl | ms | bags/s | GB/s gathered | x torch |")
     print("|---|---|---|---:|---:|---:|---:|")
     for key in args.shapes.split(","):

@@ -87,7 +87,8 @@ class NumbaKernel:
         self._set_threads = numba.set_num_threads
         self._loops = _kernels()
         self._table = _read_only(spec.weight)
-        self._prefetch = int(spec.weight.nbytes > _PREFETCH_MIN_TABLE_BYTES)
+        # Lines of each tile to prefetch: all of them (at most 4), or none.
+        self._prefetch = 4 if spec.weight.nbytes > _PREFETCH_MIN_TABLE_BYTES else 0
         self._row_bytes = spec.embedding_dim * spec.weight.itemsize
         # -1 never matches a validated id, so the loops need no Optional.
         self._padding = -1 if spec.padding_idx is None else spec.padding_idx
@@ -98,24 +99,51 @@ class NumbaKernel:
         offsets: IndexArray,
         per_sample_weights: FloatArray | None = None,
     ) -> FloatArray:
+        out, invalid = self.pool(indices, offsets, offsets.shape[0] - 1, per_sample_weights)
+        if invalid:
+            raise ValueError(f"{invalid} bag(s) hold ids outside [0, "
+                             f"{self.spec.num_embeddings}) or bad offsets: the kernel's input "
+                             "must be validated first")
+        return out
+
+    def pool(
+        self,
+        indices: IndexArray,
+        offsets: IndexArray,
+        num_bags: int,
+        per_sample_weights: FloatArray | None = None,
+    ) -> tuple[FloatArray, int]:
+        """Pool ``num_bags`` bags, checking every id and bag bound on the way.
+
+        Args:
+            indices: int64 ``[N]`` ids, not yet range-checked.
+            offsets: int64 ``[B + 1]`` CSR offsets, or ``[B]`` bag starts (the last bag
+                runs to ``N``); ``offsets[0]`` must be 0 when there are any.
+            num_bags: ``B``.
+            per_sample_weights: ``None`` or ``[N]`` in the table dtype (sum mode).
+
+        Returns ``(out, invalid)``: the ``(B, D)`` result and how many bags had an id
+        outside ``[0, num_embeddings)`` or a start past their end or past ``N`` (those rows
+        are zeros; the caller reports the error). Never reads outside the table.
+        """
         weight = self._table
-        num_bags = offsets.shape[0] - 1
-        if num_bags == 0 or indices.shape[0] == 0:
-            return np.zeros((num_bags, weight.shape[1]), dtype=weight.dtype)
         out = np.empty((num_bags, weight.shape[1]), dtype=weight.dtype)
+        if num_bags == 0:
+            return out, 0
         serial = num_bags == 1 or indices.shape[0] * self._row_bytes < PARALLEL_MIN_BYTES
         if not serial and self.num_threads is not None:
             # Thread-local in numba: set on every call because callers move between threads.
             self._set_threads(self.num_threads)
         indices, offsets = _read_only(indices), _read_only(offsets)
         if self.spec.mode == "max":
-            self._loops["max"][serial](weight, indices, offsets, self._padding, self._prefetch,
-                                       out)
+            invalid = self._loops["max"][serial](weight, indices, offsets, num_bags,
+                                                 self._padding, self._prefetch, out)
         elif per_sample_weights is not None:
-            self._loops["weighted"][serial](weight, indices, offsets,
-                                            _read_only(per_sample_weights), self._padding,
-                                            self._prefetch, out)
+            invalid = self._loops["weighted"][serial](
+                weight, indices, offsets, num_bags, _read_only(per_sample_weights),
+                self._padding, self._prefetch, out)
         else:
-            self._loops["sum"][serial](weight, indices, offsets, self._padding,
-                                       self.spec.mode == "mean", self._prefetch, out)
-        return out
+            invalid = self._loops["sum"][serial](weight, indices, offsets, num_bags,
+                                                 self._padding, self.spec.mode == "mean",
+                                                 self._prefetch, out)
+        return out, int(invalid)

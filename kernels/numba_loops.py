@@ -6,7 +6,11 @@ register tiles of :mod:`kernels.numba_tiles`: a row of ``dim`` columns is cut in
 8, 4, 2 and 1 registers plus a masked tail, and each tile walks the bag's ids once.
 
 Each loop exists twice: over the bags in parallel (``prange``), and serially for calls too
-small to pay for waking the thread pool.
+small to pay for waking the thread pool. Every loop takes ``offsets`` as ``[B + 1]`` CSR
+offsets or as ``B`` bag starts (the last bag then runs to the end of ``indices``), checks
+each bag's bounds and ids on the way (out-of-range bags are zeroed and counted, never
+read), and returns how many bags were invalid, so a caller can skip a separate
+validation pass over the ids and word an error only when this count is not zero.
 """
 
 from __future__ import annotations
@@ -68,41 +72,84 @@ def _loops(parallel, stamp, rows):
     jit = numba.njit(parallel=parallel, nogil=True, cache=True, boundscheck=False)
     pool_sum_row, pool_weighted_row, pool_max_row = rows["sum"], rows["weighted"], rows["max"]
 
-    @jit
-    def pool_sum(weight, indices, offsets, padding, mean, prefetch, out):
-        assert stamp
-        for bag in bags(offsets.shape[0] - 1):
-            start = offsets[bag]
-            end = offsets[bag + 1]
-            count = end - start
-            if padding >= 0:
-                for position in range(start, end):
-                    if indices[position] == padding:
-                        count -= 1
-            divisor = count if mean else 1
-            pool_sum_row(weight, indices, weight, start, end, padding, out, bag, prefetch,
-                         divisor)
+    @numba.njit(inline="always")
+    def bounds(offsets, bag, total):
+        """Bag ``bag``'s ids: ``offsets[bag]`` to the next start, or to the end."""
+        end = offsets[bag + 1] if bag + 1 < offsets.shape[0] else total
+        return offsets[bag], end
+
+    @numba.njit(inline="always")
+    def scan(weight, indices, start, end, padding, total):
+        """``(valid, count)``: whether the bag's bounds and ids are in range (one
+        branch-free pass, in L1 right before the tiles read the same ids), and how many
+        of its ids are not ``padding``."""
+        if start < 0 or start > end or end > total:
+            return False, 0
+        limit = numba.uint64(weight.shape[0])
+        bad = False
+        count = end - start
+        for position in range(start, end):
+            row_id = indices[position]
+            bad |= numba.uint64(row_id) >= limit
+            count -= 1 if row_id == padding else 0
+        return not bad, count
+
+    @numba.njit(inline="always")
+    def zero(out, bag):
+        for col in range(out.shape[1]):
+            out[bag, col] = 0
 
     @jit
-    def pool_weighted(weight, indices, offsets, scale, padding, prefetch, out):
+    def pool_sum(weight, indices, offsets, num_bags, padding, mean, prefetch, out):
         assert stamp
-        for bag in bags(offsets.shape[0] - 1):
-            pool_weighted_row(weight, indices, scale, offsets[bag], offsets[bag + 1], padding,
-                              out, bag, prefetch, 1)
-
-    @jit
-    def pool_max(weight, indices, offsets, padding, prefetch, out):
-        assert stamp
-        for bag in bags(offsets.shape[0] - 1):
-            start = offsets[bag]
-            end = offsets[bag + 1]
-            while start < end and indices[start] == padding:
-                start += 1
-            if start == end:  # empty bag, or only padding
-                for col in range(weight.shape[1]):
-                    out[bag, col] = 0
+        invalid = 0
+        total = indices.shape[0]
+        for bag in bags(num_bags):
+            start, end = bounds(offsets, bag, total)
+            valid, count = scan(weight, indices, start, end, padding, total)
+            if valid:
+                divisor = count if mean else 1
+                pool_sum_row(weight, indices, weight, start, end, padding, out, bag, prefetch,
+                             divisor)
             else:
+                invalid += 1
+                zero(out, bag)
+        return invalid
+
+    @jit
+    def pool_weighted(weight, indices, offsets, num_bags, scale, padding, prefetch, out):
+        assert stamp
+        invalid = 0
+        total = indices.shape[0]
+        for bag in bags(num_bags):
+            start, end = bounds(offsets, bag, total)
+            valid, _ = scan(weight, indices, start, end, padding, total)
+            if valid:
+                pool_weighted_row(weight, indices, scale, start, end, padding, out, bag,
+                                  prefetch, 1)
+            else:
+                invalid += 1
+                zero(out, bag)
+        return invalid
+
+    @jit
+    def pool_max(weight, indices, offsets, num_bags, padding, prefetch, out):
+        assert stamp
+        invalid = 0
+        total = indices.shape[0]
+        for bag in bags(num_bags):
+            start, end = bounds(offsets, bag, total)
+            valid, count = scan(weight, indices, start, end, padding, total)
+            if not valid:
+                invalid += 1
+                zero(out, bag)
+            elif count == 0:  # empty bag, or only padding
+                zero(out, bag)
+            else:
+                while indices[start] == padding:
+                    start += 1
                 pool_max_row(weight, indices, weight, start, end, padding, out, bag, prefetch,
                              1)
+        return invalid
 
     return {"sum": pool_sum, "weighted": pool_weighted, "max": pool_max}

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kernels import COMPUTE_DTYPES, MODES, Kernel, Mode, TableSpec, make_kernel
-from models.inputs import flatten_inputs
+from models.inputs import flatten_inputs, unchecked_call
 from models.renorm import renormed
 
 
@@ -212,6 +212,18 @@ class EmbeddingBag:
         Raises:
             InvalidInputError (a ``ValueError``): invalid ids, offsets or weights.
         """
+        pool = getattr(self._kernel, "pool", None)
+        if pool is not None:
+            # The kernel checks ids and bag bounds as it pools: no separate pass over the
+            # ids. Anything it or the cheap checks refuse is worded by flatten_inputs.
+            call = unchecked_call(input, offsets, per_sample_weights, mode=self.mode,
+                                  include_last_offset=self.include_last_offset,
+                                  dtype=self.weight.dtype)
+            if call is not None:
+                out, invalid = pool(call.indices, call.offsets, call.num_bags,
+                                    call.per_sample_weights)
+                if not invalid:
+                    return out  # type: ignore[no-any-return]
         batch = flatten_inputs(input, offsets, per_sample_weights,
                                num_embeddings=self.num_embeddings, mode=self.mode,
                                include_last_offset=self.include_last_offset,

@@ -184,3 +184,59 @@ def flatten_inputs(
     if not (_FAST and fastcheck.ids_in_range(ids, num_embeddings)):
         _check_range(ids.reshape(-1), num_embeddings, ids.shape, csr)
     return FlatBatch(ids.reshape(-1), csr, weights)
+
+
+@dataclass(frozen=True)
+class UncheckedCall:
+    """A call whose structure is valid but whose ids and bag bounds are still unchecked,
+    for kernels that check them while they pool (``Kernel.pool``).
+
+    Attributes:
+        indices: int64 ``[N]``.
+        offsets: int64 ``[B]`` bag starts, or ``[B + 1]`` CSR offsets ending at ``N``.
+        num_bags: ``B``.
+        per_sample_weights: ``None`` or ``[N]`` in the table dtype (already checked).
+    """
+
+    indices: npt.NDArray[np.int64]
+    offsets: npt.NDArray[np.int64]
+    num_bags: int
+    per_sample_weights: npt.NDArray[np.floating] | None
+
+
+def unchecked_call(
+    input: Any,
+    offsets: Any = None,
+    per_sample_weights: Any = None,
+    *,
+    mode: Mode,
+    include_last_offset: bool = False,
+    dtype: npt.DTypeLike = np.float32,
+) -> UncheckedCall | None:
+    """The cheap half of :func:`flatten_inputs`: dtypes, shapes, the first and (with
+    ``include_last_offset``) last offset, the weights. Returns ``None`` when the call is
+    not the usual shape (the caller then runs :func:`flatten_inputs`, which words any
+    error); ids and the order of the offsets are left to the kernel.
+
+    Raises:
+        InvalidInputError: ``input`` or ``offsets`` do not hold integers, or the weights
+            are invalid (the same errors :func:`flatten_inputs` raises first).
+    """
+    ids = _integer_array("input", input)
+    if ids.ndim == 2 and offsets is None:
+        bags, length = ids.shape
+        starts = np.arange(bags + 1, dtype=np.int64) * length
+        num_bags = bags
+    elif ids.ndim == 1 and offsets is not None:
+        starts = _integer_array("offsets", offsets)
+        if starts.ndim != 1 or starts.shape[0] == 0 or starts[0] != 0:
+            return None
+        num_bags = starts.shape[0]
+        if include_last_offset:
+            if starts[-1] != ids.shape[0]:
+                return None
+            num_bags -= 1
+    else:
+        return None
+    weights = _check_weights(per_sample_weights, mode, ids.shape, np.dtype(dtype))
+    return UncheckedCall(ids.reshape(-1), starts, num_bags, weights)

@@ -106,7 +106,7 @@ def test_a_bags_vector_does_not_depend_on_its_batch(backend: str, mode: str) -> 
 
 
 @pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("prefetch", [0, 1, 4])
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_serial_parallel_and_prefetch_paths_give_the_same_results(
         monkeypatch: pytest.MonkeyPatch, parallel_min_bytes: int, prefetch: int,
@@ -124,3 +124,27 @@ def test_serial_parallel_and_prefetch_paths_give_the_same_results(
         np.testing.assert_allclose(kernel(indices, offsets, weights),
                                    NumpyKernel(spec)(indices, offsets, weights), rtol=1e-5,
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_pool_counts_bags_with_bad_ids_or_bounds_and_zeroes_them(
+        monkeypatch: pytest.MonkeyPatch, parallel_min_bytes: int, mode: str) -> None:
+    monkeypatch.setattr(numba_kernel, "PARALLEL_MIN_BYTES", parallel_min_bytes)
+    weight = np.arange(40, dtype=np.float32).reshape(10, 4) + 1
+    kernel = NumbaKernel(TableSpec(weight, mode))  # type: ignore[arg-type]
+    ids = np.array([1, 2, 10, 3, -1, 4, 5, 2**62], np.int64)
+    # Bags: [1, 2] ok, [10] bad, [3] ok, [-1] bad, [4, 5] ok, [2**62] bad.
+    out, invalid = kernel.pool(ids, np.array([0, 2, 3, 4, 5, 7, 8], np.int64), 6)
+    assert invalid == 3
+    np.testing.assert_array_equal(out[[1, 3, 5]], 0)
+    good = NumpyKernel(TableSpec(weight, mode))(  # type: ignore[arg-type]
+        np.array([1, 2, 3, 4, 5], np.int64), np.array([0, 2, 3, 5], np.int64))
+    np.testing.assert_array_equal(out[[0, 2, 4]], good)
+    # Starts (B entries): a start past the next one or past the ids is a bad bag.
+    _, invalid = kernel.pool(ids[:2], np.array([0, 2, 1], np.int64), 3)
+    assert invalid == 1
+    _, invalid = kernel.pool(ids[:2], np.array([0, 3], np.int64), 2)
+    assert invalid == 2
+    with pytest.raises(ValueError, match="must be validated first"):
+        kernel(ids, np.array([0, 8], np.int64))
