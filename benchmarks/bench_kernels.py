@@ -203,6 +203,9 @@ def _table(rows: int, dim: int, cache: dict[tuple[int, int], np.ndarray]) -> np.
 
 def run_matrix(args: argparse.Namespace) -> None:
     """Print the traffic matrix: one row per (traffic, cache, table, bags, mode)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
     print("| traffic | cache | table | bags | mode | torch ms | api ms | kernel ms | "
           "api x torch | kernel x torch |")
     print("|---|---|---|---:|---|---:|---:|---:|---:|---:|")

@@ -126,11 +126,25 @@ class NumbaKernel:
         outside ``[0, num_embeddings)`` or a start past their end or past ``N`` (those rows
         are zeros; the caller reports the error). Never reads outside the table.
         """
+        serial = num_bags == 1 or indices.shape[0] * self._row_bytes < PARALLEL_MIN_BYTES
+        return self._pool(indices, offsets, num_bags, per_sample_weights, serial)
+
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) every loop a call can reach: serial and
+        parallel, unweighted and, in sum mode, weighted."""
+        ids = np.zeros(4, dtype=np.int64)
+        offsets = np.array([0, 2, 4], dtype=np.int64)
+        weights = np.ones(4, dtype=self._table.dtype) if self.spec.mode == "sum" else None
+        for serial in (True, False):
+            for scale in (None, weights) if weights is not None else (None,):
+                self._pool(ids, offsets, 2, scale, serial)
+
+    def _pool(self, indices: IndexArray, offsets: IndexArray, num_bags: int,
+              per_sample_weights: FloatArray | None, serial: bool) -> tuple[FloatArray, int]:
         weight = self._table
         out = np.empty((num_bags, weight.shape[1]), dtype=weight.dtype)
         if num_bags == 0:
             return out, 0
-        serial = num_bags == 1 or indices.shape[0] * self._row_bytes < PARALLEL_MIN_BYTES
         if not serial and self.num_threads is not None:
             # Thread-local in numba: set on every call because callers move between threads.
             self._set_threads(self.num_threads)

@@ -8,9 +8,10 @@ register tiles of :mod:`kernels.numba_tiles`: a row of ``dim`` columns is cut in
 Each loop exists twice: over the bags in parallel (``prange``), and serially for calls too
 small to pay for waking the thread pool. Every loop takes ``offsets`` as ``[B + 1]`` CSR
 offsets or as ``B`` bag starts (the last bag then runs to the end of ``indices``), checks
-each bag's bounds and ids on the way (out-of-range bags are zeroed and counted, never
-read), and returns how many bags were invalid, so a caller can skip a separate
-validation pass over the ids and word an error only when this count is not zero.
+each bag's bounds, and the tiles check each id as they read it (an id outside the table
+is never read; its bag is zeroed and counted). Each returns how many bags were invalid,
+so a caller can skip a separate validation pass over the ids and word an error only
+when this count is not zero.
 """
 
 from __future__ import annotations
@@ -32,24 +33,32 @@ def _row_pooler(op):
 
     @numba.njit(inline="always")
     def pool_row(weight, indices, scale, start, end, padding, out, bag, prefetch, divisor):
+        """Returns 1 when the bag holds an id outside the table (its row is then
+        incomplete: the caller zeroes it), else 0."""
         dim = weight.shape[1]
         lanes = 32 // weight.itemsize
         col = 0
+        invalid = 0
         while col + 8 * lanes <= dim:
-            t8(weight, indices, scale, start, end, padding, col, out, bag, prefetch, divisor, 0)
+            invalid |= t8(weight, indices, scale, start, end, padding, col, out, bag, prefetch,
+                          divisor, 0)
             col += 8 * lanes
         if col + 4 * lanes <= dim:
-            t4(weight, indices, scale, start, end, padding, col, out, bag, prefetch, divisor, 0)
+            invalid |= t4(weight, indices, scale, start, end, padding, col, out, bag, prefetch,
+                          divisor, 0)
             col += 4 * lanes
         if col + 2 * lanes <= dim:
-            t2(weight, indices, scale, start, end, padding, col, out, bag, prefetch, divisor, 0)
+            invalid |= t2(weight, indices, scale, start, end, padding, col, out, bag, prefetch,
+                          divisor, 0)
             col += 2 * lanes
         if col + lanes <= dim:
-            t1(weight, indices, scale, start, end, padding, col, out, bag, prefetch, divisor, 0)
+            invalid |= t1(weight, indices, scale, start, end, padding, col, out, bag, prefetch,
+                          divisor, 0)
             col += lanes
         if col < dim:
-            tail(weight, indices, scale, start, end, padding, col, out, bag, prefetch,
-                 divisor, dim - col)
+            invalid |= tail(weight, indices, scale, start, end, padding, col, out, bag,
+                            prefetch, divisor, dim - col)
+        return invalid
 
     return pool_row
 
@@ -62,42 +71,46 @@ def build() -> dict[str, Any]:
     # numba's cache keys a loop by its own file and closure, not by the files it calls:
     # the tiles' source hash in every closure retires cached loops when the tiles change.
     stamp = hashlib.sha256(Path(numba_tiles.__file__).read_bytes()).hexdigest()
-    rows = {op: _row_pooler(op) for op in ("sum", "weighted", "max")}
-    parallel, serial = _loops(True, stamp, rows), _loops(False, stamp, rows)
+    parallel, serial = _loops(True, stamp), _loops(False, stamp)
     return {name: (parallel[name], serial[name]) for name in parallel}
 
 
-def _loops(parallel, stamp, rows):
+# The loops below reach these as globals, never through their closures: numba's cache
+# keys a function by its pickled closure, and a pickled intrinsic differs in every
+# process (the loops would then compile again, ~2.5 s, in every process).
+pool_sum_row = _row_pooler("sum")
+pool_weighted_row = _row_pooler("weighted")
+pool_max_row = _row_pooler("max")
+
+
+@numba.njit(inline="always")
+def bounds(offsets, bag, total):
+    """Bag ``bag``'s ids: ``offsets[bag]`` to the next start, or to the end."""
+    end = offsets[bag + 1] if bag + 1 < offsets.shape[0] else total
+    return offsets[bag], end
+
+
+@numba.njit(inline="always")
+def counted(indices, start, end, padding):
+    """The bag's ids that are not ``padding`` (the mean's divisor)."""
+    count = end - start
+    if padding >= 0:
+        for position in range(start, end):
+            if indices[position] == padding:
+                count -= 1
+    return count
+
+
+@numba.njit(inline="always")
+def zero(out, bag):
+    for col in range(out.shape[1]):
+        out[bag, col] = 0
+
+
+def _loops(parallel, stamp):
+    # Closures hold only ``bags`` and ``stamp``, which pickle the same in every process.
     bags = numba.prange if parallel else range
     jit = numba.njit(parallel=parallel, nogil=True, cache=True, boundscheck=False)
-    pool_sum_row, pool_weighted_row, pool_max_row = rows["sum"], rows["weighted"], rows["max"]
-
-    @numba.njit(inline="always")
-    def bounds(offsets, bag, total):
-        """Bag ``bag``'s ids: ``offsets[bag]`` to the next start, or to the end."""
-        end = offsets[bag + 1] if bag + 1 < offsets.shape[0] else total
-        return offsets[bag], end
-
-    @numba.njit(inline="always")
-    def scan(weight, indices, start, end, padding, total):
-        """``(valid, count)``: whether the bag's bounds and ids are in range (one
-        branch-free pass, in L1 right before the tiles read the same ids), and how many
-        of its ids are not ``padding``."""
-        if start < 0 or start > end or end > total:
-            return False, 0
-        limit = numba.uint64(weight.shape[0])
-        bad = False
-        count = end - start
-        for position in range(start, end):
-            row_id = indices[position]
-            bad |= numba.uint64(row_id) >= limit
-            count -= 1 if row_id == padding else 0
-        return not bad, count
-
-    @numba.njit(inline="always")
-    def zero(out, bag):
-        for col in range(out.shape[1]):
-            out[bag, col] = 0
 
     @jit
     def pool_sum(weight, indices, offsets, num_bags, padding, mean, prefetch, out):
@@ -106,12 +119,12 @@ def _loops(parallel, stamp, rows):
         total = indices.shape[0]
         for bag in bags(num_bags):
             start, end = bounds(offsets, bag, total)
-            valid, count = scan(weight, indices, start, end, padding, total)
-            if valid:
-                divisor = count if mean else 1
-                pool_sum_row(weight, indices, weight, start, end, padding, out, bag, prefetch,
-                             divisor)
-            else:
+            bad = start < 0 or start > end or end > total
+            if not bad:
+                divisor = counted(indices, start, end, padding) if mean else 1
+                bad = pool_sum_row(weight, indices, weight, start, end, padding, out, bag,
+                                   prefetch, divisor) != 0
+            if bad:
                 invalid += 1
                 zero(out, bag)
         return invalid
@@ -123,11 +136,11 @@ def _loops(parallel, stamp, rows):
         total = indices.shape[0]
         for bag in bags(num_bags):
             start, end = bounds(offsets, bag, total)
-            valid, _ = scan(weight, indices, start, end, padding, total)
-            if valid:
-                pool_weighted_row(weight, indices, scale, start, end, padding, out, bag,
-                                  prefetch, 1)
-            else:
+            bad = start < 0 or start > end or end > total
+            if not bad:
+                bad = pool_weighted_row(weight, indices, scale, start, end, padding, out, bag,
+                                        prefetch, 1) != 0
+            if bad:
                 invalid += 1
                 zero(out, bag)
         return invalid
@@ -137,19 +150,25 @@ def _loops(parallel, stamp, rows):
         assert stamp
         invalid = 0
         total = indices.shape[0]
+        rows = numba.uint64(weight.shape[0])
         for bag in bags(num_bags):
             start, end = bounds(offsets, bag, total)
-            valid, count = scan(weight, indices, start, end, padding, total)
-            if not valid:
+            bad = start < 0 or start > end or end > total
+            if not bad:
+                # The first id that is not padding starts the maximum (checked here: the
+                # tiles check the rest).
+                while start < end and padding >= 0 and indices[start] == padding:
+                    start += 1
+                if start == end:  # empty bag, or only padding
+                    zero(out, bag)
+                elif numba.uint64(indices[start]) >= rows:
+                    bad = True
+                else:
+                    bad = pool_max_row(weight, indices, weight, start, end, padding, out, bag,
+                                       prefetch, 1) != 0
+            if bad:
                 invalid += 1
                 zero(out, bag)
-            elif count == 0:  # empty bag, or only padding
-                zero(out, bag)
-            else:
-                while indices[start] == padding:
-                    start += 1
-                pool_max_row(weight, indices, weight, start, end, padding, out, bag, prefetch,
-                             1)
         return invalid
 
     return {"sum": pool_sum, "weighted": pool_weighted, "max": pool_max}

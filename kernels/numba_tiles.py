@@ -128,9 +128,13 @@ class _Tile:
         else:
             builder.store(value, pointer, align=self.itemsize)
 
-    def emit(self) -> None:
+    def emit(self) -> ir.Value:
+        """Emit the loop; returns 1 when an id outside the table was skipped, else 0."""
         builder = self.builder
         accumulators = [cgutils.alloca_once(builder, self.vector) for _ in range(self.vectors)]
+        self.invalid = cgutils.alloca_once(builder, _I64)
+        builder.store(ir.Constant(_I64, 0), self.invalid)
+        self.rows = builder.extract_value(self.weight.shape, 0)
         first = self.start
         if self.op == "max":
             # The caller passes the first non-padding id as ``start``: its row is the
@@ -163,11 +167,17 @@ class _Tile:
         with cgutils.for_range_slice(builder, limit, self.end, one) as (position, _):
             self.add_row(position, accumulators)
         self.write(accumulators)
+        return builder.load(self.invalid)
 
     def add_row(self, position: ir.Value, accumulators: list[ir.Value]) -> None:
         builder = self.builder
         row_id = builder.load(builder.gep(self.indices.data, [position]))
-        with builder.if_then(builder.icmp_signed("!=", row_id, self.padding), likely=True):
+        # A negative id is a huge unsigned one: one compare finds both ends of the range.
+        inside = builder.icmp_unsigned("<", row_id, self.rows)
+        with builder.if_then(builder.not_(inside), likely=False):
+            builder.store(ir.Constant(_I64, 1), self.invalid)
+        wanted = builder.and_(inside, builder.icmp_signed("!=", row_id, self.padding))
+        with builder.if_then(wanted, likely=True):
             row = self.row_of(row_id)
             if self.op == "weighted":
                 scale = builder.load(builder.gep(self.scale.data, [position]))
@@ -215,7 +225,8 @@ def make_tile(op: str, vectors: int, masked: bool = False) -> Any:
       ``indices``: int64 ids; ``scale``: per-id weights of the table dtype (read only by
       ``op == "weighted"``; pass any array of that dtype otherwise);
     - ids ``indices[start:end]`` are pooled, those equal to ``padding`` skipped (``-1``
-      skips none); for ``op == "max"``, ``start`` must be a non-padding id;
+      skips none) and those outside the table skipped and reported: the call returns 1
+      if any was, else 0; for ``op == "max"``, ``start`` must be a valid non-padding id;
     - columns ``col`` to ``col + vectors * lanes`` (``masked``: the first ``tail`` lanes
       of one register) are written to row ``bag`` of ``out``;
     - ``prefetch`` (0 or 1): prefetch the tile's lines of the row ``PREFETCH_AHEAD`` ids
@@ -230,13 +241,12 @@ def make_tile(op: str, vectors: int, masked: bool = False) -> Any:
     def tile(typingctx: Any, weight: Any, indices: Any, scale: Any, start: Any, end: Any,
              padding: Any, col: Any, out: Any, bag: Any, prefetch: Any, divisor: Any,
              tail: Any) -> Any:
-        signature = types.void(weight, indices, scale, start, end, padding, col, out, bag,
-                               prefetch, divisor, tail)
+        signature = types.int64(weight, indices, scale, start, end, padding, col, out, bag,
+                                prefetch, divisor, tail)
 
         def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
                     args: list[ir.Value]) -> Any:
-            _Tile(context, builder, signature, list(args), op, vectors, masked).emit()
-            return context.get_dummy_value()
+            return _Tile(context, builder, signature, list(args), op, vectors, masked).emit()
 
         return signature, codegen
 
