@@ -87,8 +87,7 @@ class NumbaKernel:
         self._set_threads = numba.set_num_threads
         self._loops = _kernels()
         self._table = _read_only(spec.weight)
-        # Lines of each tile to prefetch: all of them (at most 4), or none.
-        self._prefetch = 4 if spec.weight.nbytes > _PREFETCH_MIN_TABLE_BYTES else 0
+        self._prefetch = int(spec.weight.nbytes > _PREFETCH_MIN_TABLE_BYTES)
         self._row_bytes = spec.embedding_dim * spec.weight.itemsize
         # -1 never matches a validated id, so the loops need no Optional.
         self._padding = -1 if spec.padding_idx is None else spec.padding_idx

@@ -159,10 +159,7 @@ class _Tile:
             ahead = self.row(builder.add(position, ir.Constant(_I64, PREFETCH_AHEAD)))
             tile_bytes = self.vectors * _VECTOR_BYTES
             for line in range(0, tile_bytes, _LINE_BYTES):
-                wanted = builder.icmp_signed(">", self.prefetch,
-                                             ir.Constant(_I64, line // _LINE_BYTES))
-                with builder.if_then(wanted):
-                    _prefetch(builder, builder.gep(ahead, [ir.Constant(_I64, line)]))
+                _prefetch(builder, builder.gep(ahead, [ir.Constant(_I64, line)]))
             self.add_row(position, accumulators)
         with cgutils.for_range_slice(builder, limit, self.end, one) as (position, _):
             self.add_row(position, accumulators)
