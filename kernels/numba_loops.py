@@ -120,10 +120,13 @@ def _loops(parallel, stamp):
         for bag in bags(num_bags):
             start, end = bounds(offsets, bag, total)
             bad = start < 0 or start > end or end > total
-            if not bad:
-                divisor = counted(indices, start, end, padding) if mean else 1
+            if not bad and mean:
                 bad = pool_sum_row(weight, indices, weight, start, end, padding, out, bag,
-                                   prefetch, divisor) != 0
+                                   prefetch, counted(indices, start, end, padding)) != 0
+            elif not bad:
+                # A literal divisor: the sum tiles then carry no division branch.
+                bad = pool_sum_row(weight, indices, weight, start, end, padding, out, bag,
+                                   prefetch, 1) != 0
             if bad:
                 invalid += 1
                 zero(out, bag)
