@@ -85,9 +85,11 @@ pool_max_row = _row_pooler("max")
 
 @numba.njit(inline="always")
 def bounds(offsets, bag, total):
-    """Bag ``bag``'s ids: ``offsets[bag]`` to the next start, or to the end."""
+    """``(start, end, valid)`` of bag ``bag``: ``offsets[bag]`` to the next start, or to
+    the end of the ids; valid when ``0 <= start <= end <= total``."""
+    start = offsets[bag]
     end = offsets[bag + 1] if bag + 1 < offsets.shape[0] else total
-    return offsets[bag], end
+    return start, end, 0 <= start <= end <= total
 
 
 @numba.njit(inline="always")
@@ -118,8 +120,8 @@ def _loops(parallel, stamp):
         invalid = 0
         total = indices.shape[0]
         for bag in bags(num_bags):
-            start, end = bounds(offsets, bag, total)
-            bad = start < 0 or start > end or end > total
+            start, end, valid = bounds(offsets, bag, total)
+            bad = not valid
             if not bad and mean:
                 bad = pool_sum_row(weight, indices, weight, start, end, padding, out, bag,
                                    prefetch, counted(indices, start, end, padding)) != 0
@@ -138,8 +140,8 @@ def _loops(parallel, stamp):
         invalid = 0
         total = indices.shape[0]
         for bag in bags(num_bags):
-            start, end = bounds(offsets, bag, total)
-            bad = start < 0 or start > end or end > total
+            start, end, valid = bounds(offsets, bag, total)
+            bad = not valid
             if not bad:
                 bad = pool_weighted_row(weight, indices, scale, start, end, padding, out, bag,
                                         prefetch, 1) != 0
@@ -155,8 +157,8 @@ def _loops(parallel, stamp):
         total = indices.shape[0]
         rows = numba.uint64(weight.shape[0])
         for bag in bags(num_bags):
-            start, end = bounds(offsets, bag, total)
-            bad = start < 0 or start > end or end > total
+            start, end, valid = bounds(offsets, bag, total)
+            bad = not valid
             if not bad:
                 # The first id that is not padding starts the maximum (checked here: the
                 # tiles check the rest).

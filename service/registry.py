@@ -88,13 +88,13 @@ def warm_up(bag: EmbeddingBag) -> None:
     offsets = np.array([0, 2, 4], dtype=np.int64)
     kernel_warm_up = getattr(kernel, "warm_up", None)
     if kernel_warm_up is not None:
-        kernel_warm_up()  # every loop: serial and parallel
-    kernel(ids, offsets)
-    if bag.mode == "sum":
-        kernel(ids, offsets, np.ones(4, dtype=bag.weight.dtype))
-    # The compiled request checks (flatten_inputs) and the API's checked path.
+        kernel_warm_up()  # the numba kernel: every loop, serial and parallel
+    else:
+        kernel(ids, offsets)
+        if bag.mode == "sum":
+            kernel(ids, offsets, np.ones(4, dtype=bag.weight.dtype))
+    # The compiled per-request checks.
     flatten_inputs(ids, offsets[:-1], num_embeddings=bag.num_embeddings, mode=bag.mode)
-    bag(ids, offsets[:-1])
 
 
 def _check_finite(bag: EmbeddingBag, rows_per_step: int = 1 << 16) -> None:
