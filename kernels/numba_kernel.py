@@ -6,9 +6,10 @@ every gathered table row is read once and nothing else moves. Bags run in parall
 (``prange``) when a call is big enough to pay for waking the thread pool, serially
 otherwise. Inside a bag ids are added strictly in order, which is PyTorch's accumulation
 order, so results match ``torch.nn.functional.embedding_bag`` bit for bit on float32
-tables. Each tile prefetches its lines of the row ``PREFETCH_AHEAD`` ids ahead, unless the
-whole table sits in one core's L2 cache, where prefetches are pure overhead. The loops
-release the GIL so the service can run them in a worker thread.
+tables. Each tile prefetches its lines of the row ``PREFETCH_AHEAD`` ids ahead, fewer for
+wide rows of a table that fits the L2 caches, none for a table that fits one core's
+(see :func:`prefetch_distance`). The loops release the GIL so the service can run them in
+a worker thread.
 """
 
 from __future__ import annotations
@@ -26,8 +27,16 @@ logger = logging.getLogger(__name__)
 #: Calls gathering fewer bytes than this run on the calling thread: waking the pool costs
 #: more than the second core gives back (see BENCHMARKS.md, small calls).
 PARALLEL_MIN_BYTES = 256 << 10
-#: Tables up to this size live in a core's L2 cache: no prefetching there.
-_PREFETCH_MIN_TABLE_BYTES = 512 << 10
+#: How many ids ahead a row is prefetched (FBGEMM's default distance; 8 measured slower
+#: on short bags, whose next rows belong to the next bags; 24-48 no better).
+PREFETCH_AHEAD = 16
+#: Tables up to this size stay in a core's L1 and L2 caches: no prefetching.
+_PREFETCH_MIN_TABLE_BYTES = 128 << 10
+#: Tables up to this size fit the cores' L2 caches: rows are prefetched about this many
+#: bytes ahead instead (wide rows prefetched 16 ids ahead evict each other; see
+#: BENCHMARKS.md, prefetch distance).
+_L2_TABLE_BYTES = 1 << 20
+_L2_PREFETCH_BYTES = 4 << 10
 
 _compile_lock = threading.Lock()
 _compiled: dict[str, Any] | None = None
@@ -50,6 +59,15 @@ def _kernels() -> dict[str, Any]:
 
             _compiled = numba_loops.build()
         return _compiled
+
+
+def prefetch_distance(table_bytes: int, row_bytes: int) -> int:
+    """How many ids ahead the loops prefetch rows for a table (0: not at all)."""
+    if table_bytes <= _PREFETCH_MIN_TABLE_BYTES:
+        return 0
+    if table_bytes <= _L2_TABLE_BYTES:
+        return max(1, min(PREFETCH_AHEAD, _L2_PREFETCH_BYTES // row_bytes))
+    return PREFETCH_AHEAD
 
 
 def _read_only(array: Any) -> Any:
@@ -85,10 +103,11 @@ class NumbaKernel:
         self.spec = spec
         self.num_threads = num_threads
         self._set_threads = numba.set_num_threads
+        self._get_threads = numba.get_num_threads
         self._loops = _kernels()
         self._table = _read_only(spec.weight)
-        self._prefetch = int(spec.weight.nbytes > _PREFETCH_MIN_TABLE_BYTES)
         self._row_bytes = spec.embedding_dim * spec.weight.itemsize
+        self._prefetch = prefetch_distance(spec.weight.nbytes, self._row_bytes)
         # -1 never matches a validated id, so the loops need no Optional.
         self._padding = -1 if spec.padding_idx is None else spec.padding_idx
 
@@ -144,19 +163,26 @@ class NumbaKernel:
         out = np.empty((num_bags, weight.shape[1]), dtype=weight.dtype)
         if num_bags == 0:
             return out, 0
-        if not serial and self.num_threads is not None:
-            # Thread-local in numba: set on every call because callers move between threads.
-            self._set_threads(self.num_threads)
         indices, offsets = _read_only(indices), _read_only(offsets)
-        if self.spec.mode == "max":
-            invalid = self._loops["max"][serial](weight, indices, offsets, num_bags,
-                                                 self._padding, self._prefetch, out)
-        elif per_sample_weights is not None:
-            invalid = self._loops["weighted"][serial](
-                weight, indices, offsets, num_bags, _read_only(per_sample_weights),
-                self._padding, self._prefetch, out)
+        # Serial loops take a range of bags; parallel ones the count and how many runs of
+        # bags to share out (one a thread).
+        if serial:
+            bags = (0, num_bags)
         else:
-            invalid = self._loops["sum"][serial](weight, indices, offsets, num_bags,
-                                                 self._padding, self.spec.mode == "mean",
-                                                 self._prefetch, out)
+            threads = self.num_threads or self._get_threads()
+            if self.num_threads is not None:
+                # Thread-local in numba: set on every call, callers move between threads.
+                self._set_threads(threads)
+            bags = (num_bags, min(threads, num_bags))
+        loops = self._loops
+        if self.spec.mode == "max":
+            invalid = loops["max"][serial](weight, indices, offsets, *bags, self._padding,
+                                           self._prefetch, out)
+        elif per_sample_weights is not None:
+            invalid = loops["weighted"][serial](weight, indices, offsets, *bags,
+                                                _read_only(per_sample_weights), self._padding,
+                                                self._prefetch, out)
+        else:
+            invalid = loops["sum"][serial](weight, indices, offsets, *bags, self._padding,
+                                           self.spec.mode == "mean", self._prefetch, out)
         return out, int(invalid)

@@ -26,10 +26,6 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-#: How many ids ahead a row is prefetched (FBGEMM's default distance; 8 measured slower
-#: on short bags, whose next rows belong to the next bags).
-PREFETCH_AHEAD = 16
-
 _VECTOR_BYTES = 32
 _LINE_BYTES = 64
 _I8P = ir.IntType(8).as_pointer()
@@ -146,17 +142,17 @@ class _Tile:
         else:
             for accumulator in accumulators:
                 builder.store(ir.Constant(self.vector, None), accumulator)
-        # Ids before ``limit`` prefetch the row ``PREFETCH_AHEAD`` ids on; the loop is
-        # split so the bound is checked once per tile, not once per id.
+        # Ids before ``limit`` prefetch the row ``prefetch`` ids on; the loop is split so
+        # the bound is checked once per tile, not once per id.
         count = builder.extract_value(self.indices.shape, 0)
-        bound = builder.sub(count, ir.Constant(_I64, PREFETCH_AHEAD))
+        bound = builder.sub(count, self.prefetch)
         bound = builder.select(builder.icmp_signed("<", bound, self.end), bound, self.end)
         off = ir.Constant(_I64, 0)
-        limit = builder.select(builder.icmp_signed("!=", self.prefetch, off), bound, first)
+        limit = builder.select(builder.icmp_signed(">", self.prefetch, off), bound, first)
         limit = builder.select(builder.icmp_signed("<", limit, first), first, limit)
         one = ir.Constant(_I64, 1)
         with cgutils.for_range_slice(builder, first, limit, one) as (position, _):
-            ahead = self.row(builder.add(position, ir.Constant(_I64, PREFETCH_AHEAD)))
+            ahead = self.row(builder.add(position, self.prefetch))
             tile_bytes = self.vectors * _VECTOR_BYTES
             for line in range(0, tile_bytes, _LINE_BYTES):
                 _prefetch(builder, builder.gep(ahead, [ir.Constant(_I64, line)]))
@@ -226,8 +222,8 @@ def make_tile(op: str, vectors: int, masked: bool = False) -> Any:
       if any was, else 0; for ``op == "max"``, ``start`` must be a valid non-padding id;
     - columns ``col`` to ``col + vectors * lanes`` (``masked``: the first ``tail`` lanes
       of one register) are written to row ``bag`` of ``out``;
-    - ``prefetch`` (0 or 1): prefetch the tile's lines of the row ``PREFETCH_AHEAD`` ids
-      ahead; ``divisor`` > 1 divides the result (mean).
+    - ``prefetch``: prefetch the tile's lines of the row that many ids ahead (0: none);
+      ``divisor`` > 1 divides the result (mean).
 
     ``op`` is ``"sum"``, ``"weighted"`` or ``"max"``. Arguments are int64 where integer.
     """
@@ -248,3 +244,16 @@ def make_tile(op: str, vectors: int, masked: bool = False) -> Any:
         return signature, codegen
 
     return tile
+
+
+@intrinsic
+def lanes(typingctx: Any, weight: Any) -> Any:
+    """Lanes of one register for ``weight``'s dtype (8 for float32, 4 for float64), a
+    compile-time constant (``32 // weight.itemsize`` costs a division per call)."""
+    signature = types.int64(weight)
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
+                args: list[ir.Value]) -> Any:
+        return ir.Constant(_I64, _VECTOR_BYTES * 8 // weight.dtype.bitwidth)
+
+    return signature, codegen

@@ -127,6 +127,9 @@ class EmbeddingBag:
         self._kernel: Kernel = make_kernel(TableSpec(table, self.mode, self.padding_idx),
                                            backend, device=device, table_dtype=table_dtype,
                                            num_threads=num_threads)
+        # Looked up once: forward runs per call, where every attribute walk shows.
+        self._pool = getattr(self._kernel, "pool", None)
+        self._dtype = self._kernel.spec.weight.dtype
 
     @classmethod
     def from_pretrained(
@@ -212,13 +215,13 @@ class EmbeddingBag:
         Raises:
             InvalidInputError (a ``ValueError``): invalid ids, offsets or weights.
         """
-        pool = getattr(self._kernel, "pool", None)
+        pool = self._pool
         if pool is not None:
             # The kernel checks ids and bag bounds as it pools: no separate pass over the
             # ids. Anything it or the cheap checks refuse is worded by flatten_inputs.
             call = unchecked_call(input, offsets, per_sample_weights, mode=self.mode,
                                   include_last_offset=self.include_last_offset,
-                                  dtype=self.weight.dtype)
+                                  dtype=self._dtype)
             if call is not None:
                 out, invalid = pool(call.indices, call.offsets, call.num_bags,
                                     call.per_sample_weights)

@@ -8,7 +8,7 @@ comes out satisfies the kernel contract in :mod:`kernels.base`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -186,10 +186,10 @@ def flatten_inputs(
     return FlatBatch(ids.reshape(-1), csr, weights)
 
 
-@dataclass(frozen=True)
-class UncheckedCall:
+class UncheckedCall(NamedTuple):
     """A call whose structure is valid but whose ids and bag bounds are still unchecked,
-    for kernels that check them while they pool (``Kernel.pool``).
+    for kernels that check them while they pool (``Kernel.pool``). A named tuple, not a
+    frozen dataclass: built on every call, where the dataclass costs 0.6 us more.
 
     Attributes:
         indices: int64 ``[N]``.
@@ -223,20 +223,24 @@ def unchecked_call(
             are invalid (the same errors :func:`flatten_inputs` raises first).
     """
     ids = _integer_array("input", input)
+    shape = ids.shape
     if ids.ndim == 2 and offsets is None:
-        bags, length = ids.shape
+        bags, length = shape
         starts = np.arange(bags + 1, dtype=np.int64) * length
         num_bags = bags
+        ids = ids.reshape(-1)
     elif ids.ndim == 1 and offsets is not None:
         starts = _integer_array("offsets", offsets)
         if starts.ndim != 1 or starts.shape[0] == 0 or starts[0] != 0:
             return None
         num_bags = starts.shape[0]
         if include_last_offset:
-            if starts[-1] != ids.shape[0]:
+            if starts[-1] != shape[0]:
                 return None
             num_bags -= 1
     else:
         return None
-    weights = _check_weights(per_sample_weights, mode, ids.shape, np.dtype(dtype))
-    return UncheckedCall(ids.reshape(-1), starts, num_bags, weights)
+    if per_sample_weights is None:
+        return UncheckedCall(ids, starts, num_bags, None)
+    weights = _check_weights(per_sample_weights, mode, shape, np.dtype(dtype))
+    return UncheckedCall(ids, starts, num_bags, weights)

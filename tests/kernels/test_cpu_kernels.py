@@ -106,14 +106,17 @@ def test_a_bags_vector_does_not_depend_on_its_batch(backend: str, mode: str) -> 
 
 
 @pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("prefetch", [0, 1, 16])
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+# 40 columns: tiles of 4 and 1 registers; 300: 16 + 16 (8 + 8 + 8 for max) + 4 + 1 + a
+# masked tail of 4 lanes.
+@pytest.mark.parametrize("dim", [40, 300])
 def test_serial_parallel_and_prefetch_paths_give_the_same_results(
         monkeypatch: pytest.MonkeyPatch, parallel_min_bytes: int, prefetch: int,
-        mode: str) -> None:
+        mode: str, dim: int) -> None:
     monkeypatch.setattr(numba_kernel, "PARALLEL_MIN_BYTES", parallel_min_bytes)
     rng = np.random.default_rng(14)
-    weight = rng.standard_normal((2000, 40)).astype(np.float32)  # 160 B rows: 4+1 registers
+    weight = rng.standard_normal((2000, dim)).astype(np.float32)
     indices, offsets = _batch(rng, 2000, 200, 30)
     spec = TableSpec(weight, mode)  # type: ignore[arg-type]
     kernel = NumbaKernel(spec)
@@ -148,3 +151,39 @@ def test_pool_counts_bags_with_bad_ids_or_bounds_and_zeroes_them(
     assert invalid == 2
     with pytest.raises(ValueError, match="must be validated first"):
         kernel(ids, np.array([0, 8], np.int64))
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 5])
+def test_parallel_split_gives_every_bag_to_exactly_one_chunk(chunks: int) -> None:
+    from kernels import numba_loops
+
+    rng = np.random.default_rng(15)
+    lengths = rng.geometric(0.05, 40) - 1
+    lengths[7] = 5000  # one bag holds most of the ids
+    ragged = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    garbage = rng.integers(-100, 10_000, 41).astype(np.int64)  # unsorted, negative
+    for offsets in (ragged, garbage, ragged[:-1]):
+        total = int(ragged[-1])
+        edges = numba_loops.split(offsets, 40, total, chunks)
+        assert edges[0] == 0 and edges[-1] == 40 and len(edges) == chunks + 1
+        assert (np.diff(edges) >= 0).all()
+    # Valid offsets: no chunk holds more than its share plus the one bag on its edge.
+    edges = numba_loops.split(ragged, 40, int(ragged[-1]), chunks)
+    work = ragged[edges[1:]] - ragged[edges[:-1]] + np.diff(edges)
+    assert work.max() <= (ragged[-1] + 40) / chunks + lengths.max() + 1
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_parallel_path_on_one_huge_bag_among_empty_ones(
+        monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    monkeypatch.setattr(numba_kernel, "PARALLEL_MIN_BYTES", 0)
+    rng = np.random.default_rng(16)
+    weight = rng.standard_normal((3000, 24)).astype(np.float32)
+    lengths = np.zeros(50, np.int64)
+    lengths[[0, 49]] = 1
+    lengths[20] = 4000
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    indices = rng.integers(0, 3000, int(offsets[-1])).astype(np.int64)
+    spec = TableSpec(weight, mode)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(NumbaKernel(spec, num_threads=2)(indices, offsets),
+                                  NumpyKernel(spec)(indices, offsets))
