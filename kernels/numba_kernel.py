@@ -72,11 +72,11 @@ def prefetch_distance(table_bytes: int, row_bytes: int) -> int:
 
 def _read_only(array: Any) -> Any:
     """A read-only view: numba compiles one specialisation per mix of writable and
-    read-only arguments (~1 s each), so every input reaches the loops read-only."""
-    if array.flags.writeable:
-        array = array.view()
-        array.flags.writeable = False
-    return array
+    read-only arguments (~1 s each), so every input reaches the loops read-only. (Always
+    a view: checking the flag first costs more than the view, 0.6 us against 0.36.)"""
+    view = array.view()
+    view.setflags(write=False)
+    return view
 
 
 class NumbaKernel:
@@ -174,15 +174,11 @@ class NumbaKernel:
                 # Thread-local in numba: set on every call, callers move between threads.
                 self._set_threads(threads)
             bags = (num_bags, min(threads, num_bags))
-        loops = self._loops
-        if self.spec.mode == "max":
-            invalid = loops["max"][serial](weight, indices, offsets, *bags, self._padding,
-                                           self._prefetch, out)
-        elif per_sample_weights is not None:
-            invalid = loops["weighted"][serial](weight, indices, offsets, *bags,
-                                                _read_only(per_sample_weights), self._padding,
-                                                self._prefetch, out)
+        if per_sample_weights is None:
+            invalid = self._loops[self.spec.mode][serial](weight, indices, offsets, *bags,
+                                                          self._padding, self._prefetch, out)
         else:
-            invalid = loops["sum"][serial](weight, indices, offsets, *bags, self._padding,
-                                           self.spec.mode == "mean", self._prefetch, out)
+            invalid = self._loops["weighted"][serial](
+                weight, indices, offsets, *bags, _read_only(per_sample_weights),
+                self._padding, self._prefetch, out)
         return out, int(invalid)

@@ -74,7 +74,7 @@ def _row_pooler(op):
 def build() -> dict[str, Any]:
     """Compile the loops lazily so ``import kernels`` does not pay for numba.
 
-    Returns ``{"sum", "weighted", "max"}`` each mapped to ``(parallel, serial)``.
+    Returns ``{"sum", "mean", "weighted", "max"}`` each mapped to ``(parallel, serial)``.
     """
     parallel = _parallel_loops(STAMP)
     return {name: (parallel[name], SERIAL[name]) for name in parallel}
@@ -126,21 +126,29 @@ def _serial_loops(stamp):
     jit = numba.njit(nogil=True, cache=True, boundscheck=False, _nrt=False)
 
     @jit
-    def pool_sum(weight, indices, offsets, first, last, padding, mean, prefetch, out):
+    def pool_sum(weight, indices, offsets, first, last, padding, prefetch, out):
         assert stamp
         invalid = 0
         total = indices.shape[0]
         for bag in range(first, last):
             start, end, valid = bounds(offsets, bag, total)
-            bad = not valid
-            if not bad and mean:
-                bad = pool_sum_row(weight, indices, weight, start, end, padding, out, bag,
-                                   prefetch, counted(indices, start, end, padding)) != 0
-            elif not bad:
-                # A literal divisor: the sum tiles then carry no division branch.
-                bad = pool_sum_row(weight, indices, weight, start, end, padding, out, bag,
-                                   prefetch, 1) != 0
-            if bad:
+            # A literal divisor: the sum tiles then carry no division branch.
+            if not valid or pool_sum_row(weight, indices, weight, start, end, padding, out,
+                                         bag, prefetch, 1) != 0:
+                invalid += 1
+                zero(out, bag)
+        return invalid
+
+    @jit
+    def pool_mean(weight, indices, offsets, first, last, padding, prefetch, out):
+        assert stamp
+        invalid = 0
+        total = indices.shape[0]
+        for bag in range(first, last):
+            start, end, valid = bounds(offsets, bag, total)
+            if not valid or pool_sum_row(weight, indices, weight, start, end, padding, out,
+                                         bag, prefetch,
+                                         counted(indices, start, end, padding)) != 0:
                 invalid += 1
                 zero(out, bag)
         return invalid
@@ -187,14 +195,15 @@ def _serial_loops(stamp):
                 zero(out, bag)
         return invalid
 
-    return {"sum": pool_sum, "weighted": pool_weighted, "max": pool_max}
+    return {"sum": pool_sum, "mean": pool_mean, "weighted": pool_weighted, "max": pool_max}
 
 
-#: ``{"sum", "weighted", "max"}`` -> loop over the bags ``[first, last)`` on the calling
-#: thread: ``(weight, indices, offsets, first, last, [scale,] padding, [mean,] prefetch,
+#: ``{"sum", "mean", "weighted", "max"}`` -> loop over the bags ``[first, last)`` on the
+#: calling thread: ``(weight, indices, offsets, first, last, [scale,] padding, prefetch,
 #: out) -> invalid``.
 SERIAL = _serial_loops(STAMP)
-serial_sum, serial_weighted, serial_max = SERIAL["sum"], SERIAL["weighted"], SERIAL["max"]
+serial_sum, serial_mean = SERIAL["sum"], SERIAL["mean"]
+serial_weighted, serial_max = SERIAL["weighted"], SERIAL["max"]
 
 
 @numba.njit(inline="always")
@@ -227,13 +236,23 @@ def _parallel_loops(stamp):
     jit = numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
 
     @jit
-    def pool_sum(weight, indices, offsets, num_bags, chunks, padding, mean, prefetch, out):
+    def pool_sum(weight, indices, offsets, num_bags, chunks, padding, prefetch, out):
         assert stamp
         edges = split(offsets, num_bags, indices.shape[0], chunks)
         invalid = 0
         for chunk in numba.prange(chunks):
             invalid += serial_sum(weight, indices, offsets, edges[chunk], edges[chunk + 1],
-                                  padding, mean, prefetch, out)
+                                  padding, prefetch, out)
+        return invalid
+
+    @jit
+    def pool_mean(weight, indices, offsets, num_bags, chunks, padding, prefetch, out):
+        assert stamp
+        edges = split(offsets, num_bags, indices.shape[0], chunks)
+        invalid = 0
+        for chunk in numba.prange(chunks):
+            invalid += serial_mean(weight, indices, offsets, edges[chunk], edges[chunk + 1],
+                                   padding, prefetch, out)
         return invalid
 
     @jit
@@ -257,4 +276,4 @@ def _parallel_loops(stamp):
                                   padding, prefetch, out)
         return invalid
 
-    return {"sum": pool_sum, "weighted": pool_weighted, "max": pool_max}
+    return {"sum": pool_sum, "mean": pool_mean, "weighted": pool_weighted, "max": pool_max}

@@ -19,6 +19,8 @@ only exist inside numba-compiled code.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from llvmlite import ir
@@ -53,6 +55,39 @@ def _splat(builder: ir.IRBuilder, value: ir.Value, vector: ir.VectorType) -> ir.
                                    ir.Constant(_I32, 0))
     return builder.shuffle_vector(lanes, ir.Constant(vector, ir.Undefined),
                                   ir.Constant(ir.VectorType(_I32, vector.count), None))
+
+
+def _rolled(module: ir.Module) -> ir.Value:
+    """A fresh loop id telling LLVM not to unroll the loop: a tile's body is already a
+    row wide, and an unrolled copy plus its remainder cost short bags more per bag than
+    it saves (bags of 8 ids: 3% from cache, 17% on an L1-resident table)."""
+    disable = module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])
+    # A loop id refers to itself; add_metadata caches by operands, so start from a unique
+    # placeholder and point the node at itself afterwards.
+    loop = module.add_metadata([ir.MetaDataString(module, f"tile.loop.{len(module.metadata)}")])
+    loop.operands = (loop, disable)
+    return loop
+
+
+@contextmanager
+def _loop(builder: ir.IRBuilder, start: ir.Value, stop: ir.Value) -> Iterator[ir.Value]:
+    """``for position in range(start, stop)``, kept rolled (see :func:`_rolled`)."""
+    header = builder.append_basic_block("tile.cond")
+    body = builder.append_basic_block("tile.body")
+    end = builder.append_basic_block("tile.end")
+    entry = builder.basic_block
+    builder.branch(header)
+    with builder.goto_block(header):
+        position = builder.phi(_I64, name="position")
+        builder.cbranch(builder.icmp_signed("<", position, stop), body, end)
+    with builder.goto_block(body):
+        yield position
+        latch = builder.basic_block
+        following = builder.add(position, ir.Constant(_I64, 1))
+        builder.branch(header).set_metadata("llvm.loop", _rolled(builder.module))
+    position.add_incoming(start, entry)
+    position.add_incoming(following, latch)
+    builder.position_at_end(end)
 
 
 class _Tile:
@@ -150,14 +185,13 @@ class _Tile:
         off = ir.Constant(_I64, 0)
         limit = builder.select(builder.icmp_signed(">", self.prefetch, off), bound, first)
         limit = builder.select(builder.icmp_signed("<", limit, first), first, limit)
-        one = ir.Constant(_I64, 1)
-        with cgutils.for_range_slice(builder, first, limit, one) as (position, _):
+        with _loop(builder, first, limit) as position:
             ahead = self.row(builder.add(position, self.prefetch))
             tile_bytes = self.vectors * _VECTOR_BYTES
             for line in range(0, tile_bytes, _LINE_BYTES):
                 _prefetch(builder, builder.gep(ahead, [ir.Constant(_I64, line)]))
             self.add_row(position, accumulators)
-        with cgutils.for_range_slice(builder, limit, self.end, one) as (position, _):
+        with _loop(builder, limit, self.end) as position:
             self.add_row(position, accumulators)
         self.write(accumulators)
         return builder.load(self.invalid)

@@ -119,6 +119,10 @@ def _check_weights(per_sample_weights: Any, mode: Mode, shape: tuple[int, ...],
     if mode != "sum":
         raise InvalidInputError(f"per_sample_weights is only supported for mode='sum'; "
                                 f"got mode={mode!r}")
+    weights = per_sample_weights
+    if (type(weights) is np.ndarray and weights.dtype == dtype and weights.shape == shape
+            and weights.flags.c_contiguous):  # the common case, checked cheaply
+        return weights if weights.ndim == 1 else weights.reshape(-1)
     weights = np.asarray(per_sample_weights)
     if weights.size == 0 and weights.dtype == np.float64:
         weights = weights.astype(dtype)
