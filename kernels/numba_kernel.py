@@ -61,6 +61,11 @@ def _kernels() -> dict[str, Any]:
         return _compiled
 
 
+#: How the loops receive each storage's rows (see :mod:`kernels.numba_decode`): the view's
+#: dtype tells them how to decode; the rest go as they are stored.
+_VIEWS = {"float16": np.dtype(np.int16), "int4": np.dtype(np.int8)}
+
+
 def prefetch_distance(table_bytes: int, row_bytes: int) -> int:
     """How many ids ahead the loops prefetch rows for a table (0: not at all)."""
     if table_bytes <= _PREFETCH_MIN_TABLE_BYTES:
@@ -105,9 +110,11 @@ class NumbaKernel:
         self._set_threads = numba.set_num_threads
         self._get_threads = numba.get_num_threads
         self._loops = _kernels()
-        self._table = _read_only(spec.weight)
-        self._row_bytes = spec.embedding_dim * spec.weight.itemsize
-        self._prefetch = prefetch_distance(spec.weight.nbytes, self._row_bytes)
+        table = spec.table
+        self._table = _read_only(table.data.view(_VIEWS.get(table.storage, table.data.dtype)))
+        self._dtype = table.compute_dtype
+        self._row_bytes = table.row_bytes
+        self._prefetch = prefetch_distance(table.nbytes, self._row_bytes)
         # -1 never matches a validated id, so the loops need no Optional.
         self._padding = -1 if spec.padding_idx is None else spec.padding_idx
 
@@ -152,7 +159,7 @@ class NumbaKernel:
         parallel, unweighted and, in sum mode, weighted."""
         ids = np.zeros(4, dtype=np.int64)
         offsets = np.array([0, 2, 4], dtype=np.int64)
-        weights = np.ones(4, dtype=self._table.dtype) if self.spec.mode == "sum" else None
+        weights = np.ones(4, dtype=self._dtype) if self.spec.mode == "sum" else None
         for serial in (True, False):
             for scale in (None, weights) if weights is not None else (None,):
                 self._pool(ids, offsets, 2, scale, serial)
@@ -160,7 +167,7 @@ class NumbaKernel:
     def _pool(self, indices: IndexArray, offsets: IndexArray, num_bags: int,
               per_sample_weights: FloatArray | None, serial: bool) -> tuple[FloatArray, int]:
         weight = self._table
-        out = np.empty((num_bags, weight.shape[1]), dtype=weight.dtype)
+        out = np.empty((num_bags, self.spec.embedding_dim), dtype=self._dtype)
         if num_bags == 0:
             return out, 0
         indices, offsets = _read_only(indices), _read_only(offsets)

@@ -23,14 +23,15 @@ from typing import Any
 import numba
 import numpy as np
 
-from kernels import numba_tiles
+from kernels import numba_decode, numba_tiles
 
 
 def _row_pooler(op):
     """An inlined ``pool_row(weight, indices, scale, start, end, padding, out, bag,
     prefetch, divisor)`` running the tiles of ``op`` across one output row."""
-    lanes_of = numba_tiles.lanes
+    lanes_of, widest = numba_tiles.lanes, numba_tiles.widest
     t16, t8, t4, t2, t1 = (numba_tiles.make_tile(op, vectors) for vectors in (16, 8, 4, 2, 1))
+    # Sums only: weighted sums need a register for the weight, max one to compare.
     wide = 16 if op == "sum" else 8
     tail = numba_tiles.make_tile(op, 1, masked=True)
 
@@ -38,11 +39,11 @@ def _row_pooler(op):
     def pool_row(weight, indices, scale, start, end, padding, out, bag, prefetch, divisor):
         """Returns 1 when the bag holds an id outside the table (its row is then
         incomplete: the caller zeroes it), else 0."""
-        dim = weight.shape[1]
+        dim = out.shape[1]
         lanes = lanes_of(weight)
         col = 0
         invalid = 0
-        if wide == 16:
+        if wide == 16 and widest(weight) == 16:
             while col + 16 * lanes <= dim:
                 invalid |= t16(weight, indices, scale, start, end, padding, col, out, bag,
                                prefetch, divisor, 0)
@@ -81,8 +82,9 @@ def build() -> dict[str, Any]:
 
 
 #: numba's cache keys a loop by its own file and closure, not by the files it calls: the
-#: tiles' source hash in every closure retires cached loops when the tiles change.
-STAMP = hashlib.sha256(Path(numba_tiles.__file__).read_bytes()).hexdigest()
+#: tiles' and decoders' source hash in every closure retires cached loops when they change.
+STAMP = hashlib.sha256(b"".join(Path(module.__file__).read_bytes()
+                              for module in (numba_tiles, numba_decode))).hexdigest()
 
 # The loops below reach these as globals, never through their closures: numba's cache
 # keys a function by its pickled closure, and a pickled intrinsic or dispatcher differs

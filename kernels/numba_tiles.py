@@ -28,6 +28,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from kernels import numba_decode
+
 _VECTOR_BYTES = 32
 _LINE_BYTES = 64
 _I8P = ir.IntType(8).as_pointer()
@@ -106,51 +108,59 @@ class _Tile:
         (self.start, self.end, self.padding, self.col, self.bag, self.prefetch,
          self.divisor, self.tail) = (args[3], args[4], args[5], args[6], args[8], args[9],
                                      args[10], args[11])
-        self.element = context.get_data_type(weight_type.dtype)
-        self.itemsize = weight_type.dtype.bitwidth // 8
+        # Registers hold the output's dtype: float64 for float64 tables, else float32.
+        self.element = context.get_data_type(out_type.dtype)
+        self.itemsize = out_type.dtype.bitwidth // 8
         self.vector = ir.VectorType(self.element, _VECTOR_BYTES // self.itemsize)
         self.vectors = vectors
         # LLVM's name for the vector type in intrinsic names: v8f32, v4f64.
         self.suffix = f"v{self.vector.count}f{self.itemsize * 8}"
         self.masked = masked
-        self.col_bytes = builder.mul(self.col, ir.Constant(_I64, self.itemsize))
-        self.row_stride = builder.extract_value(self.weight.strides, 0)
-        self.table = builder.bitcast(self.weight.data, _I8P)
+        self.mask = None
         if masked:
             positions = ir.VectorType(_I64, self.vector.count)
             lanes = ir.Constant(positions, list(range(self.vector.count)))
             self.mask = builder.icmp_signed("<", lanes, _splat(builder, self.tail, positions))
+        dim = builder.extract_value(self.out.shape, 1)
+        self.decoder = numba_decode.Decoder(builder, numba_decode.kind_of(weight_type.dtype),
+                                            self.vector, self.mask, dim)
+        self.col_bytes = self.decoder.column_bytes(self.col)
+        self.out_col_bytes = builder.mul(self.col, ir.Constant(_I64, self.itemsize))
+        self.row_stride = builder.extract_value(self.weight.strides, 0)
+        self.table = builder.bitcast(self.weight.data, _I8P)
 
     def row(self, position: ir.Value) -> ir.Value:
-        """``i8*`` to this tile's first column in the row ``indices[position]``."""
+        """``i8*`` to the start of the row ``indices[position]``."""
         builder = self.builder
         row_id = builder.load(builder.gep(self.indices.data, [position]))
         return self.row_of(row_id)
 
     def row_of(self, row_id: ir.Value) -> ir.Value:
         builder = self.builder
-        return builder.gep(self.table, [builder.add(builder.mul(row_id, self.row_stride),
-                                                    self.col_bytes)])
+        return builder.gep(self.table, [builder.mul(row_id, self.row_stride)])
 
     def _pointer(self, base: ir.Value, vector: int) -> ir.Value:
         builder = self.builder
         return builder.bitcast(builder.gep(base, [ir.Constant(_I64, vector * _VECTOR_BYTES)]),
                                self.vector.as_pointer())
 
-    def load(self, base: ir.Value, vector: int) -> ir.Value:
+    def values(self, row: ir.Value, scale: ir.Value | None = None) -> list[ir.Value]:
+        """This tile's registers of the row starting at ``row``, decoded to values (a
+        quantized code ``q`` becomes ``fma(q, scale, bias)``, as the dequantized table)."""
         builder = self.builder
-        pointer = self._pointer(base, vector)
-        if self.masked:
-            function = _function(builder, f"llvm.masked.load.{self.suffix}.p0", self.vector,
-                                 [pointer.type, _I32, self.mask.type, self.vector])
-            return builder.call(function, [pointer, ir.Constant(_I32, self.itemsize),
-                                           self.mask, ir.Constant(self.vector, None)])
-        return builder.load(pointer, align=self.itemsize)
+        decoder = self.decoder
+        base = builder.gep(row, [self.col_bytes])
+        loaded = [decoder.load(base, vector) for vector in range(self.vectors)]
+        if not decoder.quantized:
+            return loaded
+        scale, bias = decoder.row_scale(row, None)
+        fma = _function(builder, f"llvm.fma.{self.suffix}", self.vector, [self.vector] * 3)
+        return [builder.call(fma, [codes, scale, bias]) for codes in loaded]
 
     def store(self, base: ir.Value, vector: int, value: ir.Value) -> None:
         builder = self.builder
         pointer = self._pointer(base, vector)
-        if self.masked:
+        if self.mask is not None:
             function = _function(builder, f"llvm.masked.store.{self.suffix}.p0",
                                  ir.VoidType(), [self.vector, pointer.type, _I32,
                                                  self.mask.type])
@@ -170,9 +180,9 @@ class _Tile:
         if self.op == "max":
             # The caller passes the first non-padding id as ``start``: its row is the
             # starting maximum, as PyTorch's first-row copy.
-            row = self.row(first)
-            for vector, accumulator in enumerate(accumulators):
-                builder.store(self.load(row, vector), accumulator)
+            for accumulator, value in zip(accumulators, self.values(self.row(first)),
+                                          strict=True):
+                builder.store(value, accumulator)
             first = builder.add(first, ir.Constant(_I64, 1))
         else:
             for accumulator in accumulators:
@@ -187,9 +197,13 @@ class _Tile:
         limit = builder.select(builder.icmp_signed("<", limit, first), first, limit)
         with _loop(builder, first, limit) as position:
             ahead = self.row(builder.add(position, self.prefetch))
-            tile_bytes = self.vectors * _VECTOR_BYTES
+            data = builder.gep(ahead, [self.col_bytes])
+            tile_bytes = self.vectors * self.decoder.vector_bytes
             for line in range(0, tile_bytes, _LINE_BYTES):
-                _prefetch(builder, builder.gep(ahead, [ir.Constant(_I64, line)]))
+                _prefetch(builder, builder.gep(data, [ir.Constant(_I64, line)]))
+            if self.decoder.quantized:  # the line holding the scale and bias
+                _prefetch(builder, builder.gep(ahead, [builder.sub(
+                    self.row_stride, ir.Constant(_I64, 1))]))
             self.add_row(position, accumulators)
         with _loop(builder, limit, self.end) as position:
             self.add_row(position, accumulators)
@@ -206,18 +220,28 @@ class _Tile:
         wanted = builder.and_(inside, builder.icmp_signed("!=", row_id, self.padding))
         with builder.if_then(wanted, likely=True):
             row = self.row_of(row_id)
+            fma = _function(builder, f"llvm.fma.{self.suffix}", self.vector,
+                            [self.vector] * 3)
+            weight = None
             if self.op == "weighted":
-                scale = builder.load(builder.gep(self.scale.data, [position]))
-                scale = _splat(builder, scale, self.vector)
-                fma = _function(builder, f"llvm.fma.{self.suffix}", self.vector,
-                                [self.vector] * 3)
-            for vector, accumulator in enumerate(accumulators):
-                value = self.load(row, vector)
+                weight = builder.load(builder.gep(self.scale.data, [position]))
+            if self.decoder.quantized and self.op != "max":
+                # FBGEMM's order: bias (times the weight) first, then one fused
+                # multiply-add of the codes by the scale (times the weight).
+                scale, bias = self.decoder.row_scale(row, weight)
+                base = builder.gep(row, [self.col_bytes])
+                for vector, accumulator in enumerate(accumulators):
+                    codes = self.decoder.load(base, vector)
+                    total = builder.fadd(builder.load(accumulator), bias)
+                    builder.store(builder.call(fma, [codes, scale, total]), accumulator)
+                return
+            for accumulator, value in zip(accumulators, self.values(row), strict=True):
                 total = builder.load(accumulator)
                 if self.op == "sum":
                     total = builder.fadd(total, value)
                 elif self.op == "weighted":
-                    total = builder.call(fma, [scale, value, total])
+                    total = builder.call(fma, [_splat(builder, weight, self.vector), value,
+                                               total])
                 else:
                     total = builder.select(builder.fcmp_ordered(">", value, total), value,
                                            total)
@@ -227,7 +251,8 @@ class _Tile:
         builder = self.builder
         out_stride = builder.extract_value(self.out.strides, 0)
         base = builder.gep(builder.bitcast(self.out.data, _I8P),
-                           [builder.add(builder.mul(self.bag, out_stride), self.col_bytes)])
+                           [builder.add(builder.mul(self.bag, out_stride),
+                                        self.out_col_bytes)])
         totals = [builder.load(accumulator) for accumulator in accumulators]
         divide = builder.icmp_signed(">", self.divisor, ir.Constant(_I64, 1))
         with builder.if_else(divide, likely=False) as (mean, plain):
@@ -248,14 +273,16 @@ def make_tile(op: str, vectors: int, masked: bool = False) -> Any:
     Call it from numba code as ``tile(weight, indices, scale, start, end, padding, col,
     out, bag, prefetch, divisor, tail)``:
 
-    - ``weight``: ``(rows, dim)`` float32 or float64 table (C-contiguous rows);
-      ``indices``: int64 ids; ``scale``: per-id weights of the table dtype (read only by
-      ``op == "weighted"``; pass any array of that dtype otherwise);
+    - ``weight``: the stored rows (C-contiguous), viewed as :mod:`kernels.numba_decode`
+      says (float32/float64 tables as they are); ``indices``: int64 ids; ``scale``:
+      per-id weights of ``out``'s dtype (read only by ``op == "weighted"``; pass any
+      array of that dtype otherwise);
     - ids ``indices[start:end]`` are pooled, those equal to ``padding`` skipped (``-1``
       skips none) and those outside the table skipped and reported: the call returns 1
       if any was, else 0; for ``op == "max"``, ``start`` must be a valid non-padding id;
     - columns ``col`` to ``col + vectors * lanes`` (``masked``: the first ``tail`` lanes
-      of one register) are written to row ``bag`` of ``out``;
+      of one register) are written to row ``bag`` of ``out``, ``(B, dim)`` float64 for
+      float64 tables, else float32;
     - ``prefetch``: prefetch the tile's lines of the row that many ids ahead (0: none);
       ``divisor`` > 1 divides the result (mean).
 
@@ -282,12 +309,28 @@ def make_tile(op: str, vectors: int, masked: bool = False) -> Any:
 
 @intrinsic
 def lanes(typingctx: Any, weight: Any) -> Any:
-    """Lanes of one register for ``weight``'s dtype (8 for float32, 4 for float64), a
-    compile-time constant (``32 // weight.itemsize`` costs a division per call)."""
+    """Lanes of one register for a table view (4 for float64, else 8), a compile-time
+    constant (``32 // weight.itemsize`` costs a division per call)."""
     signature = types.int64(weight)
+    count = 4 if str(weight.dtype) == "float64" else 8
 
     def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
                 args: list[ir.Value]) -> Any:
-        return ir.Constant(_I64, _VECTOR_BYTES * 8 // weight.dtype.bitwidth)
+        return ir.Constant(_I64, count)
+
+    return signature, codegen
+
+
+@intrinsic
+def widest(typingctx: Any, weight: Any) -> Any:
+    """Registers in the widest tile for a table view, a compile-time constant: 16 for
+    float tables (a load-and-add each, no other register needed), 8 for stored forms
+    that need registers to decode (16 would spill)."""
+    signature = types.int64(weight)
+    count = 16 if numba_decode.kind_of(weight.dtype) == "float" else 8
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
+                args: list[ir.Value]) -> Any:
+        return ir.Constant(_I64, count)
 
     return signature, codegen

@@ -48,9 +48,9 @@ class NumpyKernel:
         offsets: IndexArray,
         per_sample_weights: FloatArray | None = None,
     ) -> FloatArray:
-        weight = self.spec.weight
+        spec = self.spec
         num_bags = offsets.shape[0] - 1
-        out = np.zeros((num_bags, weight.shape[1]), dtype=weight.dtype)
+        out = np.zeros((num_bags, spec.embedding_dim), dtype=spec.compute_dtype)
         if num_bags == 0 or indices.shape[0] == 0:
             return out
         lengths = np.diff(offsets)
@@ -59,7 +59,7 @@ class NumpyKernel:
         sorted_keys = keys[order]
         starts = np.concatenate(([0], np.flatnonzero(np.diff(sorted_keys)) + 1))
         ends = np.concatenate((starts[1:], [order.shape[0]]))
-        row_bytes = weight.shape[1] * weight.dtype.itemsize
+        row_bytes = spec.embedding_dim * spec.compute_dtype.itemsize
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             width = int(sorted_keys[start])
             if width == 0:
@@ -86,8 +86,9 @@ class NumpyKernel:
         dead = positions >= (starts + lengths)[:, None]
         if spec.padding_idx is not None:
             dead |= ids == spec.padding_idx
-        # One range check happened in validation, so the cheaper clip mode is safe here.
-        rows = np.take(spec.weight, ids, axis=0, mode="clip")
+        # One range check happened in validation, so the cheaper clip mode is safe here;
+        # stored rows are decoded as they are gathered, a chunk at a time.
+        rows = spec.table.gather(ids)
         any_dead = bool(dead.any())
         if per_sample_weights is not None:
             scale = np.take(per_sample_weights, positions, mode="clip")

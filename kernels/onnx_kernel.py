@@ -41,6 +41,7 @@ import numpy.typing as npt
 
 from kernels.base import FloatArray, IndexArray, TableSpec
 from kernels.onnx_graph import padded_model, scanned_model, with_sentinel
+from kernels.storage import StoredTable
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +179,9 @@ class OnnxKernel:
         device_id: the CUDA device.
         num_threads: CPU EP: runs at once, one share of the batch each (``None``: the
             machine's cores; more measured 10-25% slower, as runs then share cores).
-        table_dtype: store the table as ``float16`` (half the traffic; float32
-            accumulation) or keep ``None`` (the spec's dtype).
+        table_dtype: store the table in the session as ``float16`` (half the traffic;
+            float32 accumulation), or ``None``: as the spec stores it (float32, float64
+            or float16).
 
     Raises:
         OnnxUnavailableError: onnxruntime missing, or ``device="cuda"`` and CUDA unusable.
@@ -193,7 +195,11 @@ class OnnxKernel:
                  table_dtype: npt.DTypeLike | None = None) -> None:
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
-        dtype = np.dtype(spec.weight.dtype if table_dtype is None else table_dtype)
+        stored = spec.table.data
+        if not np.issubdtype(stored.dtype, np.floating):
+            raise ValueError(f"the ONNX graphs serve float32, float64 and float16 tables; "
+                             f"this one is stored as {spec.table.storage}")
+        dtype = np.dtype(stored.dtype if table_dtype is None else table_dtype)
         if dtype not in (np.float16, np.float32, np.float64):
             raise ValueError(f"table_dtype must be float16, float32 or float64; got {dtype}")
         self.table_dtype = dtype
@@ -214,10 +220,11 @@ class OnnxKernel:
         self.provider = CUDA if self.device == "cuda" else CPU
         self._sentinel = spec.num_embeddings
         self._padding = spec.padding_idx
-        host_table = with_sentinel(spec.weight, spec.mode, dtype)
-        # The spec's weight becomes a view of the uploaded host table: one copy in RAM.
-        self.spec = TableSpec(host_table[:-1] if dtype == spec.weight.dtype else spec.weight,
-                              spec.mode, spec.padding_idx)
+        host_table = with_sentinel(stored, spec.mode, dtype)
+        # The spec's table becomes a view of the uploaded host table: one copy in RAM.
+        self.spec = (TableSpec(StoredTable(host_table[:-1], spec.table.storage,
+                                           spec.embedding_dim), spec.mode, spec.padding_idx)
+                     if dtype == stored.dtype else spec)
         ort = _ort()
         if self.device == "cuda":
             self._table = ort.OrtValue.ortvalue_from_numpy(host_table, "cuda", device_id)

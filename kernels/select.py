@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-import numpy.typing as npt
-
 from kernels import numba_kernel
 from kernels.base import Kernel, TableSpec
 from kernels.numpy_kernel import NumpyKernel
@@ -14,6 +12,8 @@ from kernels.numpy_kernel import NumpyKernel
 logger = logging.getLogger(__name__)
 
 Backend = Literal["numpy", "onnx", "auto"]
+#: Storages the ONNX graphs serve (see ``kernels.onnx_graph``).
+ONNX_STORAGES = ("float32", "float64", "float16")
 BACKENDS: tuple[Backend, ...] = ("numpy", "onnx", "auto")
 
 
@@ -26,7 +26,6 @@ def make_kernel(
     backend: str = "numpy",
     *,
     device: str = "auto",
-    table_dtype: npt.DTypeLike | None = None,
     fused: bool | None = None,
     num_threads: int | None = None,
 ) -> Kernel:
@@ -36,9 +35,9 @@ def make_kernel(
         spec: the table and its pooling.
         backend: ``"numpy"`` (CPU arrays: the fused numba loop when numba imports, else
             pure NumPy), ``"onnx"`` (ONNX Runtime) or ``"auto"`` (ONNX Runtime on CUDA
-            when CUDA really works here, else the fastest CPU kernel, the numba loop).
+            when CUDA really works here and serves the table's storage, else the fastest
+            CPU kernel, the numba loop).
         device: for ``"onnx"``: ``"auto"``, ``"cuda"`` (fail without CUDA) or ``"cpu"``.
-        table_dtype: for ``"onnx"``: ``"float16"`` stores the table in half precision.
         fused: force (``True``) or forbid (``False``) the numba loop on the CPU path;
             ``None`` uses it when available.
         num_threads: CPU threads per call (``None``: the library's default).
@@ -53,25 +52,27 @@ def make_kernel(
         from kernels.onnx_kernel import cuda_status
 
         usable, reason = cuda_status()
+        if usable and spec.table.storage not in ONNX_STORAGES:
+            usable, reason = False, f"the ONNX graph does not serve {spec.table.storage} tables"
         if usable:
             backend = "onnx"
         else:
             logger.info("backend 'auto' uses the CPU kernel: %s", reason)
             backend = "numpy"
     if backend == "onnx":
-        return _onnx_kernel(spec, device, table_dtype, num_threads)
-    if table_dtype is not None:
-        raise BackendError("table_dtype applies to backend 'onnx' only")
+        return _onnx_kernel(spec, device, num_threads)
     return _cpu_kernel(spec, fused, num_threads)
 
 
-def _onnx_kernel(spec: TableSpec, device: str, table_dtype: npt.DTypeLike | None,
-                 num_threads: int | None) -> Kernel:
+def _onnx_kernel(spec: TableSpec, device: str, num_threads: int | None) -> Kernel:
     from kernels.onnx_kernel import OnnxKernel, OnnxUnavailableError
 
+    if spec.table.storage not in ONNX_STORAGES:
+        raise BackendError(f"backend 'onnx' serves {', '.join(ONNX_STORAGES)} tables; this "
+                           f"one is stored as {spec.table.storage} (use backend 'numpy' or "
+                           "'auto')")
     try:
-        return OnnxKernel(spec, device=device, num_threads=num_threads,
-                          table_dtype=table_dtype)
+        return OnnxKernel(spec, device=device, num_threads=num_threads)
     except OnnxUnavailableError as exc:
         raise BackendError(str(exc)) from None
 

@@ -10,8 +10,9 @@ import numpy as np
 import numpy.typing as npt
 
 from kernels import COMPUTE_DTYPES, MODES, Kernel, Mode, TableSpec, make_kernel
+from kernels.storage import StorageDtype, StoredTable, storage_dtype, store
 from models.inputs import flatten_inputs, unchecked_call
-from models.renorm import renormed
+from models.renorm import renormed_table
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -73,8 +74,10 @@ class EmbeddingBag:
     Args mirror PyTorch. ``backend`` is ``"numpy"``, ``"onnx"`` or ``"auto"``; ``seed``
     makes the ``N(0, 1)`` initial table reproducible. Training-only arguments
     (``scale_grad_by_freq``, ``sparse``) are recorded and do not change results.
-    Beyond PyTorch: ``device`` (``"auto"``, ``"cuda"``, ``"cpu"``) and ``table_dtype``
-    (``"float16"`` halves the table) apply to the ONNX backend, ``num_threads`` to the
+    Beyond PyTorch: ``table_dtype`` stores the table as ``float32``, ``float64``,
+    ``float16``, ``bfloat16``, or quantized rowwise to ``int8`` or ``int4`` (see
+    :mod:`kernels.storage`; results are float32 for all but float64), ``device``
+    (``"auto"``, ``"cuda"``, ``"cpu"``) applies to the ONNX backend, ``num_threads`` to the
     CPU work of any backend; ``provider`` reports where the kernel really runs.
 
     ``max_norm`` is applied once, to a private copy of the table, when the module is
@@ -115,6 +118,7 @@ class EmbeddingBag:
         self.include_last_offset = bool(include_last_offset)
         self.freeze = True
         self.backend = backend
+        table: Any
         if _weight is None:
             table = np.random.default_rng(seed).standard_normal(
                 (self.num_embeddings, self.embedding_dim)).astype(_table_dtype(dtype))
@@ -122,14 +126,20 @@ class EmbeddingBag:
                 table[self.padding_idx] = 0  # as torch.nn.EmbeddingBag.reset_parameters
         else:
             table = _weight
+        try:
+            storage: StorageDtype = (table.storage if table_dtype is None and isinstance(
+                table, StoredTable) else storage_dtype(
+                    table.dtype if table_dtype is None else table_dtype))
+            stored = store(table, storage)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
         if self.max_norm is not None:
-            table = renormed(table, self.max_norm, self.norm_type)
-        self._kernel: Kernel = make_kernel(TableSpec(table, self.mode, self.padding_idx),
-                                           backend, device=device, table_dtype=table_dtype,
-                                           num_threads=num_threads)
+            stored = renormed_table(stored, self.max_norm, self.norm_type)
+        self._kernel: Kernel = make_kernel(TableSpec(stored, self.mode, self.padding_idx),
+                                           backend, device=device, num_threads=num_threads)
         # Looked up once: forward runs per call, where every attribute walk shows.
         self._pool = getattr(self._kernel, "pool", None)
-        self._dtype = self._kernel.spec.weight.dtype
+        self._dtype = self._kernel.spec.compute_dtype
 
     @classmethod
     def from_pretrained(
@@ -149,27 +159,35 @@ class EmbeddingBag:
         table_dtype: npt.DTypeLike | None = None,
         num_threads: int | None = None,
     ) -> EmbeddingBag:
-        """Wrap a 2-D float32 or float64 table ``(num_embeddings, embedding_dim)``.
+        """Wrap a table: a 2-D float array ``(num_embeddings, embedding_dim)`` or a
+        :class:`kernels.storage.StoredTable` (e.g. a prepacked quantized one).
 
-        The table is used as is when it is already C-contiguous and of a compute dtype
-        (so a memory map stays a memory map); otherwise a contiguous copy is made.
+        ``table_dtype`` (default: float32, or the stored table's own storage) is how the
+        table is kept in memory; converting to it goes a block of rows at a time, never
+        through a float32 copy of the whole table. A C-contiguous float32/float64 array
+        kept in its own dtype is used as is (a memory map stays a memory map).
 
         Raises:
             ValueError: ``embeddings`` is not a 2-D float array, or an option is invalid.
         """
-        table = np.asarray(embeddings)
-        if table.ndim != 2:
-            raise ValueError(f"embeddings must be 2-D (num_embeddings, embedding_dim); got "
-                             f"shape {table.shape}")
-        if not np.issubdtype(table.dtype, np.floating):
-            raise ValueError(f"embeddings must hold floats; got dtype {table.dtype}")
-        if table.dtype not in COMPUTE_DTYPES:
-            table = table.astype(np.float32)
-        table = np.ascontiguousarray(table)
-        bag = cls(table.shape[0], table.shape[1], max_norm=max_norm, norm_type=norm_type,
+        table: Any = embeddings
+        if not isinstance(table, StoredTable):
+            table = np.asarray(embeddings)
+            if table.ndim != 2:
+                raise ValueError(f"embeddings must be 2-D (num_embeddings, embedding_dim); "
+                                 f"got shape {table.shape}")
+            if not np.issubdtype(table.dtype, np.floating):
+                raise ValueError(f"embeddings must hold floats; got dtype {table.dtype}")
+            if table_dtype is None and table.dtype not in COMPUTE_DTYPES:
+                table_dtype = "float32"
+            table = np.ascontiguousarray(table)
+        rows, dim = (table.rows, table.dim) if isinstance(table, StoredTable) else table.shape
+        dtype = table.compute_dtype if isinstance(table, StoredTable) else (
+            table.dtype if table.dtype in COMPUTE_DTYPES else np.float32)
+        bag = cls(rows, dim, max_norm=max_norm, norm_type=norm_type,
                   scale_grad_by_freq=scale_grad_by_freq, mode=mode, sparse=sparse,
                   include_last_offset=include_last_offset, padding_idx=padding_idx,
-                  dtype=table.dtype, backend=backend, device=device,
+                  dtype=dtype, backend=backend, device=device,
                   table_dtype=table_dtype, num_threads=num_threads, _weight=table)
         bag.freeze = bool(freeze)
         return bag
@@ -189,8 +207,25 @@ class EmbeddingBag:
 
     @property
     def weight(self) -> npt.NDArray[np.floating]:
-        """The table used for lookups, ``(num_embeddings, embedding_dim)``."""
+        """The table used for lookups as floats, ``(num_embeddings, embedding_dim)``: the
+        array itself for float32/float64 storage, a decoded copy for the others (use
+        :attr:`table` for the stored form)."""
         return self._kernel.spec.weight
+
+    @property
+    def table(self) -> StoredTable:
+        """The table in its storage form."""
+        return self._kernel.spec.table
+
+    @property
+    def table_dtype(self) -> StorageDtype:
+        """How the table is stored: ``"float32"``, ..., ``"int4"``."""
+        return self._kernel.spec.table.storage
+
+    @property
+    def compute_dtype(self) -> np.dtype[Any]:
+        """The dtype of results and of ``per_sample_weights``."""
+        return self._dtype
 
     @property
     def provider(self) -> str:
@@ -230,7 +265,7 @@ class EmbeddingBag:
         batch = flatten_inputs(input, offsets, per_sample_weights,
                                num_embeddings=self.num_embeddings, mode=self.mode,
                                include_last_offset=self.include_last_offset,
-                               dtype=self.weight.dtype)
+                               dtype=self._dtype)
         return self._kernel(batch.indices, batch.offsets, batch.per_sample_weights)
 
     __call__ = forward

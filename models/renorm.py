@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from kernels.storage import StoredTable
+
 #: Rows renormalised per step: bounds the temporary memory on large tables.
 _ROWS_PER_STEP = 1 << 16
 
@@ -37,3 +39,33 @@ def renormed(weight: npt.NDArray[np.floating], max_norm: float,
             scale = (max_norm / (norms[over] + 1e-7)).astype(out.dtype)
             block[over] *= scale[:, None]
     return out
+
+
+def renormed_table(table: StoredTable, max_norm: float, norm_type: float) -> StoredTable:
+    """``table`` with :func:`renormed` rows, in the same storage.
+
+    float32/float64 rows are renormed as they are; int8 rows by scaling their scale and
+    bias (exact up to one rounding of each). Other storages cannot hold renormed values
+    (float16/bfloat16 would round them again, and int4 keeps its scale in float16).
+
+    Raises:
+        ValueError: a storage that cannot hold renormed rows.
+    """
+    if table.is_float:
+        return StoredTable(renormed(table.data, max_norm, norm_type), table.storage,
+                           table.dim)
+    if table.storage != "int8":
+        raise ValueError(f"max_norm needs table_dtype float32, float64 or int8: a "
+                         f"{table.storage} table would round renormed rows again")
+    data = np.array(table.data, copy=True, order="C")
+    dim = table.dim
+    for start, block in table.blocks(_ROWS_PER_STEP):
+        norms = row_norms(block, norm_type)
+        over = np.flatnonzero(norms > max_norm)
+        if over.size:
+            factor = (max_norm / (norms[over] + 1e-7)).astype(np.float32)
+            rows = data[start + over]
+            scale_bias = np.ascontiguousarray(rows[:, dim:]).view(np.float32) * factor[:, None]
+            rows[:, dim:] = scale_bias.astype(np.float32).view(np.uint8)
+            data[start + over] = rows
+    return StoredTable(data, "int8", dim)

@@ -131,7 +131,7 @@ class Batcher:
         self._closing = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{model.name}")
         self._task: asyncio.Task[None] | None = None
-        self._dtype = np.dtype(model.bag.weight.dtype)
+        self._dtype = np.dtype(model.bag.compute_dtype)
         # Resolved once: labels() takes a lock and a dict lookup on every call.
         self._count = {outcome: metrics.requests.labels(model.name, outcome)
                        for outcome in ("ok", "invalid", "overloaded", "deadline",

@@ -100,7 +100,7 @@ async def embed(request: Request, model_name: str, input: Any, offsets: Any = No
     try:
         batch = flatten_inputs(
             input, offsets, per_sample_weights, num_embeddings=model.bag.num_embeddings,
-            mode=model.bag.mode, dtype=model.bag.weight.dtype,
+            mode=model.bag.mode, dtype=model.bag.compute_dtype,
             include_last_offset=(model.bag.include_last_offset if include_last_offset is None
                                  else include_last_offset))
         lengths = np.diff(batch.offsets)

@@ -53,7 +53,7 @@ def runner(implementation: str, weight: npt.NDArray[Any], **options: Any
     bag = EmbeddingBag.from_pretrained(weight, **options)
     if implementation == "api":
         return bag
-    spec = TableSpec(bag.weight, bag.mode, bag.padding_idx)
+    spec = TableSpec(bag.table, bag.mode, bag.padding_idx)
     if implementation == "onnx":
         kernel = make_kernel(spec, "onnx", device="cpu")
     else:
@@ -63,7 +63,7 @@ def runner(implementation: str, weight: npt.NDArray[Any], **options: Any
         batch = flatten_inputs(input, offsets, per_sample_weights,
                                num_embeddings=bag.num_embeddings, mode=bag.mode,
                                include_last_offset=bag.include_last_offset,
-                               dtype=bag.weight.dtype)
+                               dtype=bag.compute_dtype)
         return kernel(batch.indices, batch.offsets, batch.per_sample_weights)
 
     return call

@@ -1,0 +1,166 @@
+"""Stored rows to float registers, in LLVM IR, for the tiles of :mod:`kernels.numba_tiles`.
+
+The loops tell a table's storage (see :mod:`kernels.storage`) by the dtype of the array
+view they are given, so each storage compiles its own loops:
+
+============  ==========  ==========================================================
+view dtype    storage     one register of 8 lanes (4 for float64) comes from
+============  ==========  ==========================================================
+float32/64    float       8 floats (4 doubles), as they are
+int16         float16     8 halves (16 bytes), widened (vcvtph2ps)
+uint16        bfloat16    8 bfloat16 (16 bytes), shifted into float32's top half
+uint8         int8        8 codes (8 bytes), converted; then ``q * scale + bias``
+int8          int4        4 bytes of two codes each, low nibble first; then as int8
+============  ==========  ==========================================================
+
+(float16 tables reach numba as int16 views because numba does not type float16 arrays on
+every version; int4 rows as int8 views to keep them apart from int8 rows.)
+
+A quantized row's float32 scale and bias (int8) or float16 scale and bias (int4) follow
+its codes; the row's last register may read codes past ``dim``, which stay inside the row
+(its scale and bias follow) and land in lanes the masked store never writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llvmlite import ir
+from numba.core import cgutils
+
+_I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_I8P = _I8.as_pointer()
+
+#: numba dtype name of the view -> storage kind.
+KINDS = {"float32": "float", "float64": "float", "int16": "float16", "uint16": "bfloat16",
+         "uint8": "int8", "int8": "int4"}
+
+
+def kind_of(dtype: Any) -> str:
+    """The storage kind a loop compiles for, from the view's numba dtype."""
+    kind = KINDS.get(str(dtype))
+    if kind is None:
+        raise TypeError(f"no tile decoding for tables viewed as {dtype}")
+    return kind
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, vector: ir.VectorType) -> ir.Value:
+    lanes = builder.insert_element(ir.Constant(vector, ir.Undefined), value,
+                                   ir.Constant(_I32, 0))
+    return builder.shuffle_vector(lanes, ir.Constant(vector, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, vector.count), None))
+
+
+def _function(builder: ir.IRBuilder, name: str, returns: ir.Type,
+              arguments: list[ir.Type]) -> ir.Function:
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(returns, arguments),
+                                          name)
+
+
+class Decoder:
+    """Loads registers of one storage kind.
+
+    Args:
+        builder: where the IR goes.
+        kind: a value of :data:`KINDS`.
+        vector: the float register type (``<8 x float>`` or ``<4 x double>``).
+        mask: ``<lanes x i1>`` of the lanes to read, for a row's masked tail; ``None``
+            for whole registers.
+        dim: the row's values (``D``), an ``i64`` (quantized kinds find the scale there).
+    """
+
+    def __init__(self, builder: ir.IRBuilder, kind: str, vector: ir.VectorType,
+                 mask: ir.Value | None, dim: ir.Value) -> None:
+        self.builder = builder
+        self.kind = kind
+        self.vector = vector
+        self.lanes = vector.count
+        self.mask = mask
+        self.dim = dim
+        self.quantized = kind in ("int8", "int4")
+        element_bytes = 8 if isinstance(vector.element, ir.DoubleType) else 4
+        #: Bytes of stored row one register covers.
+        self.vector_bytes = {"float": self.lanes * element_bytes, "float16": 16,
+                             "bfloat16": 16, "int8": 8, "int4": 4}[kind]
+
+    def column_bytes(self, col: ir.Value) -> ir.Value:
+        """Byte offset of column ``col`` (a multiple of the lanes) in a stored row."""
+        builder = self.builder
+        if self.kind == "int4":
+            return builder.lshr(col, ir.Constant(_I64, 1))
+        return builder.mul(col, ir.Constant(_I64, self.vector_bytes // self.lanes))
+
+    def row_scale(self, row: ir.Value, weight: ir.Value | None) -> tuple[ir.Value, ir.Value]:
+        """Splatted ``(scale, bias)`` of the quantized row starting at ``row`` (``i8*``),
+        both multiplied by ``weight`` (a float scalar) when given."""
+        builder = self.builder
+        element = self.vector.element
+        if self.kind == "int8":
+            where = builder.gep(row, [self.dim])
+            pair = builder.bitcast(where, ir.VectorType(ir.FloatType(), 2).as_pointer())
+            values = builder.load(pair, align=1)
+        else:
+            packed = builder.lshr(builder.add(self.dim, ir.Constant(_I64, 1)),
+                                  ir.Constant(_I64, 1))
+            where = builder.gep(row, [packed])
+            pair = builder.bitcast(where, ir.VectorType(ir.HalfType(), 2).as_pointer())
+            values = builder.fpext(builder.load(pair, align=1),
+                                   ir.VectorType(ir.FloatType(), 2))
+        scale = builder.extract_element(values, ir.Constant(_I32, 0))
+        bias = builder.extract_element(values, ir.Constant(_I32, 1))
+        if weight is not None:
+            scale, bias = builder.fmul(scale, weight), builder.fmul(bias, weight)
+        return _splat(builder, scale, self.vector), _splat(builder, bias, ir.VectorType(
+            element, self.lanes))
+
+    def load(self, base: ir.Value, vector: int) -> ir.Value:
+        """Register ``vector`` of the row part starting at ``base`` (``i8*``): values for
+        the float kinds, codes (as floats) for the quantized ones."""
+        builder = self.builder
+        where = builder.gep(base, [ir.Constant(_I64, vector * self.vector_bytes)])
+        kind = self.kind
+        if kind == "float":
+            return self._masked_load(where, self.vector)
+        if kind in ("float16", "bfloat16"):
+            bits = self._masked_load(where, ir.VectorType(_I16, self.lanes))
+            if kind == "float16":
+                return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(),
+                                                                         self.lanes)),
+                                     self.vector)
+            wide = builder.zext(bits, ir.VectorType(_I32, self.lanes))
+            wide = builder.shl(wide, ir.Constant(ir.VectorType(_I32, self.lanes), 16))
+            return builder.bitcast(wide, self.vector)
+        if kind == "int8":
+            codes = builder.load(builder.bitcast(where, ir.VectorType(_I8, self.lanes)
+                                                 .as_pointer()), align=1)
+        else:
+            half = self.lanes // 2
+            pairs = builder.load(builder.bitcast(where, ir.VectorType(_I8, half).as_pointer()),
+                                 align=1)
+            # Lane 2k and 2k + 1 both take byte k; even lanes keep its low nibble.
+            spread = builder.shuffle_vector(pairs, ir.Constant(pairs.type, ir.Undefined),
+                                            ir.Constant(ir.VectorType(_I32, self.lanes),
+                                                        [lane // 2 for lane in range(
+                                                            self.lanes)]))
+            shifts = ir.Constant(ir.VectorType(_I8, self.lanes),
+                                 [4 * (lane % 2) for lane in range(self.lanes)])
+            codes = builder.and_(builder.lshr(spread, shifts),
+                                 ir.Constant(ir.VectorType(_I8, self.lanes), 15))
+        return builder.uitofp(codes, self.vector)
+
+    def _masked_load(self, where: ir.Value, vector: ir.VectorType) -> ir.Value:
+        builder = self.builder
+        pointer = builder.bitcast(where, vector.as_pointer())
+        element_bytes = 2 if isinstance(vector.element, ir.IntType) else (
+            8 if isinstance(vector.element, ir.DoubleType) else 4)
+        if self.mask is None:
+            return builder.load(pointer, align=element_bytes)
+        suffix = (f"v{vector.count}i16" if isinstance(vector.element, ir.IntType)
+                  else f"v{vector.count}f{element_bytes * 8}")
+        function = _function(builder, f"llvm.masked.load.{suffix}.p0", vector,
+                             [pointer.type, _I32, self.mask.type, vector])
+        return builder.call(function, [pointer, ir.Constant(_I32, element_bytes), self.mask,
+                                       ir.Constant(vector, None)])
