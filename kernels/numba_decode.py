@@ -94,10 +94,10 @@ class Decoder:
         return builder.mul(col, ir.Constant(_I64, self.vector_bytes // self.lanes))
 
     def row_scale(self, row: ir.Value, weight: ir.Value | None) -> tuple[ir.Value, ir.Value]:
-        """Splatted ``(scale, bias)`` of the quantized row starting at ``row`` (``i8*``),
-        both multiplied by ``weight`` (a float scalar) when given."""
+        """``(scale, bias)`` of the quantized row starting at ``row`` (``i8*``), both
+        multiplied by ``weight`` (a float scalar) when given: the scale splatted across a
+        register, the bias a scalar."""
         builder = self.builder
-        element = self.vector.element
         if self.kind == "int8":
             where = builder.gep(row, [self.dim])
             pair = builder.bitcast(where, ir.VectorType(ir.FloatType(), 2).as_pointer())
@@ -113,8 +113,7 @@ class Decoder:
         bias = builder.extract_element(values, ir.Constant(_I32, 1))
         if weight is not None:
             scale, bias = builder.fmul(scale, weight), builder.fmul(bias, weight)
-        return _splat(builder, scale, self.vector), _splat(builder, bias, ir.VectorType(
-            element, self.lanes))
+        return _splat(builder, scale, self.vector), bias
 
     def load(self, base: ir.Value, vector: int) -> ir.Value:
         """Register ``vector`` of the row part starting at ``base`` (``i8*``): values for
@@ -133,23 +132,26 @@ class Decoder:
             wide = builder.zext(bits, ir.VectorType(_I32, self.lanes))
             wide = builder.shl(wide, ir.Constant(ir.VectorType(_I32, self.lanes), 16))
             return builder.bitcast(wide, self.vector)
+        words = ir.VectorType(_I32, self.lanes)
         if kind == "int8":
             codes = builder.load(builder.bitcast(where, ir.VectorType(_I8, self.lanes)
                                                  .as_pointer()), align=1)
+            wide = builder.zext(codes, words)
         else:
             half = self.lanes // 2
             pairs = builder.load(builder.bitcast(where, ir.VectorType(_I8, half).as_pointer()),
                                  align=1)
-            # Lane 2k and 2k + 1 both take byte k; even lanes keep its low nibble.
+            # Lanes 2k and 2k + 1 both take byte k; even lanes keep its low nibble. The
+            # shifts run on 32-bit lanes, which AVX2 shifts per lane (bytes it cannot).
             spread = builder.shuffle_vector(pairs, ir.Constant(pairs.type, ir.Undefined),
                                             ir.Constant(ir.VectorType(_I32, self.lanes),
                                                         [lane // 2 for lane in range(
                                                             self.lanes)]))
-            shifts = ir.Constant(ir.VectorType(_I8, self.lanes),
-                                 [4 * (lane % 2) for lane in range(self.lanes)])
-            codes = builder.and_(builder.lshr(spread, shifts),
-                                 ir.Constant(ir.VectorType(_I8, self.lanes), 15))
-        return builder.uitofp(codes, self.vector)
+            shifts = ir.Constant(words, [4 * (lane % 2) for lane in range(self.lanes)])
+            wide = builder.and_(builder.lshr(builder.zext(spread, words), shifts),
+                                ir.Constant(words, 15))
+        # Codes are small and positive: the signed conversion (one instruction) is exact.
+        return builder.sitofp(wide, self.vector)
 
     def _masked_load(self, where: ir.Value, vector: ir.VectorType) -> ir.Value:
         builder = self.builder

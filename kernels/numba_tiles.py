@@ -154,6 +154,7 @@ class _Tile:
         if not decoder.quantized:
             return loaded
         scale, bias = decoder.row_scale(row, None)
+        bias = _splat(builder, bias, self.vector)
         fma = _function(builder, f"llvm.fma.{self.suffix}", self.vector, [self.vector] * 3)
         return [builder.call(fma, [codes, scale, bias]) for codes in loaded]
 
@@ -175,6 +176,8 @@ class _Tile:
         accumulators = [cgutils.alloca_once(builder, self.vector) for _ in range(self.vectors)]
         self.invalid = cgutils.alloca_once(builder, _I64)
         builder.store(ir.Constant(_I64, 0), self.invalid)
+        self.biases = cgutils.alloca_once(builder, self.element)
+        builder.store(ir.Constant(self.element, 0), self.biases)
         self.rows = builder.extract_value(self.weight.shape, 0)
         first = self.start
         if self.op == "max":
@@ -226,14 +229,16 @@ class _Tile:
             if self.op == "weighted":
                 weight = builder.load(builder.gep(self.scale.data, [position]))
             if self.decoder.quantized and self.op != "max":
-                # FBGEMM's order: bias (times the weight) first, then one fused
-                # multiply-add of the codes by the scale (times the weight).
+                # One fused multiply-add of the codes by the scale (times the weight) a
+                # register; the row's bias (times the weight) goes to one scalar sum,
+                # added once at the end (FBGEMM adds it to every register, every row).
                 scale, bias = self.decoder.row_scale(row, weight)
                 base = builder.gep(row, [self.col_bytes])
                 for vector, accumulator in enumerate(accumulators):
                     codes = self.decoder.load(base, vector)
-                    total = builder.fadd(builder.load(accumulator), bias)
-                    builder.store(builder.call(fma, [codes, scale, total]), accumulator)
+                    builder.store(builder.call(fma, [codes, scale, builder.load(accumulator)]),
+                                  accumulator)
+                builder.store(builder.fadd(builder.load(self.biases), bias), self.biases)
                 return
             for accumulator, value in zip(accumulators, self.values(row), strict=True):
                 total = builder.load(accumulator)
@@ -254,6 +259,9 @@ class _Tile:
                            [builder.add(builder.mul(self.bag, out_stride),
                                         self.out_col_bytes)])
         totals = [builder.load(accumulator) for accumulator in accumulators]
+        if self.decoder.quantized and self.op != "max":
+            biases = _splat(builder, builder.load(self.biases), self.vector)
+            totals = [builder.fadd(total, biases) for total in totals]
         divide = builder.icmp_signed(">", self.divisor, ir.Constant(_I64, 1))
         with builder.if_else(divide, likely=False) as (mean, plain):
             with mean:
