@@ -222,7 +222,9 @@ def quantize_rows(block: npt.NDArray[np.floating], storage: StorageDtype
     if storage in ("float32", "float64"):
         return np.ascontiguousarray(block, dtype=_DATA_DTYPES[storage])
     if storage == "float16":
-        return values.astype(np.float16)
+        # Values beyond float16's range become infinite; loading refuses such tables.
+        with np.errstate(over="ignore"):
+            return values.astype(np.float16)
     if storage == "bfloat16":
         return float32_to_bfloat16(values)
     rows, dim = values.shape

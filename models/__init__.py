@@ -10,6 +10,7 @@ from models.checkpoints import (
 )
 from models.embedding_bag import EmbeddingBag
 from models.inputs import FlatBatch, InvalidInputError, flatten_inputs
+from models.tables import load_table
 
 __all__ = [
     "CheckpointError",
@@ -19,6 +20,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "flatten_inputs",
     "list_tensors",
+    "load_table",
     "read_checkpoint",
     "write_npy",
     "write_safetensors",

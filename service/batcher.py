@@ -143,6 +143,8 @@ class Batcher:
         self._batch_bags = metrics.batch_bags.labels(model.name)
         self._batch_ids = metrics.batch_ids.labels(model.name)
         self._compute_seconds = metrics.compute_seconds.labels(model.name)
+        metrics.table_bytes.labels(model.name, model.bag.table_dtype).set(
+            model.bag.table.nbytes)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(),

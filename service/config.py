@@ -7,6 +7,8 @@ checkpoint = "items.safetensors"   # relative to this file
 tensor = "weight"                  # key inside the checkpoint, when it holds several
 mode = "mean"                      # plus padding_idx, max_norm, norm_type, include_last_offset
 backend = "auto"                   # numpy | onnx | auto
+table_dtype = "int8"               # float32 (default) | float64 | float16 | bfloat16 | int8 | int4
+quantized_format = "byte_rowwise"  # already quantized: byte_rowwise | 4bit_rowwise
 ```
 """
 
@@ -17,6 +19,8 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from kernels.storage import QUANTIZED_FORMATS, STORAGE_DTYPES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,6 +55,7 @@ class ModelSpec:
     backend: str = "auto"
     device: str = "auto"
     table_dtype: str | None = None
+    quantized_format: str | None = None
     num_threads: int | None = None
 
 
@@ -60,7 +65,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "checkpoint": (str,), "tensor": (str,), "mode": (str,),
     "padding_idx": (int,), "max_norm": (int, float), "norm_type": (int, float),
     "include_last_offset": (bool,), "backend": (str,), "device": (str,),
-    "table_dtype": (str,), "num_threads": (int,),
+    "table_dtype": (str,), "quantized_format": (str,), "num_threads": (int,),
 }
 
 
@@ -84,6 +89,19 @@ def _spec(entry: Any, where: str, base: Path) -> ModelSpec:
         raise ConfigError(f"{where} ({name}): checkpoint is required")
     values = dict(entry)
     values["checkpoint"] = (base / entry["checkpoint"]).resolve()
+    if "table_dtype" in values and values["table_dtype"] not in STORAGE_DTYPES:
+        raise ConfigError(f"{where} ({name}): table_dtype must be one of "
+                          f"{', '.join(STORAGE_DTYPES)}; got {values['table_dtype']!r}")
+    if "quantized_format" in values:
+        stored = QUANTIZED_FORMATS.get(values["quantized_format"])
+        if stored is None:
+            raise ConfigError(f"{where} ({name}): quantized_format must be one of "
+                              f"{', '.join(QUANTIZED_FORMATS)}; got "
+                              f"{values['quantized_format']!r}")
+        if values.setdefault("table_dtype", stored) != stored:
+            raise ConfigError(f"{where} ({name}): quantized_format "
+                              f"{values['quantized_format']!r} holds {stored} rows; "
+                              f"table_dtype {values['table_dtype']!r} does not fit it")
     for key in ("max_norm", "norm_type"):
         if key in values:
             values[key] = float(values[key])

@@ -21,6 +21,7 @@ class Metrics:
     queue_seconds: Histogram
     compute_seconds: Histogram
     request_seconds: Histogram
+    table_bytes: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -44,4 +45,7 @@ class Metrics:
             request_seconds=Histogram("bagserve_request_seconds", "End-to-end time of "
                                       "answered inference requests", ["model"],
                                       buckets=_LATENCY, registry=registry),
+            table_bytes=Gauge("bagserve_model_table_bytes", "Bytes the model's table takes "
+                              "in memory, in its storage dtype", ["model", "table_dtype"],
+                              registry=registry),
         )

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models import EmbeddingBag, flatten_inputs, read_checkpoint
+from kernels.storage import storage_dtype, store
+from models import EmbeddingBag, flatten_inputs, load_table
 from service.config import DEMO_DIM, DEMO_ROWS, DEMO_SEED, ModelSpec
 from service.heap import release_freed_memory
 
@@ -38,7 +39,8 @@ class LoadedModel:
         """The public facts about the model (``GET /v1/models``)."""
         return {"id": self.name, "object": "model", "owned_by": "bagserve",
                 "dim": self.dim, "rows": self.bag.num_embeddings, "mode": self.bag.mode,
-                "dtype": str(self.bag.weight.dtype), "backend": self.bag.kernel.name,
+                "dtype": str(self.bag.compute_dtype), "table_dtype": self.bag.table_dtype,
+                "table_bytes": self.bag.table.nbytes, "backend": self.bag.kernel.name,
                 "provider": self.bag.provider, "padding_idx": self.bag.padding_idx,
                 "include_last_offset": self.bag.include_last_offset}
 
@@ -59,13 +61,16 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     started = time.perf_counter()
     source = "built-in demo table" if spec.checkpoint is None else str(spec.checkpoint)
     try:
-        table = (demo_table() if spec.checkpoint is None
-                 else read_checkpoint(spec.checkpoint, spec.tensor))
+        # Read straight into the table's storage: no float32 copy of a table kept in
+        # half precision or quantized.
+        table = (store(demo_table(), storage_dtype(spec.table_dtype or "float32"))
+                 if spec.checkpoint is None
+                 else load_table(spec.checkpoint, spec.tensor, table_dtype=spec.table_dtype,
+                                 quantized_format=spec.quantized_format))
         bag = EmbeddingBag.from_pretrained(
             table, mode=spec.mode, padding_idx=spec.padding_idx, max_norm=spec.max_norm,
             norm_type=spec.norm_type, include_last_offset=spec.include_last_offset,
-            backend=spec.backend, device=spec.device, table_dtype=spec.table_dtype,
-            num_threads=spec.num_threads)
+            backend=spec.backend, device=spec.device, num_threads=spec.num_threads)
         _check_finite(bag)
         warm_up(bag)
         release_freed_memory()
@@ -92,17 +97,18 @@ def warm_up(bag: EmbeddingBag) -> None:
     else:
         kernel(ids, offsets)
         if bag.mode == "sum":
-            kernel(ids, offsets, np.ones(4, dtype=bag.weight.dtype))
+            kernel(ids, offsets, np.ones(4, dtype=bag.compute_dtype))
     # The compiled per-request checks.
     flatten_inputs(ids, offsets[:-1], num_embeddings=bag.num_embeddings, mode=bag.mode)
 
 
 def _check_finite(bag: EmbeddingBag, rows_per_step: int = 1 << 16) -> None:
     """Refuse tables with NaN or infinite rows: every lookup touching one is garbage."""
-    weight = bag.weight
-    for start in range(0, weight.shape[0], rows_per_step):
-        block = weight[start : start + rows_per_step]
+    table = bag.table
+    for start, block in table.blocks(rows_per_step):
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             row = start + int(np.flatnonzero(~finite)[0])
-            raise ValueError(f"table row {row} holds NaN or infinite values")
+            hint = ("" if table.is_float else f" as stored in {table.storage} (a value beyond "
+                    f"{table.storage}'s range becomes infinite)")
+            raise ValueError(f"table row {row} holds NaN or infinite values{hint}")

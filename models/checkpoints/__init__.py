@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from kernels.storage import bfloat16_to_float32
 from models.checkpoints.atomic import atomic_write
 from models.checkpoints.entry import TensorEntry
 from models.checkpoints.errors import CheckpointError, UnsafeCheckpointError
@@ -30,6 +31,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "list_tensors",
     "read_checkpoint",
+    "select_tensor",
     "write_npy",
     "write_safetensors",
 ]
@@ -85,6 +87,38 @@ def _describe(entries: dict[str, TensorEntry]) -> str:
     return ", ".join(f"{name} ({e.dtype} {list(e.shape)})" for name, e in entries.items())
 
 
+def select_tensor(path: Path, entries: dict[str, TensorEntry], tensor: str | None,
+                  dtypes: tuple[str, ...], what: str) -> str:
+    """The name of the table to read: ``tensor`` when given, else the one 2-D tensor of
+    one of ``dtypes`` (``what`` names such tensors in errors, e.g. "2-D float tensor").
+
+    Raises:
+        CheckpointError: no such tensor (the message lists the available ones), several
+            candidates and no name, or the named tensor is not 2-D of those dtypes.
+    """
+    if tensor is not None:
+        if path.suffix.lower() == ".npy":
+            raise CheckpointError(f"{path}: a .npy file holds one unnamed array; do not pass "
+                                  f"tensor={tensor!r}")
+        if tensor not in entries:
+            raise CheckpointError(f"{path}: no tensor named {tensor!r}; available: "
+                                  f"{_describe(entries) or 'none'}")
+        name = tensor
+    else:
+        tables = [n for n, e in entries.items() if len(e.shape) == 2 and e.dtype in dtypes]
+        if len(tables) != 1:
+            which = f"no {what}" if not tables else f"several {what}s"
+            raise CheckpointError(f"{path}: holds {which}; pass tensor=NAME. Available: "
+                                  f"{_describe(entries) or 'none'}")
+        name = tables[0]
+    entry = entries[name]
+    label = f"tensor {name!r}" if name else "the array"
+    if len(entry.shape) != 2 or entry.dtype not in dtypes:
+        raise CheckpointError(f"{path}: {label} is {entry.dtype} {list(entry.shape)}; an "
+                              f"embedding table must be a {what}")
+    return name
+
+
 def read_checkpoint(path: str | os.PathLike[str],
                     tensor: str | None = None) -> npt.NDArray[np.floating[Any]]:
     """Read the embedding table of a checkpoint.
@@ -96,7 +130,8 @@ def read_checkpoint(path: str | os.PathLike[str],
 
     Returns:
         ``(num_embeddings, embedding_dim)`` float32 or float64, read-only and
-        memory-mapped where possible; float16 and bfloat16 tables are widened to float32.
+        memory-mapped where possible; float16 and bfloat16 tables are widened to float32
+        (:func:`models.load_table` keeps them as they are).
 
     Raises:
         CheckpointError: missing, corrupt or truncated file; no such tensor (the message
@@ -106,28 +141,11 @@ def read_checkpoint(path: str | os.PathLike[str],
     """
     path = Path(path)
     entries = list_tensors(path)
-    if tensor is not None:
-        if path.suffix.lower() == ".npy":
-            raise CheckpointError(f"{path}: a .npy file holds one unnamed array; do not pass "
-                                  f"tensor={tensor!r}")
-        if tensor not in entries:
-            raise CheckpointError(f"{path}: no tensor named {tensor!r}; available: "
-                                  f"{_describe(entries) or 'none'}")
-        name = tensor
-    else:
-        tables = [n for n, e in entries.items() if len(e.shape) == 2 and e.dtype in _TABLE_DTYPES]
-        if len(tables) != 1:
-            what = "no 2-D float tensor" if not tables else "several 2-D float tensors"
-            raise CheckpointError(f"{path}: holds {what}; pass tensor=NAME. Available: "
-                                  f"{_describe(entries) or 'none'}")
-        name = tables[0]
-    entry = entries[name]
-    label = f"tensor {name!r}" if name else "the array"
-    if len(entry.shape) != 2 or entry.dtype not in _TABLE_DTYPES:
-        raise CheckpointError(f"{path}: {label} is {entry.dtype} {list(entry.shape)}; an "
-                              "embedding table must be a 2-D float tensor")
+    entry = entries[select_tensor(path, entries, tensor, _TABLE_DTYPES, "2-D float tensor")]
     array = entry.load()
-    if array.dtype == np.float16:
+    if entry.dtype == "bfloat16":
+        array = bfloat16_to_float32(array)
+    elif array.dtype == np.float16:
         array = array.astype(np.float32)
     return np.ascontiguousarray(array)
 

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 
@@ -18,7 +17,7 @@ class TensorEntry:
         shape: the tensor's shape.
         dtype: the file's dtype name (``"float32"``, ``"bfloat16"``, ...).
         load: returns the array, memory-mapped where the format allows; bfloat16 comes
-            back as float32 (NumPy has no bfloat16).
+            back as its raw bit patterns, uint16 (NumPy has no bfloat16).
     """
 
     shape: tuple[int, ...]
@@ -26,6 +25,3 @@ class TensorEntry:
     load: Callable[[], npt.NDArray[Any]]
 
 
-def bfloat16_to_float32(bits: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
-    """Widen raw bfloat16 bit patterns to float32 (exact: bfloat16 is float32's top half)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.checkpoints.atomic import atomic_write
-from models.checkpoints.entry import TensorEntry, bfloat16_to_float32
+from models.checkpoints.entry import TensorEntry
 from models.checkpoints.errors import CheckpointError
 
 _MAX_HEADER = 100 * 1024 * 1024
@@ -84,19 +84,16 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
                                   f"offsets [{begin}, {end}] that do not fit the "
                                   f"{available} data bytes (truncated or corrupt file)")
         entries[name] = TensorEntry(shape, _NAMES.get(code, str(dtype.newbyteorder("="))),
-                                    _loader(path, start + begin, dtype, shape, code == "BF16"))
+                                    _loader(path, start + begin, dtype, shape))
     return entries
 
 
-def _loader(path: Path, offset: int, dtype: np.dtype[Any], shape: tuple[int, ...],
-            bf16: bool) -> Any:
+def _loader(path: Path, offset: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> Any:
     def load() -> npt.NDArray[Any]:
         if 0 in shape:
             array: npt.NDArray[Any] = np.zeros(shape, dtype=dtype)
         else:
             array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-        if bf16:
-            return bfloat16_to_float32(array)
         return array
 
     return load

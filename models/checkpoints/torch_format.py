@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.checkpoints.entry import TensorEntry, bfloat16_to_float32
+from models.checkpoints.entry import TensorEntry
 from models.checkpoints.errors import CheckpointError, UnsafeCheckpointError
 
 _STORAGE_DTYPES: dict[str, tuple[np.dtype[Any], str]] = {
@@ -221,8 +221,6 @@ def _loader(path: Path, info: zipfile.ZipInfo, tensor: _Tensor,
                 strides=tuple(s * dtype.itemsize for s in tensor.stride), writeable=False)
         if big_endian:
             array = array.astype(dtype.newbyteorder("="))
-        if tensor.storage.dtype_name == "bfloat16":
-            return bfloat16_to_float32(array)
         return array
 
     return load

@@ -74,7 +74,9 @@ async def model_metadata(request: Request, name: str, version: str | None = None
         "inputs": [{"name": "indices", "datatype": index, "shape": [-1]},
                    {"name": "offsets", "datatype": index, "shape": [-1]},
                    {"name": "per_sample_weights", "datatype": "FP32", "shape": [-1]}],
-        "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, model.dim]}]})
+        "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, model.dim]}],
+        "parameters": {"table_dtype": model.bag.table_dtype,
+                       "table_bytes": model.bag.table.nbytes}})
 
 
 @protected.get("/v2/models/{name}/ready", summary="Model readiness", responses=KSERVE_ERRORS)
