@@ -1,4 +1,5 @@
-"""``bagserve`` command line: ``serve`` the models, ``export`` one as ONNX / Triton."""
+"""``bagserve`` command line: ``serve`` the models, ``export`` one as ONNX / Triton,
+``quantize`` one into a smaller storage dtype."""
 
 from __future__ import annotations
 
@@ -41,6 +42,29 @@ def _export(args: argparse.Namespace) -> int:
         folder = export_triton(bag, args.triton_repository, name, weighted=args.weighted,
                                table_dtype=table_dtype)
         print(f"wrote Triton model {folder}")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from models import load_table
+    from models.quantize import quantize_checkpoint
+
+    source = load_table(args.checkpoint, args.tensor)
+    stored, fields, result = quantize_checkpoint(
+        source, args.dtype, args.output, mode=args.mode, bags=args.bags,
+        mean_length=args.bag_length, seed=args.seed)
+    ratio = stored.nbytes / source.nbytes
+    print(f"wrote {args.output}: {stored.rows:,} x {stored.dim} as {stored.storage}, "
+          f"{stored.nbytes:,} bytes ({ratio:.2f}x float32's {source.nbytes:,})")
+    print(f"accuracy on {result.bags} sampled bags (mode {result.mode}, ~{args.bag_length:g} "
+          f"ids each) against float32:")
+    print(f"  max abs error   {result.max_abs_error:.3g}")
+    print(f"  mean abs error  {result.mean_abs_error:.3g}")
+    print(f"  cosine          mean {result.mean_cosine:.6f}, min {result.min_cosine:.6f}")
+    print("serve it with:\n  [[models]]\n  name = \"...\"")
+    print(f'  checkpoint = "{args.output}"')
+    for key, value in fields.items():
+        print(f'  {key} = "{value}"')
     return 0
 
 
@@ -123,6 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add the per_sample_weights input (mode sum only)")
     export.add_argument("--fp16", action="store_true", help="store the table as float16")
     export.set_defaults(handler=_export)
+    quantize = commands.add_parser(
+        "quantize", help="store a float checkpoint as int8, int4, float16 or bfloat16 "
+        "(safetensors) and print what it costs in accuracy")
+    quantize.add_argument("checkpoint", type=Path, help="float table checkpoint "
+                          "(.safetensors, .npy, .npz, .pt, .pth, .bin)")
+    quantize.add_argument("--tensor", help="tensor name inside the checkpoint, when it holds "
+                          "several")
+    quantize.add_argument("--dtype", required=True,
+                          choices=["int8", "int4", "float16", "bfloat16"])
+    quantize.add_argument("--output", "-o", type=Path, required=True,
+                          help="the .safetensors file to write")
+    quantize.add_argument("--mode", default="mean", choices=["sum", "mean", "max"],
+                          help="pooling of the sampled bags the accuracy is measured on")
+    quantize.add_argument("--bags", type=int, default=1000, help="bags sampled (default 1000)")
+    quantize.add_argument("--bag-length", type=float, default=20.0,
+                          help="mean ids per sampled bag (Poisson; default 20)")
+    quantize.add_argument("--seed", type=int, default=0)
+    quantize.set_defaults(handler=_quantize)
     return parser
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,10 @@ def _loader(path: Path, offset: int, dtype: np.dtype[Any], shape: tuple[int, ...
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, npt.ArrayLike],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` to ``path`` atomically (a temporary file, then a rename).
+                      metadata: Mapping[str, str] | None = None,
+                      bfloat16: Collection[str] = ()) -> None:
+    """Write ``tensors`` to ``path`` atomically (a temporary file, then a rename). Tensors
+    named in ``bfloat16`` are uint16 bit patterns written as BF16.
 
     Raises:
         ValueError: a tensor's dtype has no safetensors code, or a name is empty.
@@ -110,6 +112,8 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, npt.Ar
     for name, value in tensors.items():
         array = np.ascontiguousarray(value)
         code = _CODES.get(array.dtype.newbyteorder("="))
+        if name in bfloat16:
+            code = "BF16" if array.dtype == np.uint16 else None
         if not name or code is None:
             raise ValueError(f"cannot write tensor {name!r} of dtype {array.dtype} to "
                              "safetensors")
