@@ -61,34 +61,103 @@ def _helpers() -> Any:
     return onnx, TensorProto, helper
 
 
-def element_types(table_dtype: npt.DTypeLike) -> tuple[int, int]:
-    """(table, compute) ONNX element types: float16 tables compute in float32.
+def element_types(table_dtype: Any) -> tuple[int, int]:
+    """(table, compute) ONNX element types of a storage (a NumPy float dtype or a storage
+    name): half and quantized tables compute in float32; int8 and int4 tables are uint8
+    codes (their scales and biases are separate float32 inputs).
 
     Raises:
-        ValueError: not float16, float32 or float64.
+        ValueError: not a storage the graphs serve.
     """
     _, tensor_proto, _ = _helpers()
-    dtype = np.dtype(table_dtype)
-    types = {np.dtype(np.float16): (tensor_proto.FLOAT16, tensor_proto.FLOAT),
-             np.dtype(np.float32): (tensor_proto.FLOAT, tensor_proto.FLOAT),
-             np.dtype(np.float64): (tensor_proto.DOUBLE, tensor_proto.DOUBLE)}
-    if dtype not in types:
-        raise ValueError(f"ONNX tables must be float16, float32 or float64; got {dtype}")
-    return types[dtype]
+    name = table_dtype if isinstance(table_dtype, str) and table_dtype in (
+        "bfloat16", "int8", "int4") else np.dtype(table_dtype).name
+    types = {"float16": (tensor_proto.FLOAT16, tensor_proto.FLOAT),
+             "float32": (tensor_proto.FLOAT, tensor_proto.FLOAT),
+             "float64": (tensor_proto.DOUBLE, tensor_proto.DOUBLE),
+             "bfloat16": (tensor_proto.BFLOAT16, tensor_proto.FLOAT),
+             "int8": (tensor_proto.UINT8, tensor_proto.FLOAT),
+             "int4": (tensor_proto.UINT8, tensor_proto.FLOAT)}
+    if name not in types:
+        raise ValueError(f"ONNX tables must be float16, bfloat16, float32, float64, int8 or "
+                         f"int4; got {table_dtype}")
+    return types[name]
 
 
-def _tail(nodes: list[Any], initializers: list[Any], mode: str, table_type: int,
+def quantized(table_dtype: Any) -> bool:
+    """Whether a storage's graph takes ``scales`` and ``biases`` inputs."""
+    return isinstance(table_dtype, str) and table_dtype in ("int8", "int4")
+
+
+def _decode(nodes: list[Any], initializers: list[Any], table_dtype: Any, dim: int,
+            rows: str, ids: str, compute: int) -> str:
+    """Nodes turning gathered stored rows ``[L, B, W]`` into values ``[L, B, D]``; returns
+    the values' name. int4 codes are split with integer Div/Mul/Sub (ops every execution
+    provider has) into low nibble first, then each code becomes ``code * scale + bias``
+    with the row's scale and bias gathered by ``ids``."""
+    _, tensor_proto, helper = _helpers()
+    node = helper.make_node
+    if not quantized(table_dtype):
+        table_type, _ = element_types(table_dtype)
+        if table_type == compute:
+            return rows
+        nodes.append(node("Cast", [rows], ["rows_wide"], to=compute))
+        return "rows_wide"
+    codes = rows
+    if table_dtype == "int4":
+        initializers += [helper.make_tensor("sixteen", tensor_proto.INT32, [], [16]),
+                         helper.make_tensor("last_axis", tensor_proto.INT64, [1], [-1]),
+                         helper.make_tensor("flat_codes", tensor_proto.INT64, [3],
+                                            [0, 0, -1])]
+        nodes += [node("Cast", [rows], ["packed32"], to=tensor_proto.INT32),
+                  node("Div", ["packed32", "sixteen"], ["high"]),
+                  node("Mul", ["high", "sixteen"], ["high16"]),
+                  node("Sub", ["packed32", "high16"], ["low"]),
+                  node("Unsqueeze", ["low", "last_axis"], ["low1"]),
+                  node("Unsqueeze", ["high", "last_axis"], ["high1"]),
+                  node("Concat", ["low1", "high1"], ["pairs"], axis=-1),
+                  node("Reshape", ["pairs", "flat_codes"], ["nibbles"])]
+        codes = "nibbles"
+        if dim % 2:
+            initializers += [helper.make_tensor("zero_col", tensor_proto.INT64, [1], [0]),
+                             helper.make_tensor("dim_col", tensor_proto.INT64, [1], [dim])]
+            nodes.append(node("Slice", [codes, "zero_col", "dim_col", "last_axis"],
+                              ["nibbles_cut"]))
+            codes = "nibbles_cut"
+    initializers.append(helper.make_tensor("axis_last", tensor_proto.INT64, [1], [-1]))
+    nodes += [node("Cast", [codes], ["codes_f"], to=compute),
+              node("Gather", ["scales", ids], ["row_scales"], axis=0),
+              node("Gather", ["biases", ids], ["row_biases"], axis=0),
+              node("Unsqueeze", ["row_scales", "axis_last"], ["row_scales3"]),
+              node("Unsqueeze", ["row_biases", "axis_last"], ["row_biases3"]),
+              node("Mul", ["codes_f", "row_scales3"], ["scaled"]),
+              node("Add", ["scaled", "row_biases3"], ["values"])]
+    return "values"
+
+
+def table_inputs(table_dtype: Any, dim: int) -> list[Any]:
+    """The graph inputs holding the table: ``table`` (``[rows, W]``) and, for int8 and
+    int4, ``scales`` and ``biases`` (``[rows]`` float32)."""
+    _, tensor_proto, helper = _helpers()
+    table_type, _ = element_types(table_dtype)
+    width = {"int8": dim, "int4": (dim + 1) // 2}.get(
+        table_dtype if isinstance(table_dtype, str) else "", dim)
+    inputs = [helper.make_tensor_value_info("table", table_type, ["rows", width])]
+    if quantized(table_dtype):
+        inputs += [helper.make_tensor_value_info(name, tensor_proto.FLOAT, ["rows"])
+                   for name in ("scales", "biases")]
+    return inputs
+
+
+def _tail(nodes: list[Any], initializers: list[Any], mode: str, table_dtype: Any, dim: int,
           compute: int, weighted: bool, output: str, *, ids: str = "ids",
           weights: str = "weights", counts: str = "counts") -> None:
-    """Append Gather -> (Cast) -> (Mul) -> Reduce -> (mean/max fix-up) nodes over ``[L, B]``
+    """Append Gather -> decode -> (Mul) -> Reduce -> (mean/max fix-up) nodes over ``[L, B]``
     ids (and weights, and counts for mean/max) read from the values named so."""
     onnx, tensor_proto, helper = _helpers()
     initializers.append(helper.make_tensor("axis0", tensor_proto.INT64, [1], [0]))
     nodes.append(helper.make_node("Gather", ["table", ids], ["gathered"], axis=0))
-    rows = "gathered"
-    if table_type != compute:
-        nodes.append(helper.make_node("Cast", [rows], ["rows32"], to=compute))
-        rows = "rows32"
+    rows = _decode(nodes, initializers, table_dtype, dim, "gathered", ids, compute)
     if weighted:
         initializers.append(helper.make_tensor("axis2", tensor_proto.INT64, [1], [2]))
         nodes.append(helper.make_node("Unsqueeze", [weights, "axis2"], ["weights3"]))
@@ -145,13 +214,12 @@ def padded_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *,
                  weighted: bool = False) -> Any:
     """The CUDA kernel's graph: one run over ``ids`` ``[L, B]``; see the module docstring.
     Returns an ``onnx.ModelProto``."""
-    _, _, helper = _helpers()
-    table_type, compute = element_types(table_dtype)
-    inputs = [helper.make_tensor_value_info("table", table_type, ["rows", dim]),
+    _, compute = element_types(table_dtype)
+    inputs = [*table_inputs(table_dtype, dim),
               *_padded_inputs(mode, compute, weighted, ["length", "bags"])]
     nodes: list[Any] = []
     initializers: list[Any] = []
-    _tail(nodes, initializers, mode, table_type, compute, weighted, "embeddings")
+    _tail(nodes, initializers, mode, table_dtype, dim, compute, weighted, "embeddings")
     return _model(nodes, initializers, inputs, dim, compute, f"embedding_bag_{mode}_padded")
 
 
@@ -166,20 +234,21 @@ def scanned_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *,
     the CPU EP than one run per chunk from Python). Returns an ``onnx.ModelProto``.
     """
     _, _, helper = _helpers()
-    table_type, compute = element_types(table_dtype)
+    _, compute = element_types(table_dtype)
     step_inputs = _padded_inputs(mode, compute, weighted, ["length", "bags"], prefix="step_")
     nodes: list[Any] = []
     initializers: list[Any] = []
-    _tail(nodes, initializers, mode, table_type, compute, weighted, "step_embeddings",
+    _tail(nodes, initializers, mode, table_dtype, dim, compute, weighted, "step_embeddings",
           ids="step_ids", weights="step_weights", counts="step_counts")
     body = helper.make_graph(
         nodes, "chunk", step_inputs,
         [helper.make_tensor_value_info("step_embeddings", compute, ["bags", dim])],
         initializers)
-    inputs = [helper.make_tensor_value_info("table", table_type, ["rows", dim]),
-              *_padded_inputs(mode, compute, weighted, ["chunks", "length", "bags"])]
-    scan = helper.make_node("Scan", [i.name for i in inputs[1:]], ["embeddings"],
-                            num_scan_inputs=len(inputs) - 1, body=body)
+    tables = table_inputs(table_dtype, dim)
+    inputs = [*tables, *_padded_inputs(mode, compute, weighted, ["chunks", "length", "bags"])]
+    scanned = [i.name for i in inputs[len(tables):]]
+    scan = helper.make_node("Scan", scanned, ["embeddings"], num_scan_inputs=len(scanned),
+                            body=body)
     return _model([scan], [], inputs, dim, compute, f"embedding_bag_{mode}_scanned",
                   leading=("chunks", "bags"))
 
@@ -196,7 +265,7 @@ def flat_model(table: npt.NDArray[Any], mode: str, *, padding_idx: int | None = 
     from onnx import numpy_helper
 
     sentinel = table.shape[0] - 1
-    table_type, compute = element_types(table.dtype)
+    _, compute = element_types(table.dtype)
     inputs = [helper.make_tensor_value_info("indices", tensor_proto.INT64, ["ids"]),
               helper.make_tensor_value_info("offsets", tensor_proto.INT64, ["bags"])]
     if weighted:
@@ -254,5 +323,5 @@ def flat_model(table: npt.NDArray[Any], mode: str, *, padding_idx: int | None = 
                   node("Not", ["is_sentinel"], ["is_real"]),
                   node("Cast", ["is_real"], ["real"], to=compute),
                   node("ReduceSum", ["real", "axis_a"], ["counts"], keepdims=0)]
-    _tail(nodes, init, mode, table_type, compute, weighted, "embeddings")
+    _tail(nodes, init, mode, table.dtype, table.shape[1], compute, weighted, "embeddings")
     return _model(nodes, init, inputs, table.shape[1], compute, f"embedding_bag_{mode}")

@@ -40,8 +40,14 @@ import numpy as np
 import numpy.typing as npt
 
 from kernels.base import FloatArray, IndexArray, TableSpec
-from kernels.onnx_graph import padded_model, scanned_model, with_sentinel
-from kernels.storage import StoredTable
+from kernels.onnx_graph import (
+    element_types,
+    padded_model,
+    scanned_model,
+    sentinel_value,
+    with_sentinel,
+)
+from kernels.storage import StoredTable, float32_to_bfloat16
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +175,30 @@ def _buckets(lengths: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
     return [nonempty[width == w] for w in np.unique(width)]
 
 
+def _host_arrays(spec: TableSpec, dtype: np.dtype[Any] | None) -> dict[str, npt.NDArray[Any]]:
+    """The graph's table inputs on the host, each with the sentinel row appended: ``table``
+    (floats in ``dtype``, bfloat16 bits, or int8/int4 codes) and, for int8 and int4,
+    ``scales`` and ``biases`` (float32; the sentinel's codes and scale are 0 and its bias
+    the neutral value, so it decodes to 0 or ``-inf``)."""
+    table = spec.table
+    if dtype is not None:
+        return {"table": with_sentinel(table.data, spec.mode, dtype)}
+    neutral = sentinel_value(spec.mode)
+    if table.storage == "bfloat16":
+        bits = float32_to_bfloat16(np.array([neutral], np.float32))
+        data = np.empty((table.rows + 1, table.dim), np.uint16)
+        data[:-1], data[-1] = table.data, bits[0]
+        return {"table": data}
+    width = table.dim if table.storage == "int8" else (table.dim + 1) // 2
+    codes = np.zeros((table.rows + 1, width), np.uint8)
+    codes[:-1] = table.data[:, :width]
+    pair = np.ascontiguousarray(table.data[:, width:]).view(
+        np.float32 if table.storage == "int8" else np.float16).astype(np.float32)
+    scales = np.append(pair[:, 0], np.float32(0))
+    biases = np.append(pair[:, 1], np.float32(neutral))
+    return {"table": codes, "scales": scales, "biases": biases}
+
+
 class OnnxKernel:
     """EmbeddingBag on ONNX Runtime.
 
@@ -196,13 +226,19 @@ class OnnxKernel:
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         stored = spec.table.data
-        if not np.issubdtype(stored.dtype, np.floating):
-            raise ValueError(f"the ONNX graphs serve float32, float64 and float16 tables; "
-                             f"this one is stored as {spec.table.storage}")
+        storage = spec.table.storage
+        if table_dtype is not None and not spec.table.is_float:
+            raise ValueError(f"table_dtype applies to float32/float64 tables; this one is "
+                             f"stored as {storage}")
         dtype = np.dtype(stored.dtype if table_dtype is None else table_dtype)
-        if dtype not in (np.float16, np.float32, np.float64):
-            raise ValueError(f"table_dtype must be float16, float32 or float64; got {dtype}")
-        self.table_dtype = dtype
+        if spec.table.is_float or storage == "float16":
+            if dtype not in (np.float16, np.float32, np.float64):
+                raise ValueError(f"table_dtype must be float16, float32 or float64; got "
+                                 f"{dtype}")
+            #: What the graph is built for: a NumPy dtype, or the storage's name.
+            self.table_dtype: Any = dtype
+        else:
+            self.table_dtype = storage
         self.compute_dtype = np.dtype(np.float64 if dtype == np.float64 else np.float32)
         if device == "auto":
             usable, reason = cuda_status(device_id)
@@ -220,17 +256,31 @@ class OnnxKernel:
         self.provider = CUDA if self.device == "cuda" else CPU
         self._sentinel = spec.num_embeddings
         self._padding = spec.padding_idx
-        host_table = with_sentinel(stored, spec.mode, dtype)
-        # The spec's table becomes a view of the uploaded host table: one copy in RAM.
-        self.spec = (TableSpec(StoredTable(host_table[:-1], spec.table.storage,
-                                           spec.embedding_dim), spec.mode, spec.padding_idx)
-                     if dtype == stored.dtype else spec)
+        self._row_bytes = (spec.table.row_bytes if isinstance(self.table_dtype, str)
+                           else spec.embedding_dim * dtype.itemsize)
+        self.spec = spec
+        host = _host_arrays(spec, dtype if not isinstance(self.table_dtype, str) else None)
+        if not isinstance(self.table_dtype, str) and dtype == stored.dtype:
+            # The spec's table becomes a view of the uploaded host table: one copy in RAM.
+            self.spec = TableSpec(StoredTable(host["table"][:-1], storage, spec.embedding_dim),
+                                  spec.mode, spec.padding_idx)
         ort = _ort()
-        if self.device == "cuda":
-            self._table = ort.OrtValue.ortvalue_from_numpy(host_table, "cuda", device_id)
-        else:
-            self._table = ort.OrtValue.ortvalue_from_numpy(host_table)
-            self._host_table = host_table  # the OrtValue borrows this memory
+        onnx_types = {"bfloat16": element_types("bfloat16")[0]}
+        self._inputs: dict[str, Any] = {}
+        if storage == "bfloat16" and self.device == "cuda":
+            # onnxruntime's Python API makes bfloat16 values on the host only.
+            raise ValueError("bfloat16 tables run on the ONNX CPU EP or the CPU kernel, not "
+                             "on CUDA: store the table as float16 there")
+        for name, array in host.items():
+            if name == "table" and storage == "bfloat16":
+                value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array,
+                                                                        onnx_types[storage])
+            elif self.device == "cuda":
+                value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
+            else:
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+            self._inputs[name] = value
+        self._host = host  # OrtValues on the CPU borrow this memory
         self._sessions: dict[bool, list[Any]] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -297,7 +347,7 @@ class OnnxKernel:
         ``(B,)``. CPU: each bucket cut into steps of about :data:`_CPU_STEP_BYTES` of
         gathered rows, the steps shared evenly among up to ``num_threads`` runs, layout
         ``(C, b)``: C steps of b bags, b chosen so the last step pads less than C bags."""
-        row_bytes = self.spec.embedding_dim * self.table_dtype.itemsize
+        row_bytes = self._row_bytes
         tasks: list[Task] = []
         for bags in _buckets(lengths):
             if self.device == "cuda":
@@ -334,7 +384,8 @@ class OnnxKernel:
                             per_sample_weights)
         session = self._session(per_sample_weights is not None, worker)
         binding = session.io_binding()
-        binding.bind_ortvalue_input("table", self._table)
+        for name, value in self._inputs.items():
+            binding.bind_ortvalue_input(name, value)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         if self.device == "cuda":
@@ -369,7 +420,9 @@ class OnnxKernel:
 
             def lay_out(values: npt.NDArray[Any], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
                 rows = values[block].reshape(*starts.shape, width).swapaxes(-1, -2)
-                return np.ascontiguousarray(rows, dtype=dtype)
+                # Always a copy: padding and sentinel ids are written into it, and a
+                # single-step layout would otherwise be the caller's own ids.
+                return np.array(rows, dtype=dtype, order="C")
         else:
             positions = starts[..., None, :] + steps  # [..., L, b]
 

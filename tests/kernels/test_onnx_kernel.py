@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import BackendError, TableSpec, make_kernel, onnx_kernel
+from kernels import BackendError, NumpyKernel, TableSpec, make_kernel, onnx_kernel
 from kernels.numba_kernel import NumbaKernel
 from kernels.onnx_graph import padded_model, scanned_model
 from kernels.onnx_kernel import CPU, CUDA, OnnxKernel, _buckets, cuda_status
+from kernels.storage import store
 
 CUDA_USABLE, CUDA_REASON = cuda_status()
 needs_cuda = pytest.mark.skipif(not CUDA_USABLE, reason=f"CUDA not usable: {CUDA_REASON}")
@@ -181,3 +182,34 @@ def test_cuda_golden_cases_match_torch() -> None:
         actual = kernel(batch.indices, batch.offsets, batch.per_sample_weights)
         expected = case.arrays["expected"]
         assert_close_to_bag(actual, expected, scale=np.abs(expected) + 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[1, 1, 1], [4], [2, 2]])
+def test_padding_never_writes_into_the_callers_ids(lengths: list[int]) -> None:
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    kernel = OnnxKernel(TableSpec(table, "sum", padding_idx=3), device="cpu")
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    ids = np.full(int(offsets[-1]), 3, np.int64)
+    ids[0] = 1
+    before = ids.copy()
+    kernel(ids, offsets)
+    np.testing.assert_array_equal(ids, before)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "int8", "int4"])
+def test_stored_tables_run_through_the_onnx_graphs(storage: str) -> None:
+    rng = np.random.default_rng(21)
+    stored = store(rng.standard_normal((60, 11)).astype(np.float32), storage)  # type: ignore[arg-type]
+    ids = rng.integers(0, 60, 40).astype(np.int64)
+    offsets = np.array([0, 5, 5, 17, 40], np.int64)
+    for mode in ("sum", "mean", "max"):
+        spec = TableSpec(stored, mode)  # type: ignore[arg-type]
+        kernel = make_kernel(spec, "onnx", device="cpu")
+        assert kernel.spec.table is stored  # no float copy of the table is kept
+        np.testing.assert_allclose(kernel(ids, offsets), NumpyKernel(spec)(ids, offsets),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_auto_serves_quantized_tables_on_the_cpu_kernel() -> None:
+    stored = store(np.ones((8, 8), np.float32), "int8")
+    assert make_kernel(TableSpec(stored, "sum"), "auto").name == "numba"

@@ -16,7 +16,7 @@ from tests.conftest import GoldenCase, assert_close_to_bag, load_golden, runner
 from tests.reference import reference_bag
 
 FIXTURES = Path(__file__).parents[1] / "golden" / "quantized.npz"
-CPU = ("api", "numba", "numpy")
+CPU = ("api", "numba", "numpy", "onnx")  # onnx: ONNX Runtime's CPU EP
 #: How far results may sit from PyTorch's, as a fraction of the bag's magnitude: quantized
 #: sums add the bias and the scaled codes in FBGEMM's order, 1e-5 (the storage issue's
 #: bound); everything else accumulates the same float32 values as PyTorch, 1e-6.
@@ -80,8 +80,11 @@ def test_every_mode_matches_embedding_bag_on_the_decoded_table(
     run = runner(implementation, GOLDEN[f"{name}/weight"], mode=mode,
                  include_last_offset="_last" in call, table_dtype=storage)
     actual, expected = run(*_call(name, call)), GOLDEN[key]
-    if mode == "max" or (storage in ("float16", "bfloat16") and "_weighted" not in call):
-        # The same float32 values, compared or added in the same order: bit for bit.
+    # The same float32 values, compared or added in the same order: bit for bit. (ONNX
+    # Runtime decodes int8 codes with a multiply, then an add: one rounding more.)
+    same_values = not (implementation == "onnx" and storage == "int8")
+    if same_values and (mode == "max" or (storage in ("float16", "bfloat16")
+                                          and "_weighted" not in call)):
         np.testing.assert_array_equal(actual, expected)
     assert_close_to_bag(actual, expected, rtol=TOLERANCE[storage])
 
