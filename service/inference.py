@@ -120,5 +120,13 @@ async def embed(request: Request, model_name: str, input: Any, offsets: Any = No
         if exc.status == 500:
             batcher.record("failed")
         raise
+    finite = np.isfinite(result.rows).all(axis=1)
+    if not finite.all():
+        # Finite inputs can still pool past float32 (huge weights, huge rows): JSON would
+        # carry null, binary clients an infinity. Name the first such bag instead.
+        batcher.record("invalid")
+        raise InvalidRequest(f"bag {int(np.flatnonzero(~finite)[0])} pools to values "
+                             "beyond float32's range (+-3.4e38); scale its "
+                             "per_sample_weights or rows down")
     batcher.record("ok", result, time.perf_counter() - started)
     return Answer(model, result, int(batch.indices.shape[0]))

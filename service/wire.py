@@ -75,9 +75,19 @@ def json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
-def _describe(value: Any) -> str:
-    text = orjson.dumps(value).decode() if not isinstance(value, (bytes, bytearray)) else "bytes"
-    return text if len(text) <= 40 else text[:37] + "..."
+def describe(value: Any, width: int = 40) -> str:
+    """A client's value, shortened for an error message; never raises (a value nested past
+    orjson's or repr's recursion limit is named, not shown), as JSON."""
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes"
+    try:
+        text = orjson.dumps(value).decode()
+    except (orjson.JSONEncodeError, RecursionError, TypeError):
+        text = f"a {type(value).__name__} nested too deep to show"
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+
 
 
 def _first_bad(values: list[Any], allowed: tuple[type, ...]) -> int:
@@ -87,10 +97,10 @@ def _first_bad(values: list[Any], allowed: tuple[type, ...]) -> int:
 def int_array(values: Any, field: str) -> npt.NDArray[np.int64]:
     """A flat JSON list of integers as int64; raises InvalidRequest naming the field."""
     if not isinstance(values, list):
-        raise InvalidRequest(f"{field} must be a list of integers; got {_describe(values)}")
+        raise InvalidRequest(f"{field} must be a list of integers; got {describe(values)}")
     if set(map(type, values)) - {int}:
         bad = _first_bad(values, (int,))
-        raise InvalidRequest(f"{field}[{bad}] must be an integer; got {_describe(values[bad])}")
+        raise InvalidRequest(f"{field}[{bad}] must be an integer; got {describe(values[bad])}")
     try:
         return np.array(values, dtype=np.int64)
     except OverflowError:
@@ -100,10 +110,10 @@ def int_array(values: Any, field: str) -> npt.NDArray[np.int64]:
 def float_array(values: Any, field: str) -> npt.NDArray[np.float32]:
     """A flat JSON list of finite numbers as float32; raises InvalidRequest."""
     if not isinstance(values, list):
-        raise InvalidRequest(f"{field} must be a list of numbers; got {_describe(values)}")
+        raise InvalidRequest(f"{field} must be a list of numbers; got {describe(values)}")
     if set(map(type, values)) - {int, float}:
         bad = _first_bad(values, (int, float))
-        raise InvalidRequest(f"{field}[{bad}] must be a number; got {_describe(values[bad])}")
+        raise InvalidRequest(f"{field}[{bad}] must be a number; got {describe(values[bad])}")
     array = np.array(values, dtype=np.float64)
     finite = np.abs(array) <= np.finfo(np.float32).max  # False for NaN, inf and overflow
     if not finite.all():
@@ -116,11 +126,11 @@ def ragged(values: Any, field: str, element: str = "integer"
            ) -> tuple[list[Any], npt.NDArray[np.int64]]:
     """Flatten a JSON list of lists; returns (flat values, ``[B + 1]`` offsets)."""
     if not isinstance(values, list):
-        raise InvalidRequest(f"{field} must be a list of lists; got {_describe(values)}")
+        raise InvalidRequest(f"{field} must be a list of lists; got {describe(values)}")
     if set(map(type, values)) - {list}:
         bad = _first_bad(values, (list,))
         raise InvalidRequest(f"{field}[{bad}] must be a list of {element}s; got "
-                             f"{_describe(values[bad])}")
+                             f"{describe(values[bad])}")
     offsets = np.zeros(len(values) + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=len(values)),
               out=offsets[1:])
@@ -151,7 +161,7 @@ def ragged_ints(values: Any, field: str) -> tuple[npt.NDArray[np.int64], npt.NDA
         if set(map(type, flat)) - {int}:
             bag, item = _ragged_position(offsets, _first_bad(flat, (int,)))
             raise InvalidRequest(f"{field}[{bag}][{item}] must be an integer; got "
-                                 f"{_describe(values[bag][item])}") from None
+                                 f"{describe(values[bag][item])}") from None
         raise
 
 

@@ -9,6 +9,7 @@ the JSON header and the tensors follow back to back, each input's size in its
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from fastapi.responses import Response
 from service.errors import InvalidRequest, ModelNotFound
 from service.inference import body_of, embed, require_api_key, service_state
 from service.schemas import KSERVE_ERRORS, KServeInferRequest, KServeInferResponse, json_body
-from service.wire import float_array, int_array, parse_json, ragged
+from service.wire import describe, float_array, int_array, parse_json, ragged
 
 router = APIRouter(tags=["kserve-v2"])
 protected = APIRouter(tags=["kserve-v2"], dependencies=[Depends(require_api_key)])
@@ -94,7 +95,8 @@ def _split(raw: bytes, request: Request) -> tuple[dict[str, Any], bytes]:
         header = parse_json(raw)
         tail = b""
     else:
-        if not declared.isdigit() or int(declared) > len(raw):
+        # ASCII digits only: str.isdigit() accepts "²", which int() refuses.
+        if not (declared.isascii() and declared.isdigit()) or int(declared) > len(raw):
             raise InvalidRequest(f"Inference-Header-Content-Length {declared!r} does not fit "
                                  f"a body of {len(raw)} bytes")
         header = parse_json(raw[: int(declared)])
@@ -102,6 +104,11 @@ def _split(raw: bytes, request: Request) -> tuple[dict[str, Any], bytes]:
     if not isinstance(header, dict):
         raise InvalidRequest("the inference request must be a JSON object")
     return header, tail
+
+
+#: The largest extent a KServe input's shape may declare. Far past any request limit, yet
+#: small enough that no product of two overflows 64 bits or allocates before those limits.
+MAX_DIMENSION = 2**31 - 1
 
 
 def _tensor(spec: Any, tail: bytes, position: int) -> tuple[str, npt.NDArray[Any], int]:
@@ -116,10 +123,10 @@ def _tensor(spec: Any, tail: bytes, position: int) -> tuple[str, npt.NDArray[Any
         raise InvalidRequest(f"input {name!r} must be {' or '.join(_ALLOWED[name])}; got "
                              f"{datatype!r}")
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
-            or not all(type(d) is int and d >= 0 for d in shape)):
-        raise InvalidRequest(f"input {name!r} needs a shape of 1 or 2 non-negative ints; "
-                             f"got {shape!r}")
-    count = int(np.prod(shape, dtype=np.int64))
+            or not all(type(d) is int and 0 <= d <= MAX_DIMENSION for d in shape)):
+        raise InvalidRequest(f"input {name!r} needs a shape of 1 or 2 ints in [0, "
+                             f"{MAX_DIMENSION}]; got {describe(shape, 60)}")
+    count = math.prod(shape)  # Python ints: no 64-bit overflow
     parameters = spec.get("parameters") or {}
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     dtype = _DTYPES[datatype]

@@ -14,6 +14,7 @@ from service.inference import body_of, embed, require_api_key, service_state
 from service.schemas import ERRORS, EmbedRequest, EmbedResponse, json_body
 from service.wire import (
     base64_rows,
+    describe,
     float_array,
     int_array,
     json_object,
@@ -35,7 +36,8 @@ def _parse(body: dict[str, Any]) -> tuple[Any, Any, Any, bool | None, str]:
                              f"{', '.join(sorted(_FIELDS))}")
     encoding = body.get("encoding", "float")
     if encoding not in ("float", "base64"):
-        raise InvalidRequest(f"encoding must be 'float' or 'base64'; got {encoding!r}")
+        shown = repr(encoding) if isinstance(encoding, str) else describe(encoding)
+        raise InvalidRequest(f"encoding must be 'float' or 'base64'; got {shown}")
     last = body.get("include_last_offset")
     if last is not None and not isinstance(last, bool):
         raise InvalidRequest(f"include_last_offset must be a boolean; got {last!r}")

@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from service.errors import InvalidRequest
 from service.inference import body_of, embed, require_api_key, service_state
 from service.schemas import ERRORS, OpenAIEmbeddingRequest, OpenAIEmbeddingResponse, json_body
-from service.wire import base64_rows, int_array, json_object, ragged_ints
+from service.wire import base64_rows, describe, int_array, json_object, ragged_ints
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 
@@ -49,7 +49,8 @@ async def embeddings(request: Request) -> Response:
         raise InvalidRequest("input is required")
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
-        raise InvalidRequest(f"encoding_format must be 'float' or 'base64'; got {encoding!r}")
+        shown = repr(encoding) if isinstance(encoding, str) else describe(encoding)
+        raise InvalidRequest(f"encoding_format must be 'float' or 'base64'; got {shown}")
     ids, offsets = _ids(body["input"])
     dimensions = body.get("dimensions")
     if dimensions is not None:

@@ -146,7 +146,7 @@ def test_kserve_lying_header_length_is_422(client: TestClient, lie: int) -> None
         ({"inputs": [{"name": "indices", "shape": [3], "datatype": "INT64", "data": [1]}]},
          "input 'indices' holds 1 values for shape [3]"),
         ({"inputs": [{"name": "indices", "shape": [-1], "datatype": "INT64", "data": [1]}]},
-         "needs a shape of 1 or 2 non-negative ints"),
+         "needs a shape of 1 or 2 ints in [0, 2147483647]"),
         ({"inputs": []}, "inputs must be a non-empty list"),
         ({"inputs": [{"name": "indices", "shape": [1], "datatype": "INT64", "data": [60]},
                      {"name": "offsets", "shape": [1], "datatype": "INT64", "data": [0]}]},

@@ -1,0 +1,71 @@
+"""Inputs that once answered 500 or garbage (the hardening issue's reproductions 1, 2, 3
+and 8): each is now a 422 that names the problem."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+
+def _with_deep(body: dict[str, Any], depth: int) -> bytes:
+    """``body`` as JSON with its ``"DEEP"`` value replaced by a list nested ``depth``
+    deep (built as text: JSON encoders stop short of such depths)."""
+    return json.dumps(body).replace('"DEEP"', "[" * depth + "1" + "]" * depth).encode()
+
+
+@pytest.mark.parametrize("declared", ["²", "1²", "¹³"])
+def test_non_ascii_digits_in_the_header_length_are_422(client: TestClient,
+                                                        declared: str) -> None:
+    # Header bytes are read as latin-1: "²" arrives as a character isdigit() accepts.
+    response = client.post("/v2/models/items/infer", content=b'{"inputs": []}',
+                           headers={"Inference-Header-Content-Length":
+                                    declared.encode("latin-1")})
+    assert response.status_code == 422, response.text
+    assert "Inference-Header-Content-Length" in response.json()["error"]
+
+
+@pytest.mark.parametrize("shape", [[4294967296, 4294967296], [2**62, 4], [10**12, 0],
+                                   [2**31]])
+@pytest.mark.parametrize("binary", [False, True])
+def test_kserve_shapes_past_any_limit_are_422(client: TestClient, shape: list[int],
+                                              binary: bool) -> None:
+    spec: dict[str, Any] = {"name": "indices", "datatype": "INT64", "shape": shape}
+    if binary:
+        spec["parameters"] = {"binary_data_size": 0}
+    else:
+        spec["data"] = []
+    response = client.post("/v2/models/items/infer", json={"inputs": [spec]})
+    assert response.status_code == 422, response.text
+    assert "needs a shape of 1 or 2 ints in [0, 2147483647]" in response.json()["error"]
+
+
+@pytest.mark.parametrize(("path", "field"), [
+    ("/v1/models/items/embed", "bags"), ("/v1/models/items/embed", "encoding"),
+    ("/v1/embeddings", "encoding_format"), ("/v2/models/items/infer", "shape")])
+@pytest.mark.parametrize("depth", [257, 1000])
+def test_deeply_nested_fields_are_422(client: TestClient, path: str, field: str,
+                                      depth: int) -> None:
+    deep = "DEEP"
+    body: dict[str, Any] = {
+        "bags": {"bags": deep},
+        "encoding": {"bags": [[1]], "encoding": deep},
+        "encoding_format": {"model": "items", "input": [1], "encoding_format": deep},
+        "shape": {"inputs": [{"name": "indices", "datatype": "INT64", "shape": deep,
+                              "data": [1]}]},
+    }[field]
+    response = client.post(path, content=_with_deep(body, depth),
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+
+
+def test_a_sum_that_overflows_float32_is_422_not_null(client: TestClient) -> None:
+    response = client.post("/v1/models/weighted/embed",
+                           json={"bags": [[1], [1, 1]],
+                                 "per_sample_weights": [[1.0], [3e38, 3e38]]})
+    assert response.status_code == 422, response.text
+    assert "bag 1 pools to values beyond float32's range" in response.json()["error"]["message"]
+    assert client.post("/v1/models/weighted/embed",
+                       json={"bags": [[1]], "per_sample_weights": [[2.0]]}).status_code == 200
