@@ -43,9 +43,21 @@ class FlatBatch:
         return int(self.offsets.shape[0]) - 1
 
 
+def _as_array(name: str, value: Any) -> npt.NDArray[Any]:
+    """``np.asarray(value)``, with a ragged nested list named instead of NumPy's error."""
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except ValueError:
+        raise InvalidInputError(
+            f"{name} is a ragged nested list (bags of different lengths); 2-D input needs "
+            "bags of one length: pass 1-D ids with offsets instead") from None
+
+
 def _integer_array(name: str, value: Any) -> npt.NDArray[np.int64]:
     """``value`` as an int64 array; raises if it holds anything but integers."""
-    array = np.asarray(value)
+    array = _as_array(name, value)
     if array.dtype == np.int64:  # the common case, checked cheaply
         return np.ascontiguousarray(array)
     if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
@@ -123,7 +135,7 @@ def _check_weights(per_sample_weights: Any, mode: Mode, shape: tuple[int, ...],
     if (type(weights) is np.ndarray and weights.dtype == dtype and weights.shape == shape
             and weights.flags.c_contiguous):  # the common case, checked cheaply
         return weights if weights.ndim == 1 else weights.reshape(-1)
-    weights = np.asarray(per_sample_weights)
+    weights = _as_array("per_sample_weights", per_sample_weights)
     if weights.size == 0 and weights.dtype == np.float64:
         weights = weights.astype(dtype)
     if not np.issubdtype(weights.dtype, np.floating):

@@ -17,10 +17,13 @@ def _add_table_options(parser: argparse.ArgumentParser) -> None:
                         ".npz, .pt, .pth, .bin)")
     parser.add_argument("--tensor", help="tensor name inside the checkpoint, when it holds "
                         "several")
-    parser.add_argument("--mode", default="mean", choices=["sum", "mean", "max"])
-    parser.add_argument("--padding-idx", type=int, default=None)
-    parser.add_argument("--max-norm", type=float, default=None)
-    parser.add_argument("--norm-type", type=float, default=2.0)
+    parser.add_argument("--mode", default="mean", choices=["sum", "mean", "max"],
+                        help="pooling")
+    parser.add_argument("--padding-idx", type=int, default=None,
+                        help="row id whose occurrences are skipped (default: none)")
+    parser.add_argument("--max-norm", type=float, default=None,
+                        help="renormalise rows whose norm exceeds this (default: none)")
+    parser.add_argument("--norm-type", type=float, default=2.0, help="p of the max-norm norm")
     parser.add_argument("--include-last-offset", action="store_true",
                         help="offsets input holds B+1 entries, the last equal to len(indices)")
 
@@ -116,12 +119,40 @@ def _ready(args: argparse.Namespace) -> int:
     return 0 if ready else 1
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Options show their defaults (unless unset or already named); epilogs keep their
+    line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False  # 0 is a default
+        if (not unset and action.default != argparse.SUPPRESS and "default" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def settings_help() -> str:
+    """Every setting with its environment variable, default and description, generated from
+    :class:`service.settings.Settings` (so the help cannot drift from it)."""
+    from service.settings import Settings
+
+    lines = ["settings (flags above override these environment variables):"]
+    for name, field in Settings.model_fields.items():
+        default = "none" if field.default is None else repr(field.default)
+        lines.append(f"  BAGSERVE_{name.upper()} (default {default})")
+        lines.append(f"      {field.description}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bagserve", description="Serve torch.nn.EmbeddingBag "
-                                     "tables over HTTP, without PyTorch.")
+                                     "tables over HTTP, without PyTorch.",
+                                     formatter_class=_Formatter)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the configured models (or the built-in "
-                                "demo model) over HTTP")
+                                "demo model) over HTTP", formatter_class=_Formatter,
+                                epilog=settings_help())
     serve.add_argument("--config", type=Path, default=None,
                        help="TOML file of [[models]] (env BAGSERVE_CONFIG); default: demo")
     serve.add_argument("--host", default=None, help="listen address (env BAGSERVE_HOST; "
@@ -132,12 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "the port and the memory-mapped tables (env BAGSERVE_WORKERS; default 1)")
     serve.set_defaults(handler=_serve)
     ready = commands.add_parser("ready", help="exit 0 if the local server is ready "
-                                "(for container health checks)")
+                                "(for container health checks)", formatter_class=_Formatter)
     ready.add_argument("--port", type=int, default=None, help="default: BAGSERVE_PORT or 8000")
-    ready.add_argument("--timeout", type=float, default=2.0)
+    ready.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the "
+                       "answer")
     ready.set_defaults(handler=_ready)
     export = commands.add_parser("export", help="write a standalone ONNX model and/or a "
-                                 "Triton model repository")
+                                 "Triton model repository", formatter_class=_Formatter)
     _add_table_options(export)
     export.add_argument("--output", "-o", type=Path, help="the .onnx file to write")
     export.add_argument("--triton-repository", type=Path,
@@ -149,21 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_export)
     quantize = commands.add_parser(
         "quantize", help="store a float checkpoint as int8, int4, float16 or bfloat16 "
-        "(safetensors) and print what it costs in accuracy")
+        "(safetensors) and print what it costs in accuracy", formatter_class=_Formatter)
     quantize.add_argument("checkpoint", type=Path, help="float table checkpoint "
                           "(.safetensors, .npy, .npz, .pt, .pth, .bin)")
     quantize.add_argument("--tensor", help="tensor name inside the checkpoint, when it holds "
                           "several")
     quantize.add_argument("--dtype", required=True,
-                          choices=["int8", "int4", "float16", "bfloat16"])
+                          choices=["int8", "int4", "float16", "bfloat16"],
+                          help="storage dtype to write")
     quantize.add_argument("--output", "-o", type=Path, required=True,
                           help="the .safetensors file to write")
     quantize.add_argument("--mode", default="mean", choices=["sum", "mean", "max"],
                           help="pooling of the sampled bags the accuracy is measured on")
-    quantize.add_argument("--bags", type=int, default=1000, help="bags sampled (default 1000)")
+    quantize.add_argument("--bags", type=int, default=1000, help="bags sampled")
     quantize.add_argument("--bag-length", type=float, default=20.0,
-                          help="mean ids per sampled bag (Poisson; default 20)")
-    quantize.add_argument("--seed", type=int, default=0)
+                          help="mean ids per sampled bag (Poisson lengths)")
+    quantize.add_argument("--seed", type=int, default=0, help="seed of the sampled bags")
     quantize.set_defaults(handler=_quantize)
     return parser
 
@@ -178,7 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.handler(args)
     except ValueError as exc:  # CheckpointError, invalid options: a message, no traceback
-        print(f"bagserve {args.command}: error: {exc}", file=sys.stderr)
+        # Library messages name the Python keyword; here it is a flag.
+        message = str(exc).replace("pass tensor=NAME", "pass --tensor NAME")
+        print(f"bagserve {args.command}: error: {message}", file=sys.stderr)
         return 2
     return status
 

@@ -141,3 +141,12 @@ def test_bad_constructor_arguments_are_named(kwargs: dict[str, Any], message: st
 def test_from_pretrained_rejects_non_tables(table: np.ndarray, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EmbeddingBag.from_pretrained(table)
+
+
+def test_ragged_nested_lists_are_named_not_numpys_error() -> None:
+    bag = EmbeddingBag.from_pretrained(np.ones((5, 2), np.float32), mode="sum")
+    with pytest.raises(InvalidInputError, match="input is a ragged nested list .* pass 1-D "
+                                                "ids with offsets instead"):
+        bag([[1, 2], [3]])
+    with pytest.raises(InvalidInputError, match="per_sample_weights is a ragged nested list"):
+        bag([[1, 2], [3, 4]], per_sample_weights=[[1.0], [2.0, 3.0]])
