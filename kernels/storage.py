@@ -166,8 +166,11 @@ class StoredTable:
             codes = codes[..., :dim]
             scale_bias = np.ascontiguousarray(data[..., -4:]).view(np.float16).astype(
                 np.float32)
-        # One fused multiply-add a value, as the kernels: codes * scale + bias.
-        return np.asarray(_fma(codes, scale_bias[..., :1], scale_bias[..., 1:]))
+        # One fused multiply-add a value, as the kernels: codes * scale + bias. Rows read
+        # in the wrong format can hold any bits: they decode to NaN or inf quietly, and
+        # loading refuses the table naming the row.
+        with np.errstate(all="ignore"):
+            return np.asarray(_fma(codes, scale_bias[..., :1], scale_bias[..., 1:]))
 
     def gather(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.floating]:
         """Rows ``ids`` (any shape, every id valid) decoded into a fresh array:

@@ -18,6 +18,7 @@ from kernels.storage import (
     store,
 )
 from models.checkpoints import CheckpointError, list_tensors, select_tensor
+from models.checkpoints.safetensors_format import safetensors_metadata
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -41,8 +42,17 @@ def load_table(path: str | os.PathLike[str], tensor: str | None = None, *,
     """
     path = Path(path)
     entries = list_tensors(path)
+    written = _written_format(path)
+    quantized = [f"{n} ({e.dtype} {list(e.shape)})" for n, e in entries.items()
+                 if e.dtype == "uint8" and len(e.shape) == 2]
+    floats = [f"{n} ({e.dtype} {list(e.shape)})" for n, e in entries.items()
+              if e.dtype in _FLOAT_DTYPES and len(e.shape) == 2]
     try:
         if quantized_format is None:
+            if tensor is None and quantized and not floats:
+                hint = written or "byte_rowwise or 4bit_rowwise"
+                raise StorageError(f"holds quantized rows ({', '.join(quantized)}) and no "
+                                   f"float table: serve it with quantized_format = {hint}")
             name = select_tensor(path, entries, tensor, _FLOAT_DTYPES, "2-D float tensor")
             entry = entries[name]
             source: Any = entry.load()
@@ -57,6 +67,13 @@ def load_table(path: str | os.PathLike[str], tensor: str | None = None, *,
         if table_dtype is not None and storage_dtype(table_dtype) != storage:
             raise StorageError(f"quantized_format {quantized_format!r} stores {storage} "
                                f"rows; table_dtype {table_dtype!r} does not fit it")
+        if written is not None and written != quantized_format:
+            raise StorageError(f"was written as {written} rows (its metadata says so); "
+                               f"quantized_format {quantized_format!r} does not fit it")
+        if tensor is None and floats and not quantized:
+            raise StorageError(f"holds a float table ({', '.join(floats)}), not "
+                               f"{quantized_format} rows: drop quantized_format "
+                               "(table_dtype alone quantizes a float table at load)")
         name = select_tensor(path, entries, tensor, ("uint8",), f"2-D uint8 tensor "
                              f"({quantized_format} rows)")
         codes = entries[name].load()
@@ -68,3 +85,11 @@ def load_table(path: str | os.PathLike[str], tensor: str | None = None, *,
         return prepacked(codes, quantized_format)
     except StorageError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _written_format(path: Path) -> str | None:
+    """The quantized_format a safetensors file says it was written in (``bagserve
+    quantize`` records it), if any."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    return safetensors_metadata(path).get("quantized_format")

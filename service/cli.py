@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,20 +53,34 @@ def _quantize(args: argparse.Namespace) -> int:
     from models import load_table
     from models.quantize import quantize_checkpoint
 
+    output: Path = args.output
+    if output.suffix.lower() != ".safetensors":
+        raise ValueError(f"--output must be a .safetensors file; got {str(output)!r}")
+    if not output.parent.is_dir():
+        raise ValueError(f"--output: folder {str(output.parent)!r} does not exist")
+    if args.bags < 1:
+        raise ValueError(f"--bags must be at least 1; got {args.bags}")
+    if not args.bag_length > 0:
+        raise ValueError(f"--bag-length must be a positive number; got {args.bag_length}")
     source = load_table(args.checkpoint, args.tensor)
     stored, fields, result = quantize_checkpoint(
-        source, args.dtype, args.output, mode=args.mode, bags=args.bags,
+        source, args.dtype, output, mode=args.mode, bags=args.bags,
         mean_length=args.bag_length, seed=args.seed)
     ratio = stored.nbytes / source.nbytes
-    print(f"wrote {args.output}: {stored.rows:,} x {stored.dim} as {stored.storage}, "
+    print(f"wrote {output}: {stored.rows:,} x {stored.dim} as {stored.storage}, "
           f"{stored.nbytes:,} bytes ({ratio:.2f}x float32's {source.nbytes:,})")
     print(f"accuracy on {result.bags} sampled bags (mode {result.mode}, ~{args.bag_length:g} "
           f"ids each) against float32:")
     print(f"  max abs error   {result.max_abs_error:.3g}")
     print(f"  mean abs error  {result.mean_abs_error:.3g}")
     print(f"  cosine          mean {result.mean_cosine:.6f}, min {result.min_cosine:.6f}")
-    print("serve it with:\n  [[models]]\n  name = \"...\"")
-    print(f'  checkpoint = "{args.output}"')
+    # Ready to paste: a valid name, the absolute path (configs resolve relative paths
+    # against their own folder), and the mode the accuracy was measured with.
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", output.stem).lstrip("._-") or "model"
+    print("serve it with:\n  [[models]]")
+    print(f'  name = "{name[:128]}"')
+    print(f'  checkpoint = "{output.resolve()}"')
+    print(f'  mode = "{args.mode}"')
     for key, value in fields.items():
         print(f'  {key} = "{value}"')
     return 0
@@ -210,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         status: int = args.handler(args)
-    except ValueError as exc:  # CheckpointError, invalid options: a message, no traceback
+    except (ValueError, OSError) as exc:  # bad files or options: a message, no traceback
         # Library messages name the Python keyword; here it is a flag.
         message = str(exc).replace("pass tensor=NAME", "pass --tensor NAME")
         print(f"bagserve {args.command}: error: {message}", file=sys.stderr)

@@ -109,6 +109,9 @@ def _check_finite(bag: EmbeddingBag, rows_per_step: int = 1 << 16) -> None:
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():
             row = start + int(np.flatnonzero(~finite)[0])
-            hint = ("" if table.is_float else f" as stored in {table.storage} (a value beyond "
-                    f"{table.storage}'s range becomes infinite)")
+            hint = ("" if table.is_float else
+                    f" as stored in {table.storage} (a value beyond its range becomes "
+                    f"infinite)" if not table.storage.startswith("int") else
+                    f" as stored in {table.storage} (from a NaN or infinite float value, or "
+                    "rows not in the quantized_format the config names)")
             raise ValueError(f"table row {row} holds NaN or infinite values{hint}")

@@ -56,6 +56,18 @@ def _header(path: Path) -> tuple[dict[str, Any], int, int]:
     return header, 8 + length, size - 8 - length
 
 
+def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file (empty when it has none).
+
+    Raises:
+        CheckpointError: not a safetensors file, or a corrupt header.
+    """
+    metadata = _header(Path(path))[0].get("__metadata__")
+    if not isinstance(metadata, dict):
+        return {}
+    return {str(key): str(value) for key, value in metadata.items()}
+
+
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
     """List the tensors of a safetensors file; each loads as a read-only memory map.
 

@@ -11,7 +11,7 @@ from kernels.storage import store
 from models import load_table, write_safetensors
 from models.quantize import accuracy, quantize_checkpoint
 from service.cli import main
-from service.config import ModelSpec
+from service.config import ModelSpec, load_config
 from service.registry import load_model
 
 
@@ -50,15 +50,51 @@ def test_odd_dims_cannot_be_written_as_4bit_rows(tmp_path: Path) -> None:
         quantize_checkpoint(source, "int4", tmp_path / "q.safetensors")
 
 
-def test_quantize_command_prints_size_accuracy_and_config(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "q.safetensors"
-    assert main(["quantize", str(_checkpoint(tmp_path)), "--dtype", "int8", "-o", str(out),
+def test_quantize_command_prints_size_accuracy_and_a_config_that_serves_as_pasted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = _checkpoint(tmp_path)
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", str(checkpoint), "--dtype", "int8", "-o", "out/q.int8.safetensors",
                  "--bags", "50", "--mode", "max"]) == 0
     printed = capsys.readouterr().out
     assert "300 x 16 as int8, 7,200 bytes (0.38x float32's 19,200)" in printed
     assert "accuracy on 50 sampled bags (mode max" in printed
-    assert 'quantized_format = "byte_rowwise"' in printed
+    config = printed.split("serve it with:\n", 1)[1]
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "models.toml").write_text(config)  # paths resolve from here
+    spec, = load_config(tmp_path / "elsewhere" / "models.toml")
+    assert (spec.name, spec.mode, spec.table_dtype) == ("q.int8", "max", "int8")
+    assert load_model(spec).bag.table_dtype == "int8"
     assert main(["quantize", str(tmp_path / "none.safetensors"), "--dtype", "int8", "-o",
-                 str(out)]) == 2
+                 "x.safetensors"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["-o", "q.npy"], "--output must be a .safetensors file; got 'q.npy'"),
+    (["-o", "missing/q.safetensors"], "--output: folder 'missing' does not exist"),
+    (["-o", "q.safetensors", "--bags", "0"], "--bags must be at least 1; got 0"),
+    (["-o", "q.safetensors", "--bag-length", "-3"],
+     "--bag-length must be a positive number; got -3.0"),
+])
+def test_quantize_refuses_bad_options_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        options: list[str], message: str) -> None:
+    checkpoint = _checkpoint(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["quantize", str(checkpoint), "--dtype", "int8", *options]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+
+
+def test_written_checkpoints_are_readable_by_other_users(tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_safetensors(tmp_path / "t.safetensors", {"w": np.ones((2, 2), np.float32)})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644

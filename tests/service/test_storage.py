@@ -120,8 +120,8 @@ def test_bad_storage_config_is_named(tmp_path: Path, fields: str, message: str) 
 def test_a_file_that_cannot_be_the_format_is_refused_at_start_up(tmp_path: Path) -> None:
     path = tmp_path / "f.safetensors"
     write_safetensors(path, {"w": table()})
-    with pytest.raises(ModelLoadError, match=r"model 'q' \(.*f\.safetensors\): .*holds no "
-                                             r"2-D uint8 tensor \(byte_rowwise rows\)"):
+    with pytest.raises(ModelLoadError, match=r"model 'q' \(.*f\.safetensors\): .*holds a "
+                                             r"float table .*not byte_rowwise rows"):
         load_model(ModelSpec(name="q", checkpoint=path, quantized_format="byte_rowwise"))
     write_safetensors(path, {"w": np.zeros((4, 6), np.uint8)})
     with pytest.raises(CheckpointError, match=r"f\.safetensors: a byte_rowwise table is uint8 "
@@ -137,3 +137,23 @@ def test_values_beyond_float16_are_refused_with_the_reason(tmp_path: Path) -> No
                                              "stored in float16"):
         load_model(ModelSpec(name="m", checkpoint=tmp_path / "big.safetensors",
                              table_dtype="float16"))
+
+
+def test_misread_formats_get_the_right_advice(tmp_path: Path) -> None:
+    from models.quantize import write_stored
+
+    quantized = tmp_path / "q.safetensors"
+    write_stored(store(table(), "int8"), quantized)
+    with pytest.raises(CheckpointError, match=r"holds quantized rows \(weight \(uint8 "
+                                              r"\[50, 16\]\)\) and no float table: serve it "
+                                              r"with quantized_format = byte_rowwise"):
+        load_table(quantized, table_dtype="int8")
+    with pytest.raises(CheckpointError, match="was written as byte_rowwise rows .*"
+                                              "quantized_format '4bit_rowwise' does not fit"):
+        load_table(quantized, quantized_format="4bit_rowwise")
+    floats = tmp_path / "f.safetensors"
+    write_safetensors(floats, {"weight": table()})
+    with pytest.raises(CheckpointError, match=r"holds a float table \(weight \(float32 "
+                                              r"\[50, 8\]\)\), not byte_rowwise rows: drop "
+                                              "quantized_format"):
+        load_table(floats, quantized_format="byte_rowwise")
