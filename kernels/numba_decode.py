@@ -153,6 +153,20 @@ class Decoder:
         # Codes are small and positive: the signed conversion (one instruction) is exact.
         return builder.sitofp(wide, self.vector)
 
+    def load_pair(self, base: ir.Value, pair: int) -> list[ir.Value]:
+        """int4: registers ``2 * pair`` and ``2 * pair + 1`` of the row part at ``base``
+        (``i8*``) from one 8-byte load, as codes of the even columns and of the odd ones
+        (``[c0, c2, ..., c14]``, ``[c1, c3, ..., c15]``)."""
+        builder = self.builder
+        words = ir.VectorType(_I32, self.lanes)
+        where = builder.gep(base, [ir.Constant(_I64, pair * 2 * self.vector_bytes)])
+        packed = builder.load(builder.bitcast(where, ir.VectorType(_I8, self.lanes)
+                                              .as_pointer()), align=1)
+        wide = builder.zext(packed, words)
+        low = builder.and_(wide, ir.Constant(words, 15))
+        high = builder.lshr(wide, ir.Constant(words, 4))
+        return [builder.sitofp(low, self.vector), builder.sitofp(high, self.vector)]
+
     def _masked_load(self, where: ir.Value, vector: ir.VectorType) -> ir.Value:
         builder = self.builder
         pointer = builder.bitcast(where, vector.as_pointer())

@@ -125,6 +125,11 @@ class _Tile:
         self.decoder = numba_decode.Decoder(builder, numba_decode.kind_of(weight_type.dtype),
                                             self.vector, self.mask, dim)
         self.col_bytes = self.decoder.column_bytes(self.col)
+        #: int4 tiles of whole register pairs read 8 bytes (16 codes) at once and keep even
+        #: and odd columns in separate registers (no shuffle per row; one per bag at the
+        #: end, in :meth:`write`).
+        self.paired = (self.decoder.kind == "int4" and not masked and vectors % 2 == 0
+                       and self.vector.count == 8)
         self.out_col_bytes = builder.mul(self.col, ir.Constant(_I64, self.itemsize))
         self.row_stride = builder.extract_value(self.weight.strides, 0)
         self.table = builder.bitcast(self.weight.data, _I8P)
@@ -144,13 +149,24 @@ class _Tile:
         return builder.bitcast(builder.gep(base, [ir.Constant(_I64, vector * _VECTOR_BYTES)]),
                                self.vector.as_pointer())
 
-    def values(self, row: ir.Value, scale: ir.Value | None = None) -> list[ir.Value]:
+    def loads(self, base: ir.Value) -> list[ir.Value]:
+        """This tile's registers of the row part at ``base``, in accumulator order (see
+        :attr:`paired`)."""
+        decoder = self.decoder
+        if not self.paired:
+            return [decoder.load(base, vector) for vector in range(self.vectors)]
+        registers: list[ir.Value] = []
+        for pair in range(self.vectors // 2):
+            registers += decoder.load_pair(base, pair)
+        return registers
+
+    def values(self, row: ir.Value) -> list[ir.Value]:
         """This tile's registers of the row starting at ``row``, decoded to values (a
         quantized code ``q`` becomes ``fma(q, scale, bias)``, as the dequantized table)."""
         builder = self.builder
         decoder = self.decoder
         base = builder.gep(row, [self.col_bytes])
-        loaded = [decoder.load(base, vector) for vector in range(self.vectors)]
+        loaded = self.loads(base)
         if not decoder.quantized:
             return loaded
         scale, bias = decoder.row_scale(row, None)
@@ -234,8 +250,7 @@ class _Tile:
                 # added once at the end (FBGEMM adds it to every register, every row).
                 scale, bias = self.decoder.row_scale(row, weight)
                 base = builder.gep(row, [self.col_bytes])
-                for vector, accumulator in enumerate(accumulators):
-                    codes = self.decoder.load(base, vector)
+                for accumulator, codes in zip(accumulators, self.loads(base), strict=True):
                     builder.store(builder.call(fma, [codes, scale, builder.load(accumulator)]),
                                   accumulator)
                 builder.store(builder.fadd(builder.load(self.biases), bias), self.biases)
@@ -262,6 +277,17 @@ class _Tile:
         if self.decoder.quantized and self.op != "max":
             biases = _splat(builder, builder.load(self.biases), self.vector)
             totals = [builder.fadd(total, biases) for total in totals]
+        if self.paired:
+            # Back from (even columns, odd columns) to column order.
+            lanes = self.vector.count
+            low = [k // 2 + (lanes if k % 2 else 0) for k in range(lanes)]
+            high = [lane + lanes // 2 for lane in low]
+            ordered = []
+            for even, odd in zip(totals[0::2], totals[1::2], strict=True):
+                for mask in (low, high):
+                    ordered.append(builder.shuffle_vector(
+                        even, odd, ir.Constant(ir.VectorType(_I32, lanes), mask)))
+            totals = ordered
         divide = builder.icmp_signed(">", self.divisor, ir.Constant(_I64, 1))
         with builder.if_else(divide, likely=False) as (mean, plain):
             with mean:
