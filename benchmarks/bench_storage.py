@@ -1,6 +1,6 @@
 """Storage dtypes: kernel speed next to torch's quantized ops, and a server's memory.
 
-    python benchmarks/bench_storage.py [--threads 2] [--rows 1000000] [--dim 128]
+    python benchmarks/bench_storage.py [--threads 2] [--rows 1000000] [--dims 128,...]
     python benchmarks/bench_storage.py --memory [--rows 1000000] [--dim 128]
 
 Default: sum over the same Zipf-skewed ids (Poisson bag lengths, mean 20) from one table
@@ -73,23 +73,30 @@ def _torch_calls(weight: np.ndarray, sets: list[tuple[np.ndarray, np.ndarray]]
 
 
 def run_kernels(args: argparse.Namespace) -> None:
+    print("| table | cache | bags | impl | bytes/row | ms | bags/s | x torch same dtype | "
+          "x our float32 |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    for dim in (int(d) for d in args.dims.split(",")):
+        # At most 512 MiB as float32 (past the L3 whatever the dim).
+        _run_table(args, min(args.rows, (512 << 20) // (4 * dim)), dim)
+
+
+def _run_table(args: argparse.Namespace, rows: int, dim: int) -> None:
     import numba
     import torch
 
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
-    weight = np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32)
+    weight = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
     kernels = {storage: NumbaKernel(TableSpec(store(weight, storage), "sum"),
                                     num_threads=args.threads) for storage in STORAGES}
     flow = traffic.Traffic("zipf1.1", "poisson", 20)
-    print(f"# {platform.machine()}, {args.threads} threads, table {args.rows:,} x {args.dim} "
+    label = f"{rows:,} x {dim}"
+    print(f"# {platform.machine()}, {args.threads} threads, table {label} "
           f"({weight.nbytes / 2**20:.0f} MiB as float32), {time.strftime('%Y-%m-%d')}")
-    print("| cache | bags | impl | bytes/row | ms | bags/s | x torch same dtype | "
-          "x our float32 |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for bags in (int(b) for b in args.bags.split(",")):
         for hot in (True, False):
-            source = traffic.IdSource(flow.ids, args.rows, bags)
+            source = traffic.IdSource(flow.ids, rows, bags)
             sets = []
             for _ in range(1 if hot else 8):
                 ids, starts, _ = traffic.batch(source, flow, bags)
@@ -107,8 +114,8 @@ def run_kernels(args: argparse.Namespace) -> None:
                           else "")
                 ours = (f"{seconds['ours float32'] / value:.2f}" if name.startswith("ours")
                         else "")
-                print(f"| {'hot' if hot else 'cold'} | {bags} | {name} | "
-                      f"{row_bytes(storage, args.dim)} | {value * 1e3:.4f} | "  # type: ignore[arg-type]
+                print(f"| {label} | {'hot' if hot else 'cold'} | {bags} | {name} | "
+                      f"{row_bytes(storage, dim)} | {value * 1e3:.4f} | "  # type: ignore[arg-type]
                       f"{bags / value:,.0f} | {versus} | {ours} |", flush=True)
 
 
@@ -181,7 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--dim", type=int, default=128, help="--memory: the table's dim")
+    parser.add_argument("--dims", default="128", help="kernel table dims")
     parser.add_argument("--bags", default="256,2048,16384")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--memory", action="store_true", help="server memory per dtype")
