@@ -234,7 +234,9 @@ def _parallel_loops(stamp):
     # Each of ``chunks`` (1 <= chunks <= num_bags; the caller passes its thread count:
     # numba's get_num_threads() in here would stop the cache) runs the serial loop over
     # one contiguous run of bags: numba's parallel loops need reference counting, which
-    # the per-bag loops must not have.
+    # the per-bag loops must not have. Four drivers written out, not one factory: a
+    # factory's closure would hold the serial loop's dispatcher, which pickles differently
+    # in every process, and numba's cache would then never hit.
     jit = numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
 
     @jit

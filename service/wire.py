@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from service.errors import BodyTooLarge, InvalidRequest, RequestTimeout
+from service.errors import BodyTooLarge, ClientDisconnected, InvalidRequest, RequestTimeout
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
@@ -47,6 +47,10 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
             if size > limit:
                 raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
+    except ClientDisconnect:
+        # The client went away mid-body: nothing to answer, nothing to log as a fault.
+        raise ClientDisconnected("client closed the connection while sending the "
+                                 "body") from None
     except asyncio.CancelledError:
         if not expired:
             raise

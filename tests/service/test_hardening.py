@@ -1,13 +1,19 @@
 """Inputs that once answered 500 or garbage (the hardening issue's reproductions 1, 2, 3
-and 8): each is now a 422 that names the problem."""
+and 8): each is now a 422 that names the problem; and a client leaving mid-body (7) is no
+error."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.service.conftest import default_models
 
 
 def _with_deep(body: dict[str, Any], depth: int) -> bytes:
@@ -69,3 +75,32 @@ def test_a_sum_that_overflows_float32_is_422_not_null(client: TestClient) -> Non
     assert "bag 1 pools to values beyond float32's range" in response.json()["error"]["message"]
     assert client.post("/v1/models/weighted/embed",
                        json={"bags": [[1]], "per_sample_weights": [[2.0]]}).status_code == 200
+
+
+def test_a_client_leaving_mid_body_is_no_error_in_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(Settings(), models=default_models())
+    messages = iter([{"type": "http.request", "body": b'{"bags": [[1', "more_body": True},
+                     {"type": "http.disconnect"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/models/items/embed",
+             "raw_path": b"/v1/models/items/embed", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"host", b"test")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+
+    with caplog.at_level("INFO"):
+        asyncio.run(run())
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert sent and sent[0]["status"] == 499
