@@ -7,6 +7,7 @@ is a :class:`CheckpointError` that names the file.
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from functools import partial
@@ -49,14 +50,47 @@ def _read_npy(path: Path) -> dict[str, TensorEntry]:
 
 
 def _read_npz(path: Path) -> dict[str, TensorEntry]:
+    """List an .npz archive's arrays from their headers; each loads when asked. A member
+    whose header declares more bytes than the member holds is refused before anything is
+    allocated (a tiny file must not claim a terabyte table)."""
+    entries: dict[str, TensorEntry] = {}
     try:
-        # Opened here so the handle is closed even when NumPy rejects the file.
-        with path.open("rb") as file, np.load(file, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = info.filename[: -len(".npy")]
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise CheckpointError(f"{path}: array {name!r} is in .npy format "
+                                              f"version {version}, which is not read")
+                    shape, _, dtype = read_header(member)
+                if dtype.hasobject:
+                    raise CheckpointError(f"{path}: array {name!r} holds Python objects "
+                                          "(pickles are not read)")
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > info.file_size:
+                    raise CheckpointError(
+                        f"{path}: array {name!r} declares shape {list(shape)} ({declared:,} "
+                        f"bytes) but its member holds {info.file_size:,} bytes (corrupt "
+                        "file)")
+                entries[name] = TensorEntry(tuple(shape), str(dtype),
+                                            partial(_npz_member, path, name))
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated .npz file: {exc}") from None
-    return {name: TensorEntry(array.shape, str(array.dtype), partial(_same, array))
-            for name, array in arrays.items()}
+    return entries
+
+
+def _npz_member(path: Path, name: str) -> npt.NDArray[Any]:
+    try:
+        with path.open("rb") as file, np.load(file, allow_pickle=False) as archive:
+            array: npt.NDArray[Any] = archive[name]
+            return array
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated .npz file: {exc}") from None
 
 
 def _same(array: npt.NDArray[Any]) -> npt.NDArray[Any]:

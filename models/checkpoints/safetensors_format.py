@@ -9,6 +9,7 @@ table costs no copy and is shared between worker processes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Collection, Mapping
@@ -89,7 +90,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, TensorEntry]:
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors entry for tensor {name!r}: "
                                   f"{info!r}") from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
         if min(shape, default=0) < 0 or not 0 <= begin <= end <= available \
                 or end - begin != nbytes:
             raise CheckpointError(f"{path}: tensor {name!r} ({code} {list(shape)}) has data "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import math
 import os
 import pickle
 import re
@@ -122,15 +123,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _Storage(key, dtype, dtype_name)
 
 
-def _flatten(value: Any, prefix: str, out: dict[str, _Tensor]) -> None:
+def _flatten(value: Any, prefix: str, out: dict[str, _Tensor],
+             seen: set[int] | None = None) -> None:
+    """Collect the tensors of a container tree under dotted names. Each container is
+    walked once: a pickle can share one container many times over (40 levels of two
+    shared references each are 2**40 paths), and walking every path never ends."""
+    seen = set() if seen is None else seen
     if isinstance(value, _Tensor):
-        out[prefix or "tensor"] = value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            _flatten(item, f"{prefix}.{index}" if prefix else str(index), out)
+        out.setdefault(prefix or "tensor", value)
+        return
+    if not isinstance(value, (dict, list, tuple)) or id(value) in seen:
+        return
+    seen.add(id(value))
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        _flatten(item, f"{prefix}.{key}" if prefix else str(key), out, seen)
 
 
 def _member_offset(path: Path, info: zipfile.ZipInfo) -> int:
@@ -213,6 +220,15 @@ def _loader(path: Path, info: zipfile.ZipInfo, tensor: _Tensor,
                 f"{path}: tensor of shape {list(tensor.shape)} at offset {tensor.offset} "
                 f"with strides {list(tensor.stride)} does not fit its storage of {count} "
                 "elements (truncated or corrupt file)")
+        repeated = any(s == 0 and n > 1 for n, s in zip(tensor.shape, tensor.stride,
+                                                        strict=True))
+        if 0 not in tensor.shape and (repeated or math.prod(tensor.shape) > count):
+            # A view repeating its storage (stride 0, or overlapping strides) would expand
+            # a few stored bytes into a table of any size.
+            raise CheckpointError(
+                f"{path}: tensor of shape {list(tensor.shape)} with strides "
+                f"{list(tensor.stride)} repeats its storage of {count} elements; expanded "
+                "(stride-0 or overlapping) tensors are refused: save a contiguous copy")
         if 0 in tensor.shape:
             array: npt.NDArray[Any] = np.zeros(tensor.shape, dtype=dtype)
         else:

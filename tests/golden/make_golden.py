@@ -5,6 +5,7 @@
 Writes, next to this file:
 - ``cases.json`` + ``cases.npz``: EmbeddingBag calls and ``torch.nn.EmbeddingBag``'s
   outputs (every mode and option, 1-D and 2-D input, empty bags, float32 and float64);
+- ``checkpoints/hostile/``: tiny files that claim huge or endlessly nested tables;
 - ``checkpoints/``: small ``torch.save`` files (state dict, nested, bare tensor,
   non-contiguous, bfloat16, float16, compressed) and their expected tables.
 """
@@ -146,6 +147,21 @@ def make_checkpoints() -> None:
     print(f"wrote {len(expected)} checkpoints")
 
 
+def make_hostile() -> None:
+    """``checkpoints/hostile/``: small torch.save files that must be refused quickly."""
+    folder = HERE / "checkpoints" / "hostile"
+    folder.mkdir(parents=True, exist_ok=True)
+    # One stored row viewed as 10**12 rows (stride 0): 512 bytes claiming 512 TB.
+    torch.save({"weight": torch.zeros(1, 128).expand(10**12, 128)}, folder / "expanded.pt")
+    # One container shared twice at each of 40 levels: 2**40 paths to one tensor.
+    tree: object = [torch.ones(3, 2)]
+    for _ in range(40):
+        tree = [tree, tree]
+    torch.save({"tree": tree}, folder / "shared.pt")
+    print("wrote hostile checkpoints")
+
+
 if __name__ == "__main__":
     make_cases()
     make_checkpoints()
+    make_hostile()

@@ -265,3 +265,53 @@ def test_from_checkpoint_builds_a_working_bag(tmp_path: Path, table: np.ndarray)
     write_safetensors(path, {"weight": table})
     bag = EmbeddingBag.from_checkpoint(path, mode="sum", padding_idx=0)
     np.testing.assert_allclose(bag([0, 1, 2], [0]), [table[1] + table[2]], rtol=1e-6)
+
+
+HOSTILE = GOLDEN / "hostile"
+
+
+def test_a_stride0_view_claiming_a_huge_table_is_refused_naming_the_file() -> None:
+    with pytest.raises(CheckpointError, match=r"expanded\.pt: tensor of shape "
+                                              r"\[1000000000000, 128\] with strides \[0, 1\] "
+                                              r"repeats its storage of 128 elements"):
+        read_checkpoint(HOSTILE / "expanded.pt")
+
+
+def test_shared_references_are_walked_once_in_bounded_time() -> None:
+    import time
+
+    started = time.perf_counter()
+    table = read_checkpoint(HOSTILE / "shared.pt")
+    assert time.perf_counter() - started < 5
+    np.testing.assert_array_equal(table, np.ones((3, 2), np.float32))
+
+
+def test_safetensors_shapes_past_64_bits_are_named(tmp_path: Path) -> None:
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**70, 1],
+                               "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(CheckpointError, match=r"huge\.safetensors: tensor 'w' \(F32 "
+                                              r"\[1180591620717411303424, 1\]\) has data "
+                                              r"offsets \[0, 4\] that do not fit"):
+        read_checkpoint(path)
+
+
+def test_npz_members_claiming_more_than_they_hold_are_refused_before_allocating(
+        tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False,
+                                                   "shape": (10**12, 128)})
+    path = tmp_path / "claims.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("w.npy", buffer.getvalue() + b"\0" * 64)
+    with pytest.raises(CheckpointError, match=r"claims\.npz: array 'w' declares shape "
+                                              r"\[1000000000000, 128\] \(512,000,000,000,000 "
+                                              r"bytes\) but its member holds"):
+        read_checkpoint(path)
