@@ -39,9 +39,13 @@ def create_app(settings: Settings | None = None, specs: list[ModelSpec] | None =
         finally:
             await state.stop()
 
+    # No trailing-slash redirects: Starlette builds their Location from the client's Host
+    # header; a path with a stray slash is simply not found.
     app = BagserveApp(title="bagserve", version=__version__, lifespan=lifespan,
-                  description="torch.nn.EmbeddingBag as a service: native, OpenAI-compatible "
-                  "and KServe v2 protocols over dynamically batched kernels.")
+                      redirect_slashes=False,
+                      description="torch.nn.EmbeddingBag as a service: native, "
+                      "OpenAI-compatible and KServe v2 protocols over dynamically batched "
+                      "kernels.")
     app.state.service = state
     install_handlers(app)
     for module in (native, openai):

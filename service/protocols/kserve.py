@@ -46,11 +46,13 @@ async def server_metadata() -> Response:
                   "extensions": ["binary_tensor_data"]})
 
 
+@router.head("/v2/health/live", include_in_schema=False)
 @router.get("/v2/health/live", summary="Liveness")
 async def live() -> Response:
     return _json({"live": True})
 
 
+@router.head("/v2/health/ready", include_in_schema=False)
 @router.get("/v2/health/ready", summary="Readiness: every model loaded and warmed up")
 async def ready(request: Request) -> Response:
     is_ready = service_state(request).ready
@@ -179,6 +181,14 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
         raise InvalidRequest(f"{len(tail) - position} binary bytes follow the declared inputs")
     if "indices" not in tensors:
         raise InvalidRequest("input 'indices' is required")
+    # Bags counted from the shapes before anything is laid out: [10**8, 0] must not
+    # build 10**8 empty bags to find out it is over the limit.
+    settings = service_state(request).settings
+    indices, offsets = tensors["indices"], tensors.get("offsets")
+    bags = indices.shape[0] if indices.ndim == 2 else (0 if offsets is None else offsets.size)
+    if bags > settings.max_bags_per_request + 1:  # + 1: include_last_offset's last entry
+        raise InvalidRequest(f"request holds {bags} bags; the limit is "
+                             f"{settings.max_bags_per_request}")
     parameters = header.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidRequest("parameters must be an object")

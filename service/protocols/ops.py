@@ -17,11 +17,13 @@ async def metrics(request: Request) -> Response:
                     media_type=CONTENT_TYPE_LATEST)
 
 
+@router.head("/health/live", include_in_schema=False)
 @router.get("/health/live", summary="Liveness")
 async def live() -> Response:
     return Response(b'{"live":true}', media_type="application/json")
 
 
+@router.head("/health/ready", include_in_schema=False)
 @router.get("/health/ready", summary="Readiness: every model loaded and warmed up")
 async def ready(request: Request) -> Response:
     is_ready = service_state(request).ready

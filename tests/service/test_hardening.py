@@ -104,3 +104,35 @@ def test_a_client_leaving_mid_body_is_no_error_in_the_log(
         asyncio.run(run())
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     assert sent and sent[0]["status"] == 499
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_a_shape_of_many_empty_bags_is_refused_before_it_is_built(client: TestClient,
+                                                                 binary: bool) -> None:
+    import time
+
+    spec: dict[str, Any] = {"name": "indices", "datatype": "INT64", "shape": [100_000_000, 0]}
+    if binary:
+        spec["parameters"] = {"binary_data_size": 0}
+    else:
+        spec["data"] = []
+    started = time.perf_counter()
+    response = client.post("/v2/models/items/infer", json={"inputs": [spec]})
+    assert time.perf_counter() - started < 1
+    assert response.status_code == 422, response.text
+    assert "request holds 100000000 bags; the limit is" in response.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/v2/health/live", "/v2/health/ready", "/health/live",
+                                  "/health/ready"])
+def test_health_routes_answer_head(client: TestClient, path: str) -> None:
+    response = client.head(path)
+    assert response.status_code == 200 and response.content == b""
+
+
+def test_a_trailing_slash_is_not_found_and_never_redirects_to_the_clients_host(
+        client: TestClient) -> None:
+    response = client.get("/v1/models/", headers={"Host": "evil.example"},
+                          follow_redirects=False)
+    assert response.status_code == 404
+    assert "location" not in response.headers
