@@ -4,8 +4,9 @@ Workers (``--workers N``) are forked from a parent that has imported everything 
 loaded no model and started no thread: the interpreter, NumPy, numba, FastAPI and the
 service code are shared copy-on-write, each worker then memory-maps the checkpoints
 (the page cache holds one copy for all) and warms its kernels. All workers accept on one
-listening socket. The parent forwards SIGTERM/SIGINT to every worker, and if a worker
-fails to start it stops the others and exits with an error.
+listening socket. The parent forwards SIGTERM/SIGINT to every worker and replaces a
+worker that dies; if a worker fails to start, or workers keep dying, it stops the others
+and exits with an error.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from dataclasses import replace
 from types import FrameType
 
@@ -77,7 +79,7 @@ def _worker(settings: Settings, specs: list[ModelSpec], sock: socket.socket) -> 
         signal.signal(sig, signal.SIG_DFL)
     server = _server(settings, specs, None)
     server.run(sockets=[sock])
-    return 0 if server.started else 3
+    return 0 if server.started else _START_FAILED
 
 
 def _preload() -> None:
@@ -95,32 +97,47 @@ def _preload() -> None:
     gc.freeze()
 
 
-def run_workers(settings: Settings, specs: list[ModelSpec], workers: int) -> int:
-    """Fork ``workers`` processes serving ``specs`` on one socket; returns the exit code.
+#: A pool whose workers die more often than this (not counting start-up failures, which
+#: stop it at once) gives up: a crash loop is an outage to report, not to hide.
+RESPAWN_LIMIT, RESPAWN_WINDOW_S = 5, 60.0
+#: Exit code of a worker whose server never started (a bad checkpoint or config).
+_START_FAILED = 3
 
-    Models without their own ``num_threads`` get the cores divided among the workers, so
-    N workers' kernels do not oversubscribe the machine."""
+
+def _spawn(settings: Settings, specs: list[ModelSpec], sock: socket.socket) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child (covered by the worker tests)
+        code = 1
+        try:
+            code = _worker(settings, specs, sock)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def run_workers(settings: Settings, specs: list[ModelSpec], workers: int) -> int:
+    """Fork ``workers`` processes serving ``specs`` on one socket and supervise them until
+    SIGTERM/SIGINT; returns the exit code.
+
+    A worker that dies (a crash, the OOM killer, a SIGKILL) is replaced while the others
+    keep serving; a worker that fails to start stops the pool (exit 2), and so do more
+    than :data:`RESPAWN_LIMIT` deaths within :data:`RESPAWN_WINDOW_S` seconds. Models
+    without their own ``num_threads`` get the cores divided among the workers, so N
+    workers' kernels do not oversubscribe the machine."""
     share = max(1, (os.cpu_count() or 1) // workers)
     specs = [spec if spec.num_threads is not None else replace(spec, num_threads=share)
              for spec in specs]
     _preload()
-    sock = _listen(settings)
-    children: dict[int, int] = {}
-    for number in range(workers):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child (covered by the worker tests)
-            code = 1
-            try:
-                code = _worker(settings, specs, sock)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        children[pid] = number
-    sock.close()
+    sock = _listen(settings)  # kept open: replacements accept on it too
+    children = {_spawn(settings, specs, sock): number for number in range(workers)}
     logger.info("workers started", extra={"workers": sorted(children)})
+    stopping = False
 
     def forward(sig: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
         for pid in children:
             try:
                 os.kill(pid, sig)
@@ -130,14 +147,30 @@ def run_workers(settings: Settings, specs: list[ModelSpec], workers: int) -> int
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
     status = 0
+    deaths: list[float] = []
     while children:
         pid, code = os.wait()
         if pid not in children:
             continue
         number = children.pop(pid)
         exit_code = os.waitstatus_to_exitcode(code)
-        if exit_code != 0:
-            logger.error("worker exited", extra={"worker": number, "code": exit_code})
+        if stopping:
+            if exit_code != 0:
+                status = 2
+            continue
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < RESPAWN_WINDOW_S] + [now]
+        if exit_code == _START_FAILED or len(deaths) > RESPAWN_LIMIT:
+            why = ("failed to start" if exit_code == _START_FAILED else
+                   f"died {len(deaths)} times in {RESPAWN_WINDOW_S:g} s")
+            logger.error("worker %s; stopping the pool", why,
+                         extra={"worker": number, "code": exit_code})
             status = 2
-            forward(signal.SIGTERM, None)  # one failed: stop the pool
+            forward(signal.SIGTERM, None)
+            continue
+        replacement = _spawn(settings, specs, sock)
+        children[replacement] = number
+        logger.warning("worker died; replaced", extra={"worker": number, "code": exit_code,
+                                                        "pid": replacement})
+    sock.close()
     return status

@@ -67,3 +67,38 @@ def test_a_worker_failing_to_start_stops_the_pool(tmp_path: Path) -> None:
                              "--workers", "2"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "broken.npy" in result.stderr
+
+
+def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    np.save(tmp_path / "small.npy", np.ones((1000, 16), np.float32))
+    config = tmp_path / "models.toml"
+    config.write_text('[[models]]\nname = "m"\ncheckpoint = "small.npy"\nmode = "sum"\n')
+    server = start_server(tmp_path, "--config", str(config), "--workers", "2")
+    try:
+        first = _children(server.process.pid)
+        assert len(first) == 2
+        os.kill(first[0], signal.SIGKILL)
+        answered = failed = 0
+        deadline = time.monotonic() + 60
+        with httpx.Client(timeout=10) as client:
+            while time.monotonic() < deadline:
+                try:
+                    response = client.post(f"{server.url}/v1/models/m/embed",
+                                           json={"bags": [[1, 2]]})
+                    answered += response.status_code == 200
+                    failed += response.status_code != 200
+                except httpx.TransportError:
+                    failed += 1
+                now = _children(server.process.pid)
+                if len(now) == 2 and first[0] not in now and answered >= 200:
+                    break
+        assert server.process.poll() is None, server.log.read_text()
+        replaced = _children(server.process.pid)
+        assert len(replaced) == 2 and first[0] not in replaced and first[1] in replaced
+        assert failed <= 0.01 * (answered + failed), (answered, failed)
+    finally:
+        assert server.stop() == 0, server.log.read_text()
