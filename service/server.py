@@ -15,14 +15,17 @@ import gc
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import sys
 import time
 from dataclasses import replace
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from service.app import create_app
 from service.config import ModelSpec
@@ -48,17 +51,56 @@ class DrainingServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+class IdleClosingProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP protocol with two guards against idle sockets (20,000 of them once
+    made every request fail):
+
+    - the keep-alive timer starts when a connection opens (uvicorn starts it only after a
+      first response, so a connection that never sent anything stayed open forever);
+    - past ``max_connections`` open connections, a new one closes the oldest idle one
+      (no request in progress): the process never runs out of file descriptors, and new
+      clients (the readiness probe among them) are served rather than refused.
+    """
+
+    #: Set per server by :func:`_server` (a class attribute: uvicorn builds the protocol).
+    max_connections = 4096
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.opened_at = self.loop.time()
+        if getattr(self, "timeout_keep_alive_task", None) is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        connections = self.server_state.connections
+        if len(connections) > self.max_connections:
+            idle = [c for c in connections if c is not self and getattr(c, "cycle", 1) is None]
+            if idle:
+                oldest = min(idle, key=lambda c: getattr(c, "opened_at", 0.0))
+                oldest.transport.close()
+
+
+def _open_files_limit() -> None:
+    """Raise this process's open-file limit to its hard limit: every connection is one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _server(settings: Settings, specs: list[ModelSpec] | None,
             models: list[LoadedModel] | None) -> DrainingServer:
     app = create_app(settings, specs=specs, models=models)
+    protocol = type("Protocol", (IdleClosingProtocol,),
+                    {"max_connections": settings.max_connections})
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, lifespan="on",
+                            access_log=False, lifespan="on", http=protocol,
+                            timeout_keep_alive=settings.idle_timeout_s,  # type: ignore[arg-type]
                             timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s))
     return DrainingServer(config, app.state.service)
 
 
 def run_single(settings: Settings, models: list[LoadedModel]) -> int:
     """Serve already loaded models in this process until SIGTERM; returns the exit code."""
+    _open_files_limit()
     server = _server(settings, None, models)
     server.run()
     return 0 if server.started else 1
@@ -130,6 +172,7 @@ def run_workers(settings: Settings, specs: list[ModelSpec], workers: int) -> int
     specs = [spec if spec.num_threads is not None else replace(spec, num_threads=share)
              for spec in specs]
     _preload()
+    _open_files_limit()
     sock = _listen(settings)  # kept open: replacements accept on it too
     children = {_spawn(settings, specs, sock): number for number in range(workers)}
     logger.info("workers started", extra={"workers": sorted(children)})

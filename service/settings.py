@@ -21,6 +21,12 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port; "
                          "they share the interpreter's pages and the memory-mapped tables")
 
+    idle_timeout_s: float = Field(5.0, gt=0, description="close a connection that sends "
+                                  "nothing for this long, new or kept alive: idle sockets "
+                                  "cannot pile up")
+    max_connections: int = Field(4096, ge=1, description="open connections per process; "
+                                 "past it each new connection closes the oldest idle one")
+
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest request body "
                                 "(413 above)")
     body_timeout_s: float = Field(30.0, gt=0, description="a request body not fully received "

@@ -69,3 +69,47 @@ def test_slow_client_gets_408_and_others_are_served(tmp_path: Path) -> None:
         assert b"request body not received within 1 s" in answer
     finally:
         assert server.stop() == 0
+
+
+def test_idle_connections_are_closed_and_do_not_block_others(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    server = start_server(tmp_path, env={"BAGSERVE_IDLE_TIMEOUT_S": "0.5"})
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(200)]
+        response = httpx.post(f"{server.url}/v1/models/demo/embed", json={"bags": [[1]]},
+                              timeout=10)
+        assert response.status_code == 200
+        time.sleep(1.5)
+        for sock in idle:
+            sock.settimeout(2)
+            assert sock.recv(1) == b""  # closed by the server
+            sock.close()
+        assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+
+
+def test_past_max_connections_the_oldest_idle_ones_make_room(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    server = start_server(tmp_path, env={"BAGSERVE_IDLE_TIMEOUT_S": "60",
+                                         "BAGSERVE_MAX_CONNECTIONS": "50"})
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(200)]
+        for _ in range(3):  # new clients are served although 200 sockets sit idle
+            assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+        closed = 0
+        time.sleep(0.5)  # let the closes arrive
+        for sock in idle:
+            sock.settimeout(0.02)
+            try:
+                closed += sock.recv(1) == b""
+            except TimeoutError:
+                pass
+            sock.close()
+        assert closed >= 140, closed  # at most 50 stay open
+    finally:
+        assert server.stop() == 0, server.log.read_text()
