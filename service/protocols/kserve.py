@@ -21,7 +21,14 @@ from fastapi.responses import Response
 from service.errors import InvalidRequest, ModelNotFound
 from service.inference import body_of, embed, require_api_key, service_state
 from service.schemas import KSERVE_ERRORS, KServeInferRequest, KServeInferResponse, json_body
-from service.wire import describe, float_array, int_array, parse_json, ragged
+from service.wire import (
+    check_structure,
+    describe,
+    float_array,
+    int_array,
+    parse_json,
+    ragged,
+)
 
 router = APIRouter(tags=["kserve-v2"])
 protected = APIRouter(tags=["kserve-v2"], dependencies=[Depends(require_api_key)])
@@ -94,6 +101,7 @@ def _split(raw: bytes, request: Request) -> tuple[dict[str, Any], bytes]:
     """(JSON header, binary tail) of an infer request."""
     declared = request.headers.get(HEADER)
     if declared is None:
+        check_structure(raw, service_state(request).settings)
         header = parse_json(raw)
         tail = b""
     else:
@@ -101,6 +109,7 @@ def _split(raw: bytes, request: Request) -> tuple[dict[str, Any], bytes]:
         if not (declared.isascii() and declared.isdigit()) or int(declared) > len(raw):
             raise InvalidRequest(f"Inference-Header-Content-Length {declared!r} does not fit "
                                  f"a body of {len(raw)} bytes")
+        check_structure(raw[: int(declared)], service_state(request).settings)
         header = parse_json(raw[: int(declared)])
         tail = raw[int(declared):]
     if not isinstance(header, dict):

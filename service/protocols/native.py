@@ -14,10 +14,11 @@ from service.inference import body_of, embed, require_api_key, service_state
 from service.schemas import ERRORS, EmbedRequest, EmbedResponse, json_body
 from service.wire import (
     base64_rows,
+    check_lengths,
     describe,
     float_array,
     int_array,
-    json_object,
+    json_object_of,
     little_endian_f32,
     ragged_floats,
     ragged_ints,
@@ -65,8 +66,14 @@ def _parse(body: dict[str, Any]) -> tuple[Any, Any, Any, bool | None, str]:
                     "little-endian float32 bytes with Accept: application/octet-stream"}},
     openapi_extra=json_body(EmbedRequest), summary="Pool bags of ids into embeddings")
 async def embed_native(name: str, request: Request) -> Response:
-    service_state(request).batcher(name).refuse_if_full()
-    body = json_object(await body_of(request))
+    state = service_state(request)
+    state.batcher(name).refuse_if_full()
+    body = await json_object_of(await body_of(request), state.settings)
+    offsets = body.get("offsets")
+    check_lengths(state.settings, bags=body.get("bags"), ids=body.get("indices"))
+    if isinstance(offsets, list) and len(offsets) > state.settings.max_bags_per_request + 1:
+        raise InvalidRequest(f"request holds {len(offsets)} offsets; the limit is "
+                             f"{state.settings.max_bags_per_request} bags")
     ids, offsets, weights, last, encoding = _parse(body)
     answer = await embed(request, name, ids, offsets, weights, include_last_offset=last)
     headers = answer.timing_headers()

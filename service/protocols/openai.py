@@ -18,7 +18,14 @@ from fastapi.responses import Response
 from service.errors import InvalidRequest
 from service.inference import body_of, embed, require_api_key, service_state
 from service.schemas import ERRORS, OpenAIEmbeddingRequest, OpenAIEmbeddingResponse, json_body
-from service.wire import base64_rows, describe, int_array, json_object, ragged_ints
+from service.wire import (
+    base64_rows,
+    check_lengths,
+    describe,
+    int_array,
+    json_object_of,
+    ragged_ints,
+)
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 
@@ -41,7 +48,11 @@ def _ids(value: Any) -> tuple[Any, Any]:
              openapi_extra=json_body(OpenAIEmbeddingRequest),
              summary="OpenAI-compatible embeddings of token-id inputs")
 async def embeddings(request: Request) -> Response:
-    body = json_object(await body_of(request))
+    body = await json_object_of(await body_of(request), service_state(request).settings)
+    value = body.get("input")
+    nested = isinstance(value, list) and bool(value) and isinstance(value[0], list)
+    check_lengths(service_state(request).settings, bags=value if nested else None,
+                  ids=None if nested else value)
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise InvalidRequest("model must be the name of a served model")

@@ -136,3 +136,29 @@ def test_a_trailing_slash_is_not_found_and_never_redirects_to_the_clients_host(
                           follow_redirects=False)
     assert response.status_code == 404
     assert "location" not in response.headers
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/models/items/embed", b'{"bags": [' + b"[]," * 2_999_999 + b"[]]}"),
+    ("/v1/models/items/embed", b'{"indices": [' + b"1," * 2_999_999 + b'1], "offsets": [0]}'),
+    ("/v1/embeddings", b'{"model": "items", "input": [' + b"[1]," * 1_999_999 + b"[1]]}"),
+])
+def test_list_limits_are_checked_before_the_lists_are_converted(
+        client: TestClient, path: str, body: bytes) -> None:
+    import time
+
+    started = time.perf_counter()
+    response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert time.perf_counter() - started < 1.0
+    assert response.status_code == 422, response.text
+    assert "more than max_bags_per_request=4096 and max_ids_per_request" in response.text
+
+
+def test_the_largest_valid_weighted_body_passes_the_structure_check(
+        make_client: Any) -> None:
+    bags = [[1] * 32] * 4096  # 131,072 ids: at both limits, weights for every id
+    client = make_client(max_bags_per_request=4096, max_ids_per_request=131_072)
+    response = client.post("/v1/models/weighted/embed",
+                           json={"bags": bags, "per_sample_weights": [[0.5] * 32] * 4096})
+    assert response.status_code == 200, response.text[:200]
+    assert len(response.json()["embeddings"]) == 4096
