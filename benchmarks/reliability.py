@@ -119,6 +119,109 @@ def wire_fuzz(folder: Path, per_family: int = 300) -> dict[str, Counter[str]]:
     return tally
 
 
+def _peak_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _deep(depth: int) -> bytes:
+    return b"[" * depth + b"1" + b"]" * depth
+
+
+def hardening_reproductions(folder: Path) -> list[tuple[str, str]]:
+    """The hardening issue's reproductions against a real server: status, seconds, and
+    the server's peak resident memory above its level before the request."""
+    np.save(folder / "sum.npy", demo_table()[:1000])
+    config = folder / "hardening.toml"
+    config.write_text('[[models]]\nname = "demo"\ncheckpoint = "sum.npy"\nmode = "sum"\n')
+    server = start_server(folder, "--config", str(config))
+    infer, embed = "/v2/models/demo/infer", "/v1/models/demo/embed"
+
+    def kserve(shape: list[int], binary: bool) -> bytes:
+        spec: dict[str, Any] = {"name": "indices", "datatype": "INT64", "shape": shape}
+        spec.update({"parameters": {"binary_data_size": 0}} if binary else {"data": []})
+        return json.dumps({"inputs": [spec]}).encode()
+
+    cases: list[tuple[str, str, bytes, dict[str, str]]] = [
+        ("1: header length in a Unicode digit", infer, b'{"inputs": []}',
+         {"Inference-Header-Content-Length": "\u00b2"}),
+        ("2: KServe shape [2**32, 2**32], JSON", infer, kserve([2**32, 2**32], False), {}),
+        ("2: KServe shape [2**62, 4], binary", infer, kserve([2**62, 4], True), {}),
+        ("3: bags nested 257 deep", embed, b'{"bags": ' + _deep(257) + b"}", {}),
+        ("3: encoding nested 1,000 deep", embed,
+         b'{"bags": [[1]], "encoding": ' + _deep(1000) + b"}", {}),
+        ("3: KServe shape nested 1,000 deep", infer,
+         b'{"inputs": [{"name": "indices", "datatype": "INT64", "shape": ' + _deep(1000)
+         + b', "data": [1]}]}', {}),
+        ("4: KServe shape [10**8, 0], empty data", infer, kserve([10**8, 0], False), {}),
+        ("4: KServe shape [10**12, 0], empty data", infer, kserve([10**12, 0], False), {}),
+        ("6: 9 MB body of 3,000,000 empty bags", embed,
+         b'{"bags": [' + b"[]," * 2_999_999 + b"[]]}", {}),
+        ("8: weighted sum past float32", embed,
+         b'{"bags": [[1, 1]], "per_sample_weights": [[3e38, 3e38]]}', {}),
+    ]
+    rows = []
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for label, route, body, headers in cases:
+                before = _peak_mib(server.process.pid)
+                started = time.perf_counter()
+                status = http.post(route, content=body, headers={
+                    "Content-Type": "application/json", **{
+                        k: v.encode("latin-1") for k, v in headers.items()}}).status_code
+                seconds = time.perf_counter() - started
+                grown = _peak_mib(server.process.pid) - before
+                rows.append((label, f"{status} in {seconds:.3f} s, peak memory +{grown:.0f} MiB"))
+            # 5: idle sockets that never send, then a normal client and the probe.
+            import socket
+
+            idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(5000)]
+            started = time.perf_counter()
+            ok = http.post(embed, json={"bags": [[1]]}).status_code
+            probe = http.get("/v2/health/ready").status_code
+            rows.append(("5: 5,000 idle sockets open", f"a request {ok} and the readiness "
+                         f"probe {probe} in {time.perf_counter() - started:.3f} s"))
+            for sock in idle:
+                sock.close()
+    finally:
+        server.stop()
+    return rows
+
+
+def worker_kill(folder: Path) -> dict[str, Any]:
+    """9: SIGKILL one of two workers under traffic; count what failed."""
+    import os
+    import signal
+
+    np.save(folder / "small.npy", demo_table()[:1000])
+    config = folder / "workers.toml"
+    config.write_text('[[models]]\nname = "m"\ncheckpoint = "small.npy"\nmode = "sum"\n')
+    server = start_server(folder, "--config", str(config), "--workers", "2")
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    statuses: Counter[str] = Counter()
+    try:
+        first = [int(p) for p in children.read_text().split()]
+        os.kill(first[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            while time.monotonic() < deadline:
+                try:
+                    statuses[str(http.post("/v1/models/m/embed",
+                                           json={"bags": [[1, 2]]}).status_code)] += 1
+                except httpx.TransportError:
+                    statuses["connection failed"] += 1
+        now = [int(p) for p in children.read_text().split()]
+    finally:
+        code = server.stop()
+    failed = sum(v for k, v in statuses.items() if k != "200")
+    return {"requests in the 20 s after the kill": sum(statuses.values()),
+            "failed": failed, "workers afterwards": len(now),
+            "killed worker replaced": first[0] not in now and len(now) == 2,
+            "parent exit code on SIGTERM": code}
+
+
 def kernel_faults() -> dict[str, int]:
     from fastapi.testclient import TestClient
 
@@ -163,6 +266,23 @@ def checkpoint_faults(folder: Path) -> list[tuple[str, str]]:
             write_safetensors(path, {"w": good})
             path.write_bytes(path.read_bytes()[:-500])
         rows.append((label, _start_fails(folder, path)))
+    hostile = ROOT / "tests" / "golden" / "checkpoints" / "hostile"
+    rows.append(("torch view: one row as 10**12 rows (stride 0)",
+                 _start_fails(folder, hostile / "expanded.pt")))
+    huge = folder / "huge.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**70, 1],
+                               "data_offsets": [0, 4]}}).encode()
+    huge.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    rows.append(("safetensors shape [2**70, 1]", _start_fails(folder, huge)))
+    claims = folder / "claims.npz"
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False,
+                                                   "shape": (10**12, 128)})
+    with zipfile.ZipFile(claims, "w") as archive:
+        archive.writestr("w.npy", buffer.getvalue() + b"\0" * 64)
+    rows.append((".npz member claiming (10**12, 128)", _start_fails(folder, claims)))
     for label, payload in _pickles(folder).items():
         marker = folder / "pwned"
         rows.append((label, _start_fails(folder, payload) + ("; payload never ran" if not
@@ -217,6 +337,8 @@ def main() -> None:
     fuzz = wire_fuzz(folder)
     faults = kernel_faults()
     checkpoints = checkpoint_faults(folder)
+    reproductions = hardening_reproductions(folder)
+    killed = worker_kill(folder)
     lines = ["# Reliability", "",
              f"Regenerated by `python benchmarks/reliability.py` on {started} (2-core CI-kind "
              "machine, loopback). The test suite asserts the same properties with smaller "
@@ -237,6 +359,12 @@ def main() -> None:
     lines += [f"| {key} | {value} |" for key, value in faults.items()]
     lines += ["", "## Checkpoints at start-up", "", "| case | outcome |", "|---|---|"]
     lines += [f"| {label} | {outcome} |" for label, outcome in checkpoints]
+    lines += ["", "## The hardening issue's reproductions, real server", "",
+              "| reproduction | answer |", "|---|---|"]
+    lines += [f"| {label} | {outcome} |" for label, outcome in reproductions]
+    lines += ["", "## A worker SIGKILLed under traffic (--workers 2)", "",
+              "| figure | value |", "|---|---:|"]
+    lines += [f"| {key} | {value} |" for key, value in killed.items()]
     lines += ["", "Disconnects while queued and API-key 401/403 are covered by "
               "tests/service/test_batching.py and tests/service/test_errors.py; schemathesis "
               "runs every route of the OpenAPI schema in tests/integration/test_schemathesis.py."]
