@@ -49,6 +49,11 @@ def _read_npy(path: Path) -> dict[str, TensorEntry]:
     return {"": TensorEntry(array.shape, str(array.dtype), partial(_same, array))}
 
 
+#: A compressed .npz member past this size that inflates more than this many times is
+#: refused: float tables compress by 1.1-1.3x, a table of zeros by 1,000x.
+_BOMB_MIN_BYTES, _BOMB_RATIO = 16 << 20, 64
+
+
 def _read_npz(path: Path) -> dict[str, TensorEntry]:
     """List an .npz archive's arrays from their headers; each loads when asked. A member
     whose header declares more bytes than the member holds is refused before anything is
@@ -72,6 +77,14 @@ def _read_npz(path: Path) -> dict[str, TensorEntry]:
                     raise CheckpointError(f"{path}: array {name!r} holds Python objects "
                                           "(pickles are not read)")
                 declared = math.prod(shape) * dtype.itemsize
+                if (info.compress_type != zipfile.ZIP_STORED
+                        and info.file_size > _BOMB_MIN_BYTES
+                        and info.file_size > _BOMB_RATIO * info.compress_size):
+                    raise CheckpointError(
+                        f"{path}: array {name!r} inflates {info.compress_size:,} compressed "
+                        f"bytes to {info.file_size:,} (over {_BOMB_RATIO}x): a real table "
+                        "barely compresses; refused as a decompression bomb (save it "
+                        "uncompressed, as .npy or .safetensors, if it is real)")
                 if declared > info.file_size:
                     raise CheckpointError(
                         f"{path}: array {name!r} declares shape {list(shape)} ({declared:,} "

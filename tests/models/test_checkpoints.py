@@ -315,3 +315,15 @@ def test_npz_members_claiming_more_than_they_hold_are_refused_before_allocating(
                                               r"\[1000000000000, 128\] \(512,000,000,000,000 "
                                               r"bytes\) but its member holds"):
         read_checkpoint(path)
+
+
+def test_npz_decompression_bombs_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.npz"
+    np.savez_compressed(path, w=np.zeros((4200, 1024), np.float32))  # 17 MB -> ~17 KB
+    with pytest.raises(CheckpointError, match=r"bomb\.npz: array 'w' inflates .* compressed "
+                                              r"bytes to 17,203,328 \(over 64x\)"):
+        read_checkpoint(path)
+    real = tmp_path / "real.npz"
+    np.savez_compressed(real, w=np.random.default_rng(0).standard_normal(
+        (4200, 1024)).astype(np.float32))
+    assert read_checkpoint(real).shape == (4200, 1024)

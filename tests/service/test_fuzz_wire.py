@@ -115,3 +115,50 @@ def test_model_names_cannot_escape(fuzz_client: TestClient, name: str) -> None:
     assert response.status_code == 404
     response = fuzz_client.get(f"/v2/models/{name}")
     assert response.status_code == 404
+
+
+@FUZZ
+@given(shape=st.lists(st.integers(-(2**70), 2**70), max_size=3) | json_values,
+       data=json_values, datatype=st.sampled_from(["INT64", "INT32", "FP32", "BYTES"]),
+       name=st.sampled_from(["indices", "offsets", "per_sample_weights"]),
+       binary=st.booleans(), size=st.integers(-(2**70), 2**70))
+def test_hostile_kserve_shapes_and_sizes(fuzz_client: TestClient, shape: Any, data: Any,
+                                         datatype: str, name: str, binary: bool,
+                                         size: int) -> None:
+    spec: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+    if binary:
+        spec["parameters"] = {"binary_data_size": size}
+    else:
+        spec["data"] = data
+    _assert_client_error(fuzz_client.post("/v2/models/items/infer",
+                                          content=json.dumps({"inputs": [spec]})))
+
+
+@FUZZ
+@given(declared=st.text(st.characters(categories=["Nd", "No", "Nl"], max_codepoint=255),
+                        min_size=1, max_size=4))
+def test_header_lengths_in_any_kind_of_digit(fuzz_client: TestClient, declared: str) -> None:
+    response = fuzz_client.post("/v2/models/items/infer", content=b'{"inputs": []}',
+                                headers={"Inference-Header-Content-Length":
+                                         declared.encode("latin-1")})
+    _assert_client_error(response)
+
+
+@FUZZ
+@given(depth=st.integers(100, 1100),
+       where=st.sampled_from(["bags", "indices", "per_sample_weights", "encoding", "input",
+                              "shape", "data"]))
+def test_nesting_at_any_depth_in_any_field(fuzz_client: TestClient, depth: int,
+                                           where: str) -> None:
+    deep = "[" * depth + "1" + "]" * depth
+    route, body = {
+        "input": ("/v1/embeddings", '{"model": "items", "input": DEEP}'),
+        "shape": ("/v2/models/items/infer",
+                  '{"inputs": [{"name": "indices", "datatype": "INT64", "shape": DEEP, '
+                  '"data": [1]}]}'),
+        "data": ("/v2/models/items/infer",
+                 '{"inputs": [{"name": "indices", "datatype": "INT64", "shape": [1], '
+                 '"data": DEEP}]}'),
+    }.get(where, ("/v1/models/weighted/embed", '{"bags": [[1]], "WHERE": DEEP}'
+                  .replace("WHERE", where)))
+    _assert_client_error(fuzz_client.post(route, content=body.replace("DEEP", deep)))
