@@ -220,9 +220,6 @@ class _Tile:
             tile_bytes = self.vectors * self.decoder.vector_bytes
             for line in range(0, tile_bytes, _LINE_BYTES):
                 _prefetch(builder, builder.gep(data, [ir.Constant(_I64, line)]))
-            if self.decoder.quantized:  # the line holding the scale and bias
-                _prefetch(builder, builder.gep(ahead, [builder.sub(
-                    self.row_stride, ir.Constant(_I64, 1))]))
             self.add_row(position, accumulators)
         with _loop(builder, limit, self.end) as position:
             self.add_row(position, accumulators)
