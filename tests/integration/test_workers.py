@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.integration.conftest import start_server
+from tests.integration.conftest import Server, start_server
 
 ROWS, DIM = (1 << 30) // (128 * 4), 128  # a 1 GiB float32 table
 
@@ -26,6 +26,15 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()]
 
 
+def _two_workers(tmp_path: Path, checkpoint: str) -> Server:
+    """A two-worker server on one sum model ``m`` over ``checkpoint`` (in ``tmp_path``)."""
+    config = tmp_path / "models.toml"
+    config.write_text(f'[[models]]\nname = "m"\ncheckpoint = "{checkpoint}"\nmode = "sum"\n')
+    server = start_server(tmp_path, "--config", str(config), "--workers", "2")
+    assert len(_children(server.process.pid)) == 2
+    return server
+
+
 def test_two_workers_share_a_1gib_table(tmp_path: Path) -> None:
     table = np.lib.format.open_memmap(tmp_path / "table.npy", mode="w+", dtype=np.float32,
                                       shape=(ROWS, DIM))
@@ -34,17 +43,14 @@ def test_two_workers_share_a_1gib_table(tmp_path: Path) -> None:
         table[start : start + step] = np.float32(start / ROWS)
     table.flush()
     del table
-    config = tmp_path / "models.toml"
-    config.write_text('[[models]]\nname = "big"\ncheckpoint = "table.npy"\nmode = "sum"\n')
-    server = start_server(tmp_path, "--config", str(config), "--workers", "2")
+    server = _two_workers(tmp_path, "table.npy")
     try:
         workers = _children(server.process.pid)
-        assert len(workers) == 2
         # Every worker read every row at start-up (the NaN/inf check); then traffic that
         # sweeps all rows twice, one new connection per request, lands on both.
         for _sweep in range(2):
             for start in range(0, ROWS, 65536):
-                response = httpx.post(f"{server.url}/v1/models/big/embed",
+                response = httpx.post(f"{server.url}/v1/models/m/embed",
                                       json={"indices": list(range(start, start + 65536)),
                                             "offsets": [0]}, timeout=60)
                 assert response.status_code == 200, response.text
@@ -75,12 +81,9 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: Path) -> N
     import time
 
     np.save(tmp_path / "small.npy", np.ones((1000, 16), np.float32))
-    config = tmp_path / "models.toml"
-    config.write_text('[[models]]\nname = "m"\ncheckpoint = "small.npy"\nmode = "sum"\n')
-    server = start_server(tmp_path, "--config", str(config), "--workers", "2")
+    server = _two_workers(tmp_path, "small.npy")
     try:
         first = _children(server.process.pid)
-        assert len(first) == 2
         os.kill(first[0], signal.SIGKILL)
         answered = failed = 0
         deadline = time.monotonic() + 60
