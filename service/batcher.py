@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from prometheus_client import Gauge
 from starlette.types import Receive
 
 from models import FlatBatch
@@ -31,7 +32,7 @@ from service.errors import (
     NotReady,
     Overloaded,
 )
-from service.metrics import Metrics
+from service.metrics import Metrics, multiprocess_mode
 from service.registry import LoadedModel
 from service.settings import Settings
 
@@ -138,8 +139,13 @@ class Batcher:
                                        "disconnected", "failed")}
         self._queue_seconds = metrics.queue_seconds.labels(model.name)
         self._request_seconds = metrics.request_seconds.labels(model.name)
-        # Read at scrape time: nothing to update per request.
-        metrics.queue_ids.labels(model.name).set_function(lambda: self.queued_ids)
+        # Read at scrape time: nothing to update per request. Across worker processes a
+        # scrape reads files, so there the gauge is updated as the queue moves instead.
+        self._queue_gauge: Gauge | None = None
+        if multiprocess_mode():
+            self._queue_gauge = metrics.queue_ids.labels(model.name)
+        else:
+            metrics.queue_ids.labels(model.name).set_function(lambda: self.queued_ids)
         self._batch_bags = metrics.batch_bags.labels(model.name)
         self._batch_ids = metrics.batch_ids.labels(model.name)
         self._compute_seconds = metrics.compute_seconds.labels(model.name)
@@ -247,6 +253,8 @@ class Batcher:
     def _account(self, pending: _Pending, sign: int) -> None:
         self.queued_ids += sign * pending.ids
         self.queued_bags += sign * pending.bags
+        if self._queue_gauge is not None:
+            self._queue_gauge.inc(sign * pending.ids)
 
     def _take(self, ids_budget: int, bags_budget: int) -> list[_Pending]:
         """Pop requests FIFO within the budgets, dropping abandoned ones."""

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +91,6 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.config import DEMO, ConfigError, load_config
-    from service.heap import keep_batch_buffers
-    from service.logs import configure_logging
-    from service.registry import ModelLoadError, load_model
-    from service.server import run_single, run_workers
     from service.settings import Settings
 
     overrides = {key: getattr(args, key) for key in ("config", "host", "port", "workers")
@@ -101,6 +100,25 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bagserve serve: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before prometheus_client is imported (service.server imports it): the workers'
+        # metrics then live in files every scrape adds up.
+        folder = tempfile.mkdtemp(prefix="bagserve-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        try:
+            return _serve_with(settings)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return _serve_with(settings)
+
+
+def _serve_with(settings: Any) -> int:
+    from service.config import DEMO, ConfigError, load_config
+    from service.heap import keep_batch_buffers
+    from service.logs import configure_logging
+    from service.registry import ModelLoadError, load_model
+    from service.server import run_single, run_workers
+
     configure_logging(settings.log_level, settings.log_format)
     keep_batch_buffers()
     try:

@@ -1,10 +1,32 @@
-"""Prometheus metrics, one registry per app (so several apps can live in one process)."""
+"""Prometheus metrics, one registry per app (so several apps can live in one process).
+
+With ``--workers N`` the parent sets ``PROMETHEUS_MULTIPROC_DIR`` before anything imports
+prometheus_client: every worker then keeps its values in files there and each scrape,
+whichever worker answers it, adds them all up (prometheus-client's multiprocess mode), so
+counters and histograms are the service's totals.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+#: The variable prometheus-client reads, at import, to keep values in shared files.
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_mode() -> bool:
+    """Whether values live in files shared by worker processes."""
+    return bool(os.environ.get(MULTIPROCESS_DIR))
 
 _LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536,
@@ -32,7 +54,7 @@ class Metrics:
                              "(ok, invalid, overloaded, deadline, disconnected, failed)",
                              ["model", "outcome"], registry=registry),
             queue_ids=Gauge("bagserve_queue_ids", "Ids waiting in the model's queue",
-                            ["model"], registry=registry),
+                            ["model"], registry=registry, multiprocess_mode="livesum"),
             batch_bags=Histogram("bagserve_batch_bags", "Bags per computed batch", ["model"],
                                  buckets=_SIZES, registry=registry),
             batch_ids=Histogram("bagserve_batch_ids", "Ids per computed batch", ["model"],
@@ -47,5 +69,13 @@ class Metrics:
                                       buckets=_LATENCY, registry=registry),
             table_bytes=Gauge("bagserve_model_table_bytes", "Bytes the model's table takes "
                               "in memory, in its storage dtype", ["model", "table_dtype"],
-                              registry=registry),
+                              registry=registry, multiprocess_mode="max"),
         )
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this registry, or every worker's values together."""
+        if not multiprocess_mode():
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

@@ -197,6 +197,11 @@ def run_workers(settings: Settings, specs: list[ModelSpec], workers: int) -> int
             continue
         number = children.pop(pid)
         exit_code = os.waitstatus_to_exitcode(code)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            # Its live gauges (queued ids) stop counting; its counters stay in the totals.
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
         if stopping:
             if exit_code != 0:
                 status = 2

@@ -105,3 +105,26 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: Path) -> N
         assert failed <= 0.01 * (answered + failed), (answered, failed)
     finally:
         assert server.stop() == 0, server.log.read_text()
+
+
+def test_every_scrape_reads_the_totals_of_all_workers(tmp_path: Path) -> None:
+    import re
+
+    np.save(tmp_path / "small.npy", np.ones((100, 4), np.float32))
+    server = _two_workers(tmp_path, "small.npy")
+    try:
+        requests = 60
+        for _ in range(requests):  # a new connection each: both workers answer some
+            assert httpx.post(f"{server.url}/v1/models/m/embed", json={"bags": [[1]]},
+                              timeout=30).status_code == 200
+        pattern = re.compile(r'^bagserve_requests_total\{model="m",outcome="ok"\} (\S+)$',
+                             re.MULTILINE)
+        seen = []
+        for _ in range(6):
+            text = httpx.get(f"{server.url}/metrics", timeout=30).text
+            match = pattern.search(text)
+            assert match is not None, text[:500]
+            seen.append(float(match.group(1)))
+        assert seen == [requests] * 6, seen
+    finally:
+        assert server.stop() == 0, server.log.read_text()
