@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from kernels.storage import code_bytes
+
 OPSET = 18
 #: onnx >= 1.23 writes IR 14, which onnxruntime 1.31 rejects; opset 18 needs only IR 8+.
 IR_VERSION = 10
@@ -140,8 +142,7 @@ def table_inputs(table_dtype: Any, dim: int) -> list[Any]:
     int4, ``scales`` and ``biases`` (``[rows]`` float32)."""
     _, tensor_proto, helper = _helpers()
     table_type, _ = element_types(table_dtype)
-    width = {"int8": dim, "int4": (dim + 1) // 2}.get(
-        table_dtype if isinstance(table_dtype, str) else "", dim)
+    width = code_bytes(table_dtype, dim) if quantized(table_dtype) else dim
     inputs = [helper.make_tensor_value_info("table", table_type, ["rows", width])]
     if quantized(table_dtype):
         inputs += [helper.make_tensor_value_info(name, tensor_proto.FLOAT, ["rows"])

@@ -189,11 +189,9 @@ def _host_arrays(spec: TableSpec, dtype: np.dtype[Any] | None) -> dict[str, npt.
         data = np.empty((table.rows + 1, table.dim), np.uint16)
         data[:-1], data[-1] = table.data, bits[0]
         return {"table": data}
-    width = table.dim if table.storage == "int8" else (table.dim + 1) // 2
-    codes = np.zeros((table.rows + 1, width), np.uint8)
-    codes[:-1] = table.data[:, :width]
-    pair = np.ascontiguousarray(table.data[:, width:]).view(
-        np.float32 if table.storage == "int8" else np.float16).astype(np.float32)
+    stored_codes, pair = table.split(table.data)
+    codes = np.zeros((table.rows + 1, stored_codes.shape[1]), np.uint8)
+    codes[:-1] = stored_codes
     scales = np.append(pair[:, 0], np.float32(0))
     biases = np.append(pair[:, 1], np.float32(neutral))
     return {"table": codes, "scales": scales, "biases": biases}
@@ -251,30 +249,30 @@ class OnnxKernel:
                 raise OnnxUnavailableError(f"device='cuda' requested but CUDA is not usable: "
                                            f"{reason}")
         self.device: Literal["cuda", "cpu"] = "cuda" if device == "cuda" else "cpu"
+        if storage == "bfloat16" and self.device == "cuda":
+            # onnxruntime's Python API makes bfloat16 values on the host only.
+            raise ValueError("bfloat16 tables run on the ONNX CPU EP or the CPU kernel, not "
+                             "on CUDA: store the table as float16 there")
         self.device_id = device_id
         self.num_threads = num_threads or os.cpu_count() or 1
         self.provider = CUDA if self.device == "cuda" else CPU
         self._sentinel = spec.num_embeddings
         self._padding = spec.padding_idx
-        self._row_bytes = (spec.table.row_bytes if isinstance(self.table_dtype, str)
-                           else spec.embedding_dim * dtype.itemsize)
+        floats = not isinstance(self.table_dtype, str)  # the graph gathers floats
+        self._row_bytes = (spec.embedding_dim * dtype.itemsize if floats
+                           else spec.table.row_bytes)
         self.spec = spec
-        host = _host_arrays(spec, dtype if not isinstance(self.table_dtype, str) else None)
-        if not isinstance(self.table_dtype, str) and dtype == stored.dtype:
+        host = _host_arrays(spec, dtype if floats else None)
+        if floats and dtype == stored.dtype:
             # The spec's table becomes a view of the uploaded host table: one copy in RAM.
             self.spec = TableSpec(StoredTable(host["table"][:-1], storage, spec.embedding_dim),
                                   spec.mode, spec.padding_idx)
         ort = _ort()
-        onnx_types = {"bfloat16": element_types("bfloat16")[0]}
         self._inputs: dict[str, Any] = {}
-        if storage == "bfloat16" and self.device == "cuda":
-            # onnxruntime's Python API makes bfloat16 values on the host only.
-            raise ValueError("bfloat16 tables run on the ONNX CPU EP or the CPU kernel, not "
-                             "on CUDA: store the table as float16 there")
         for name, array in host.items():
             if name == "table" and storage == "bfloat16":
-                value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array,
-                                                                        onnx_types[storage])
+                value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                    array, element_types("bfloat16")[0])
             elif self.device == "cuda":
                 value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", device_id)
             else:

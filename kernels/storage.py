@@ -75,12 +75,17 @@ def storage_dtype(name: Any) -> StorageDtype:
     raise StorageError(f"table_dtype must be one of {', '.join(STORAGE_DTYPES)}; got {name!r}")
 
 
+def code_bytes(storage: StorageDtype, dim: int) -> int:
+    """Bytes of codes at the start of an int8 or int4 row of ``dim`` values."""
+    return dim if storage == "int8" else (dim + 1) // 2
+
+
 def row_bytes(storage: StorageDtype, dim: int) -> int:
     """Bytes of one stored row of ``dim`` values."""
     if storage == "int8":
-        return dim + 8
+        return code_bytes(storage, dim) + 8
     if storage == "int4":
-        return (dim + 1) // 2 + 4
+        return code_bytes(storage, dim) + 4
     return dim * _DATA_DTYPES[storage].itemsize
 
 
@@ -155,22 +160,28 @@ class StoredTable:
             return data.astype(np.float32)
         if storage == "bfloat16":
             return bfloat16_to_float32(data)
+        packed, scale_bias = self.split(data)
         if storage == "int8":
-            codes = data[..., :dim].astype(np.float32)
-            scale_bias = np.ascontiguousarray(data[..., dim:]).view(np.float32)
+            codes = packed.astype(np.float32)
         else:
-            packed = data[..., : (dim + 1) // 2]
             codes = np.empty(packed.shape[:-1] + (2 * packed.shape[-1],), np.float32)
             codes[..., 0::2] = packed & 0x0F
             codes[..., 1::2] = packed >> 4
             codes = codes[..., :dim]
-            scale_bias = np.ascontiguousarray(data[..., -4:]).view(np.float16).astype(
-                np.float32)
         # One fused multiply-add a value, as the kernels: codes * scale + bias. Rows read
         # in the wrong format can hold any bits: they decode to NaN or inf quietly, and
         # loading refuses the table naming the row.
         with np.errstate(all="ignore"):
             return np.asarray(_fma(codes, scale_bias[..., :1], scale_bias[..., 1:]))
+
+    def split(self, data: npt.NDArray[np.uint8]
+              ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+        """Stored int8 or int4 rows (any leading shape) as their codes ``(..., W)`` (a
+        view) and their ``(scale, bias)`` pairs ``(..., 2)`` in float32."""
+        width = code_bytes(self.storage, self.dim)
+        kind = np.float32 if self.storage == "int8" else np.float16
+        pairs = np.ascontiguousarray(data[..., width:]).view(kind).astype(np.float32)
+        return data[..., :width], pairs
 
     def gather(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.floating]:
         """Rows ``ids`` (any shape, every id valid) decoded into a fresh array:
@@ -254,7 +265,7 @@ def quantize_rows(block: npt.NDArray[np.floating], storage: StorageDtype
                     0, 15).astype(np.uint8)
     if dim % 2:
         codes = np.concatenate([codes, np.zeros((rows, 1), np.uint8)], axis=1)
-    packed = (dim + 1) // 2
+    packed = code_bytes(storage, dim)
     out[:, :packed] = codes[:, 0::2] | (codes[:, 1::2] << 4)
     out[:, packed:] = np.stack([scale.astype(np.float16), bias], axis=1).view(np.uint8)
     return out
@@ -324,7 +335,7 @@ def from_codes(codes: npt.NDArray[np.uint8], scale: npt.NDArray[Any],
         StorageError: shapes or dtypes that do not fit together.
     """
     rows = codes.shape[0] if codes.ndim == 2 else -1
-    width = dim if storage == "int8" else (dim + 1) // 2
+    width = code_bytes(storage, dim)
     scale, bias = np.asarray(scale).reshape(-1), np.asarray(bias).reshape(-1)
     if (storage not in ("int8", "int4") or codes.dtype != np.uint8 or codes.ndim != 2
             or codes.shape[1] != width or scale.shape != (rows,) or bias.shape != (rows,)):

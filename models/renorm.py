@@ -65,7 +65,7 @@ def renormed_table(table: StoredTable, max_norm: float, norm_type: float) -> Sto
         if over.size:
             factor = (max_norm / (norms[over] + 1e-7)).astype(np.float32)
             rows = data[start + over]
-            scale_bias = np.ascontiguousarray(rows[:, dim:]).view(np.float32) * factor[:, None]
+            scale_bias = table.split(rows)[1] * factor[:, None]
             rows[:, dim:] = scale_bias.astype(np.float32).view(np.uint8)
             data[start + over] = rows
     return StoredTable(data, "int8", dim)
