@@ -10,11 +10,11 @@ float32/64    float       8 floats (4 doubles), as they are
 int16         float16     8 halves (16 bytes), widened (vcvtph2ps)
 uint16        bfloat16    8 bfloat16 (16 bytes), shifted into float32's top half
 uint8         int8        8 codes (8 bytes), converted; then ``q * scale + bias``
-int8          int4        4 bytes of two codes each, low nibble first; then as int8
+int8          int4        4 bytes of two codes each, low nibble first (register pairs:
+                          8 bytes, even and odd columns apart); then as int8
 ============  ==========  ==========================================================
 
-(float16 tables reach numba as int16 views because numba does not type float16 arrays on
-every version; int4 rows as int8 views to keep them apart from int8 rows.)
+(:data:`kernels.numba_kernel.VIEWS` gives each storage its view.)
 
 A quantized row's float32 scale and bias (int8) or float16 scale and bias (int4) follow
 its codes; the row's last register may read codes past ``dim``, which stay inside the row
@@ -28,15 +28,17 @@ from typing import Any
 from llvmlite import ir
 from numba.core import cgutils
 
+from kernels.numba_kernel import VIEWS
+
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _I8P = _I8.as_pointer()
 
-#: numba dtype name of the view -> storage kind.
-KINDS = {"float32": "float", "float64": "float", "int16": "float16", "uint16": "bfloat16",
-         "uint8": "int8", "int8": "int4"}
+#: numba dtype name of the view -> storage kind (float32 and float64 decode alike).
+KINDS = {view.name: "float" if storage in ("float32", "float64") else storage
+         for storage, view in VIEWS.items()}
 
 
 def kind_of(dtype: Any) -> str:

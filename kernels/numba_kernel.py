@@ -61,9 +61,14 @@ def _kernels() -> dict[str, Any]:
         return _compiled
 
 
-#: How the loops receive each storage's rows (see :mod:`kernels.numba_decode`): the view's
-#: dtype tells them how to decode; the rest go as they are stored.
-_VIEWS = {"float16": np.dtype(np.int16), "int4": np.dtype(np.int8)}
+#: The array view each storage's rows reach the loops as: the view's dtype tells them how
+#: to decode (:mod:`kernels.numba_decode` reads this table). float16 goes as int16 (numba
+#: does not type float16 arrays on every version), int4 as int8 to keep it apart from
+#: int8 rows.
+VIEWS: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
+    "float16": np.dtype(np.int16), "bfloat16": np.dtype(np.uint16),
+    "int8": np.dtype(np.uint8), "int4": np.dtype(np.int8)}
 
 
 def prefetch_distance(table_bytes: int, row_bytes: int) -> int:
@@ -111,7 +116,7 @@ class NumbaKernel:
         self._get_threads = numba.get_num_threads
         self._loops = _kernels()
         table = spec.table
-        self._table = _read_only(table.data.view(_VIEWS.get(table.storage, table.data.dtype)))
+        self._table = _read_only(table.data.view(VIEWS[table.storage]))
         self._dtype = table.compute_dtype
         self._row_bytes = table.row_bytes
         self._prefetch = prefetch_distance(table.nbytes, self._row_bytes)
