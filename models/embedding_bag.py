@@ -126,13 +126,10 @@ class EmbeddingBag:
                 table[self.padding_idx] = 0  # as torch.nn.EmbeddingBag.reset_parameters
         else:
             table = _weight
-        try:
-            storage: StorageDtype = (table.storage if table_dtype is None and isinstance(
-                table, StoredTable) else storage_dtype(
-                    table.dtype if table_dtype is None else table_dtype))
-            stored = store(table, storage)
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
+        storage: StorageDtype = (table.storage if table_dtype is None and isinstance(
+            table, StoredTable) else storage_dtype(
+                table.dtype if table_dtype is None else table_dtype))
+        stored = store(table, storage)  # StorageError is a ValueError
         if self.max_norm is not None:
             stored = renormed_table(stored, self.max_norm, self.norm_type)
         self._kernel: Kernel = make_kernel(TableSpec(stored, self.mode, self.padding_idx),

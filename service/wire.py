@@ -109,14 +109,18 @@ def check_structure(body: bytes, limits: Any) -> None:
                              f"and max_ids_per_request={limits.max_ids_per_request} allow")
 
 
-def check_lengths(limits: Any, *, bags: Any = None, ids: Any = None) -> None:
+def check_lengths(limits: Any, *, bags: Any = None, ids: Any = None,
+                  offsets: Any = None) -> None:
     """Refuse lists longer than the request limits before converting them: a body of
     3,000,000 empty bags is over the bag limit whatever they hold. ``limits`` is the
-    service's settings; ``bags`` and ``ids`` the raw JSON values (anything not a list is
-    left to the parsers)."""
-    for value, limit, what in ((bags, limits.max_bags_per_request, "bags"),
-                               (ids, limits.max_ids_per_request, "ids")):
-        if isinstance(value, list) and len(value) > limit:
+    service's settings; ``bags``, ``ids`` and ``offsets`` the raw JSON values (anything
+    not a list is left to the parsers; offsets may hold one entry more than the bags)."""
+    most_bags = limits.max_bags_per_request
+    for value, allowed, what, limit in (
+            (bags, most_bags, "bags", str(most_bags)),
+            (ids, limits.max_ids_per_request, "ids", str(limits.max_ids_per_request)),
+            (offsets, most_bags + 1, "offsets", f"{most_bags} bags")):
+        if isinstance(value, list) and len(value) > allowed:
             raise InvalidRequest(f"request holds {len(value)} {what}; the limit is {limit}")
 
 

@@ -69,11 +69,8 @@ async def embed_native(name: str, request: Request) -> Response:
     state = service_state(request)
     state.batcher(name).refuse_if_full()
     body = await json_object_of(await body_of(request), state.settings)
-    offsets = body.get("offsets")
-    check_lengths(state.settings, bags=body.get("bags"), ids=body.get("indices"))
-    if isinstance(offsets, list) and len(offsets) > state.settings.max_bags_per_request + 1:
-        raise InvalidRequest(f"request holds {len(offsets)} offsets; the limit is "
-                             f"{state.settings.max_bags_per_request} bags")
+    check_lengths(state.settings, bags=body.get("bags"), ids=body.get("indices"),
+                  offsets=body.get("offsets"))
     ids, offsets, weights, last, encoding = _parse(body)
     answer = await embed(request, name, ids, offsets, weights, include_last_offset=last)
     headers = answer.timing_headers()
