@@ -13,12 +13,13 @@ Positions past a bag's end and ``padding_idx`` occurrences point at a sentinel r
 appended to the table (zeros for sum/mean, ``-inf`` for max), so no mask pass is needed.
 No ScatterND: with ``reduction`` it drops duplicate updates on the multi-threaded CPU EP.
 
-- :func:`padded_model` (CUDA) takes ``ids`` already laid out ``[L, B]`` (the kernel pads
-  on the host), plus ``counts`` ``[B]`` for mean/max and ``weights`` shaped
-  like ``ids`` when weighted; the table is the graph input ``table`` so it can be bound
-  once (and live on the GPU) and may exceed protobuf's 2 GB. Only
-  Gather/Cast/Mul/Reduce/Div/Where run, which all have CUDA kernels, so nothing falls
-  back to the CPU.
+- :func:`padded_model` (CUDA) takes the flat ``indices`` (and ``weights``) once per call
+  and, per run, the ``starts`` and ``lengths`` of a bucket of bags: it lays the ids out
+  ``[B, L]`` on the device (sentinel past each bag's end and for ``padding_idx``),
+  counts them for mean/max and transposes them for the tail, so the host copies no id.
+  The table is the graph input ``table`` so it can be bound once (and live on the GPU)
+  and may exceed protobuf's 2 GB. Only elementwise ops, Gather, Transpose and the
+  reductions run, which all have CUDA kernels, so nothing falls back to the CPU.
 - :func:`scanned_model` (CPU EP) runs the same tail inside a ``Scan`` over ``[C, L, b]``
   ids: one run pools C steps of b bags, each step small enough to stay in cache.
 - :func:`flat_model` is the standalone export: inputs ``indices`` ``[N]`` and
@@ -211,16 +212,58 @@ def _padded_inputs(mode: str, compute: int, weighted: bool, layout: list[str],
     return inputs
 
 
-def padded_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *,
-                 weighted: bool = False) -> Any:
-    """The CUDA kernel's graph: one run over ``ids`` ``[L, B]``; see the module docstring.
-    Returns an ``onnx.ModelProto``."""
+def padded_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *, sentinel: int,
+                 padding_idx: int | None = None, weighted: bool = False) -> Any:
+    """The CUDA kernel's graph: the ids as they arrive, laid out ``[B, L]`` on the device.
+
+    Inputs: the table, ``indices`` ``[N]`` (and ``weights`` ``[N]``), and per run
+    ``starts`` and ``lengths`` ``[B]`` of non-empty bags and ``steps`` ``[L]`` =
+    ``0..L-1`` for ``L`` >= the longest of them. Positions past a bag's end and
+    ``padding_idx`` read row ``sentinel``; counts for mean/max are computed here too.
+    Output ``embeddings`` ``[B, D]``. Returns an ``onnx.ModelProto``.
+    """
+    _, tensor_proto, helper = _helpers()
+    node = helper.make_node
     _, compute = element_types(table_dtype)
     inputs = [*table_inputs(table_dtype, dim),
-              *_padded_inputs(mode, compute, weighted, ["length", "bags"])]
-    nodes: list[Any] = []
-    initializers: list[Any] = []
-    _tail(nodes, initializers, mode, table_dtype, dim, compute, weighted, "embeddings")
+              helper.make_tensor_value_info("indices", tensor_proto.INT64, ["ids"])]
+    if weighted:
+        inputs.append(helper.make_tensor_value_info("weights", compute, ["ids"]))
+    inputs += [helper.make_tensor_value_info(name, tensor_proto.INT64, [axis])
+               for name, axis in (("starts", "bags"), ("lengths", "bags"),
+                                  ("steps", "length"))]
+    initializers = [helper.make_tensor("axis_bags", tensor_proto.INT64, [1], [1]),
+                    helper.make_tensor("first", tensor_proto.INT64, [], [0]),
+                    helper.make_tensor("sentinel", tensor_proto.INT64, [], [sentinel])]
+    # [B, L] positions into ``indices``; those past a bag's end read position 0 (any
+    # valid one) and are masked: the host never copies or pads an id.
+    nodes = [node("Unsqueeze", ["starts", "axis_bags"], ["starts2"]),
+             node("Unsqueeze", ["lengths", "axis_bags"], ["lengths2"]),
+             node("Add", ["starts2", "steps"], ["positions"]),
+             node("Less", ["steps", "lengths2"], ["inside"]),
+             node("Where", ["inside", "positions", "first"], ["safe_positions"]),
+             node("Gather", ["indices", "safe_positions"], ["taken"], axis=0)]
+    keep = "inside"
+    if padding_idx is not None:
+        initializers.append(helper.make_tensor("padding", tensor_proto.INT64, [],
+                                               [padding_idx]))
+        nodes += [node("Equal", ["taken", "padding"], ["is_padding"]),
+                  node("Not", ["is_padding"], ["not_padding"]),
+                  node("And", ["inside", "not_padding"], ["kept"])]
+        keep = "kept"
+    nodes += [node("Where", [keep, "taken", "sentinel"], ["ids_bl"]),
+              node("Transpose", ["ids_bl"], ["ids_lb"], perm=[1, 0])]
+    if weighted:
+        # Masked too: a neighbour's inf weight times the sentinel's zeros would be NaN.
+        initializers.append(helper.make_tensor("no_weight", compute, [], [0.0]))
+        nodes += [node("Gather", ["weights", "safe_positions"], ["weights_taken"], axis=0),
+                  node("Where", [keep, "weights_taken", "no_weight"], ["weights_bl"]),
+                  node("Transpose", ["weights_bl"], ["weights_lb"], perm=[1, 0])]
+    if mode != "sum":
+        nodes += [node("Cast", [keep], ["kept_values"], to=compute),
+                  node("ReduceSum", ["kept_values", "axis_bags"], ["counts"], keepdims=0)]
+    _tail(nodes, initializers, mode, table_dtype, dim, compute, weighted, "embeddings",
+          ids="ids_lb", weights="weights_lb")
     return _model(nodes, initializers, inputs, dim, compute, f"embedding_bag_{mode}_padded")
 
 

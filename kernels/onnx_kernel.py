@@ -153,14 +153,25 @@ def _cuda_status(device_id: int) -> tuple[bool, str]:
     if CUDA not in ort.get_available_providers():
         return False, f"this onnxruntime build has no {CUDA}"
     try:
-        session = _session(padded_model("sum", 4, np.float32), "cuda", device_id, None)
-        table = np.ones((3, 4), np.float32)
-        out = session.run(None, {"table": table, "ids": np.zeros((1, 2), np.int64)})[0]
-        if not np.array_equal(out, np.ones((2, 4), np.float32)):
+        if not _self_test("cuda", device_id):
             return False, "CUDA EP returned wrong results in the self-test"
     except Exception as exc:  # noqa: BLE001 - any failure means "not usable"
         return False, f"{CUDA} failed to start: {str(exc).strip().splitlines()[0][:300]}"
     return True, "ok"
+
+
+def _self_test(device: Literal["cuda", "cpu"], device_id: int = 0) -> bool:
+    """Whether the padded graph pools two ragged bags (``B`` != ``L``, so a layout
+    mix-up shows) exactly on ``device``."""
+    session = _session(padded_model("sum", 4, np.float32, sentinel=3), device, device_id,
+                       None)
+    table = np.arange(16, dtype=np.float32).reshape(4, 4)
+    table[3] = 0  # the sentinel row
+    feeds = {"table": table, "indices": np.array([0, 1, 1, 2, 2], np.int64),
+             "starts": np.array([0, 3], np.int64), "lengths": np.array([3, 2], np.int64),
+             "steps": np.arange(3, dtype=np.int64)}
+    out = session.run(None, feeds)[0]
+    return bool(np.array_equal(out, [table[0] + 2 * table[1], 2 * table[2]]))
 
 
 def _buckets(lengths: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
@@ -210,6 +221,10 @@ class OnnxKernel:
         table_dtype: store the table in the session as ``float16`` (half the traffic;
             float32 accumulation), or ``None``: as the spec stores it (float32, float64
             or float16).
+        graph: ``"padded"`` (one run per bucket over ids ``[B, L]``), ``"scanned"`` (steps
+            of a share that stay in cache, ``[C, L, b]``), or ``None``: padded on CUDA,
+            scanned on the CPU EP. The CUDA graph runs on the CPU EP too, so machines
+            without a GPU test it.
 
     Raises:
         OnnxUnavailableError: onnxruntime missing, or ``device="cuda"`` and CUDA unusable.
@@ -220,9 +235,12 @@ class OnnxKernel:
 
     def __init__(self, spec: TableSpec, *, device: str = "auto", device_id: int = 0,
                  num_threads: int | None = None,
-                 table_dtype: npt.DTypeLike | None = None) -> None:
+                 table_dtype: npt.DTypeLike | None = None,
+                 graph: Literal["padded", "scanned"] | None = None) -> None:
         if device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+        if graph not in (None, "padded", "scanned"):
+            raise ValueError(f"graph must be 'padded', 'scanned' or None; got {graph!r}")
         stored = spec.table.data
         storage = spec.table.storage
         if table_dtype is not None and not spec.table.is_float:
@@ -256,6 +274,7 @@ class OnnxKernel:
         self.device_id = device_id
         self.num_threads = num_threads or os.cpu_count() or 1
         self.provider = CUDA if self.device == "cuda" else CPU
+        self._padded = graph == "padded" if graph else self.device == "cuda"
         self._sentinel = spec.num_embeddings
         self._padding = spec.padding_idx
         floats = not isinstance(self.table_dtype, str)  # the graph gathers floats
@@ -292,9 +311,13 @@ class OnnxKernel:
         variant's are built on its first use, so warm-up builds every one of them."""
         with self._lock:
             if weighted not in self._sessions:
-                build = padded_model if self.device == "cuda" else scanned_model
-                model = build(self.spec.mode, self.spec.embedding_dim, self.table_dtype,
-                              weighted=weighted)
+                spec = self.spec
+                model = (padded_model(spec.mode, spec.embedding_dim, self.table_dtype,
+                                      sentinel=self._sentinel, padding_idx=self._padding,
+                                      weighted=weighted)
+                         if self._padded else
+                         scanned_model(spec.mode, spec.embedding_dim, self.table_dtype,
+                                       weighted=weighted))
                 count = 1 if self.device == "cuda" else self.num_threads
                 # CPU parallelism comes from concurrent shares, one thread each.
                 self._sessions[weighted] = [
@@ -304,19 +327,29 @@ class OnnxKernel:
     def __call__(self, indices: IndexArray, offsets: IndexArray,
                  per_sample_weights: FloatArray | None = None) -> FloatArray:
         num_bags = offsets.shape[0] - 1
-        out = np.zeros((num_bags, self.spec.embedding_dim), dtype=self.compute_dtype)
         lengths = np.diff(offsets)
+        # Every non-empty bag's row is written by a run (straight into ``out`` where its
+        # bags are consecutive): only the empty ones need zeros.
+        out = np.empty((num_bags, self.spec.embedding_dim), dtype=self.compute_dtype)
+        out[lengths == 0] = 0
         tasks = self._plan(lengths)
+        flat = self._flat_inputs(indices, per_sample_weights) if self._padded and tasks else {}
 
         def run(task: Task, worker: int) -> None:
             bags, shape = task
             first = int(bags[0])
             # Consecutive bags that fill whole steps: rows go straight into ``out``.
             target = (out[first : first + bags.size]
-                      if self.device == "cpu" and int(bags[-1]) - first + 1 == bags.size
+                      if int(bags[-1]) - first + 1 == bags.size
                       and math.prod(shape) == bags.size else None)
-            rows = self._run(indices, offsets[bags], lengths[bags], per_sample_weights,
-                             shape, worker, target)
+            if self._padded:
+                width = int(lengths[bags].max())
+                feeds = {**flat, "starts": offsets[bags], "lengths": lengths[bags],
+                         "steps": np.arange(width, dtype=np.int64)}
+            else:
+                feeds = self._feeds(indices, offsets[bags], lengths[bags], per_sample_weights,
+                                    shape)
+            rows = self._run(feeds, per_sample_weights is not None, shape, worker, target)
             if target is None:
                 out[bags] = rows[: bags.size]
 
@@ -341,14 +374,14 @@ class OnnxKernel:
         return out
 
     def _plan(self, lengths: npt.NDArray[np.int64]) -> list[Task]:
-        """Runs to make: ``(bag numbers, layout)``. CUDA: one run per bucket, layout
-        ``(B,)``. CPU: each bucket cut into steps of about :data:`_CPU_STEP_BYTES` of
+        """Runs to make: ``(bag numbers, layout)``. Padded: one run per bucket, layout
+        ``(B,)``. Scanned: each bucket cut into steps of about :data:`_CPU_STEP_BYTES` of
         gathered rows, the steps shared evenly among up to ``num_threads`` runs, layout
         ``(C, b)``: C steps of b bags, b chosen so the last step pads less than C bags."""
         row_bytes = self._row_bytes
         tasks: list[Task] = []
         for bags in _buckets(lengths):
-            if self.device == "cuda":
+            if self._padded:
                 tasks.append((bags, (bags.size,)))
                 continue
             width = self._width(int(lengths[bags].max()))
@@ -363,37 +396,46 @@ class OnnxKernel:
     def _width(self, longest: int) -> int:
         """Rows to gather per bag for bags of at most ``longest`` ids."""
         low, fast = _CPU_FAST_SUM_LENGTHS
-        if self.device == "cpu" and self.spec.mode != "max" and low <= longest < fast:
+        if not self._padded and self.spec.mode != "max" and low <= longest < fast:
             return fast
         return longest
 
-    def _run(self, indices: IndexArray, starts: IndexArray, lengths: IndexArray,
-             per_sample_weights: FloatArray | None, shape: tuple[int, ...], worker: int,
-             target: FloatArray | None) -> FloatArray:
-        """Pool the bags starting at ``starts`` in one run laid out as ``shape``: returns
-        ``(prod(shape), D)`` rows, the last ones pooling empty padding bags. Rows go to
-        ``target`` (a C-contiguous view of the caller's output with exactly that many rows,
-        CPU only) when given."""
-        padding = math.prod(shape) - starts.size
-        if padding:
-            starts = np.concatenate((starts, np.zeros(padding, np.int64)))
-            lengths = np.concatenate((lengths, np.zeros(padding, np.int64)))
-        feeds = self._feeds(indices, starts.reshape(shape), lengths.reshape(shape),
-                            per_sample_weights)
-        session = self._session(per_sample_weights is not None, worker)
+    def _flat_inputs(self, indices: IndexArray, per_sample_weights: FloatArray | None
+                     ) -> dict[str, Any]:
+        """The padded graph's per-call inputs: ``indices`` (and ``weights``) as they
+        arrive, copied to the device once for all of the call's runs."""
+        flat: dict[str, Any] = {"indices": indices}
+        if per_sample_weights is not None:
+            flat["weights"] = np.asarray(per_sample_weights, dtype=self.compute_dtype)
+        if self.device == "cuda":
+            ort = _ort()
+            flat = {name: ort.OrtValue.ortvalue_from_numpy(value, "cuda", self.device_id)
+                    for name, value in flat.items()}
+        return flat
+
+    def _run(self, feeds: dict[str, Any], weighted: bool, shape: tuple[int, ...],
+             worker: int, target: FloatArray | None) -> FloatArray:
+        """One run over ``feeds`` (host arrays, or OrtValues already in place) laid out as
+        ``shape``: returns ``(prod(shape), D)`` rows, the last ones pooling empty padding
+        bags. Rows go to ``target`` (a C-contiguous view of the caller's output with
+        exactly that many rows) when given: onnxruntime writes them there, from the
+        device too, so no array is allocated and copied again."""
+        session = self._session(weighted, worker)
         binding = session.io_binding()
         for name, value in self._inputs.items():
             binding.bind_ortvalue_input(name, value)
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        if self.device == "cuda":
-            binding.bind_output("embeddings", "cuda", self.device_id)
-        elif target is not None:
-            # onnxruntime writes the rows straight into the caller's buffer: no copy.
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        if target is not None:
             rows = target.reshape(*shape, self.spec.embedding_dim)
             binding.bind_ortvalue_output("embeddings", _ort().OrtValue.ortvalue_from_numpy(rows))
             session.run_with_iobinding(binding)
             return target
+        if self.device == "cuda":
+            binding.bind_output("embeddings", "cuda", self.device_id)
         else:
             binding.bind_output("embeddings")
         session.run_with_iobinding(binding)
@@ -401,10 +443,18 @@ class OnnxKernel:
         return result.reshape(-1, self.spec.embedding_dim)
 
     def _feeds(self, indices: IndexArray, starts: IndexArray, lengths: IndexArray,
-               per_sample_weights: FloatArray | None) -> dict[str, npt.NDArray[Any]]:
-        """The graph's ``ids`` (and ``weights``, ``counts``) for bags laid out like
-        ``starts`` (``[B]`` or ``[C, b]``): ids get a length axis before the last one, and
-        positions past a bag's end or holding ``padding_idx`` read the sentinel row."""
+               per_sample_weights: FloatArray | None, shape: tuple[int, ...]
+               ) -> dict[str, npt.NDArray[Any]]:
+        """The scanned graph's ``ids`` ``[C, L, b]`` (and ``weights``, and ``counts``
+        ``[C, b]``) for bags starting at ``starts``, padded with empty bags to ``shape``
+        ``(C, b)``. Positions past a bag's end or holding ``padding_idx`` read the
+        sentinel row; the caller's arrays are never written."""
+        padding = math.prod(shape) - starts.size
+        if padding:
+            starts = np.concatenate((starts, np.zeros(padding, np.int64)))
+            lengths = np.concatenate((lengths, np.zeros(padding, np.int64)))
+        starts = starts.reshape(shape)
+        lengths = lengths.reshape(shape)
         width = self._width(int(lengths.max()))
         steps = np.arange(width, dtype=np.int64)[:, None]
         ragged = bool((lengths != width).any())
@@ -422,7 +472,7 @@ class OnnxKernel:
                 # single-step layout would otherwise be the caller's own ids.
                 return np.array(rows, dtype=dtype, order="C")
         else:
-            positions = starts[..., None, :] + steps  # [..., L, b]
+            positions = starts[..., None, :] + steps  # [C, L, b]
 
             def lay_out(values: npt.NDArray[Any], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
                 taken = np.take(values, positions, mode="clip")

@@ -81,8 +81,7 @@ def test_concurrent_calls_from_threads_are_independent() -> None:
 
 def test_make_kernel_picks_the_fused_loop_and_honours_fused_false() -> None:
     spec = TableSpec(np.ones((2, 2), np.float32), "sum")
-    assert make_kernel(spec).name == "numba"
-    assert make_kernel(spec, "auto").name == "numba"
+    assert make_kernel(spec).name == "numba"  # "auto" is tested beside the CUDA checks
     assert make_kernel(spec, fused=False).name == "numpy"
     with pytest.raises(BackendError, match="backend must be one of numpy, onnx, auto; got 'gpu'"):
         make_kernel(spec, "gpu")

@@ -15,6 +15,10 @@ CUDA_USABLE, CUDA_REASON = cuda_status()
 needs_cuda = pytest.mark.skipif(not CUDA_USABLE, reason=f"CUDA not usable: {CUDA_REASON}")
 
 
+def _devices() -> list[object]:
+    return ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
 def _batch(seed: int, rows: int = 2000, bags: int = 300, max_len: int = 30
            ) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -34,6 +38,12 @@ def test_provider_names_what_really_runs(table: np.ndarray) -> None:
     assert OnnxKernel(TableSpec(table, "sum"), device="cpu").provider == CPU
     if not CUDA_USABLE:
         assert CUDA_REASON  # says why
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_self_test_passes_where_the_graph_is_right(device: str) -> None:
+    # cuda_status() trusts this check; a graph layout change must keep it true.
+    assert onnx_kernel._self_test(device)
 
 
 @pytest.mark.skipif(CUDA_USABLE, reason="CUDA is usable here")
@@ -90,12 +100,13 @@ def test_even_bags_run_in_one_group() -> None:
                          [("sum", False), ("sum", True), ("mean", False), ("max", False)])
 def test_kernel_graph_holds_only_ops_with_cuda_kernels_and_no_table(mode: str,
                                                                     weighted: bool) -> None:
-    model = padded_model(mode, 128, np.float16, weighted=weighted)
+    model = padded_model(mode, 128, np.float16, sentinel=10, padding_idx=3,
+                         weighted=weighted)
     ops = {node.op_type for node in model.graph.node}
     # No Shape/Range subgraphs: onnxruntime pins those to the CPU, which
     # disable_cpu_ep_fallback turns into a load failure on CUDA.
-    assert ops <= {"Gather", "Cast", "Unsqueeze", "Mul", "ReduceSum", "ReduceMax", "Max",
-                   "Div", "Equal", "Where"}, ops
+    assert ops <= {"Unsqueeze", "Add", "Less", "Where", "Gather", "Equal", "Not", "And",
+                   "Transpose", "Cast", "Mul", "ReduceSum", "ReduceMax", "Max", "Div"}, ops
     # The table is a bound input, so tables over protobuf's 2 GB limit work.
     assert "table" in {i.name for i in model.graph.input}
     assert model.ByteSize() < 2000
@@ -107,10 +118,48 @@ def test_cpu_graph_scans_the_padded_tail_over_steps(mode: str) -> None:
     (scan,) = model.graph.node
     assert scan.op_type == "Scan"
     body = next(a.g for a in scan.attribute if a.name == "body")
-    tail = padded_model(mode, 64, np.float32, weighted=mode == "sum")
-    assert [n.op_type for n in body.node] == [n.op_type for n in tail.graph.node]
+    padded = padded_model(mode, 64, np.float32, sentinel=5, weighted=mode == "sum")
+    # The padded graph lays its ids out on the device first, then runs the same tail.
+    body_ops = [n.op_type for n in body.node]
+    assert [n.op_type for n in padded.graph.node][-len(body_ops):] == body_ops
     assert [i.name for i in model.graph.input][0] == "table"  # bound, never an initializer
     assert model.ByteSize() < 2000
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "int4"])
+@pytest.mark.parametrize("bags", ["ragged", "even-7", "one"])
+@pytest.mark.parametrize(("mode", "padding_idx", "weighted"),
+                         [("sum", None, False), ("sum", 7, True), ("mean", 7, False),
+                          ("max", None, False), ("max", 7, False)])
+def test_padded_graph_matches_numba_and_leaves_the_callers_arrays(
+        device: str, storage: str, bags: str, mode: str, padding_idx: int | None,
+        weighted: bool) -> None:
+    # The CUDA graph (ids [B, L], transposed in the graph) also runs on the CPU EP: even
+    # bags hand over the caller's ids block as it is, ragged ones are taken row by row.
+    rng = np.random.default_rng(8)
+    lengths = {"ragged": np.concatenate((rng.integers(0, 13, 60), [0, 40])),
+               "even-7": np.full(50, 7), "one": np.array([5])}[bags]
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+    indices = rng.integers(0, 300, int(offsets[-1])).astype(np.int64)
+    indices[::4] = 7
+    weights = rng.standard_normal(indices.size).astype(np.float32) if weighted else None
+    stored = store(rng.standard_normal((300, 9)).astype(np.float32), storage)  # type: ignore[arg-type]
+    spec = TableSpec(stored, mode, padding_idx)  # type: ignore[arg-type]
+    before = (indices.copy(), offsets.copy(), None if weights is None else weights.copy())
+    kernel = OnnxKernel(spec, device=device, graph="padded")
+    out = kernel(indices, offsets, weights)
+    np.testing.assert_allclose(out, NumbaKernel(spec)(indices, offsets, weights),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(indices, before[0])
+    np.testing.assert_array_equal(offsets, before[1])
+    if weights is not None:
+        np.testing.assert_array_equal(weights, before[2])
+
+
+def test_graph_choice_is_checked(table: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="graph must be 'padded', 'scanned' or None"):
+        OnnxKernel(TableSpec(table, "sum"), device="cpu", graph="flat")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("step_bytes", [1, 3000, 1 << 20])
