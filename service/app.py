@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,9 +36,12 @@ def create_app(settings: Settings | None = None, specs: list[ModelSpec] | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.start(specs or [], models or [])
+        reloads = _reload_on_sighup(state)
         try:
             yield
         finally:
+            if reloads:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await state.stop()
 
     # No trailing-slash redirects: Starlette builds their Location from the client's Host
@@ -54,6 +59,26 @@ def create_app(settings: Settings | None = None, specs: list[ModelSpec] | None =
     app.include_router(kserve.protected)
     app.include_router(ops.router)
     return app
+
+
+def _reload_on_sighup(state: ServiceState) -> bool:
+    """``SIGHUP`` re-reads the config in a single process (with workers, the parent
+    relays it); only possible on the main thread's loop. Returns whether installed."""
+    if state.relay is not None or not hasattr(signal, "SIGHUP"):
+        return False
+    loop = asyncio.get_running_loop()
+    reloading: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(state.reload_config())
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (RuntimeError, ValueError):  # not the main thread (an in-process test client)
+        return False
+    return True
 
 
 class BagserveApp(FastAPI):

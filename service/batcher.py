@@ -130,6 +130,9 @@ class Batcher:
         self.queued_bags = 0
         self._wake = asyncio.Event()
         self._closing = False
+        #: Requests between lookup and answer (see :meth:`hold`).
+        self.holders = 0
+        self._released: asyncio.Event | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{model.name}")
         self._task: asyncio.Task[None] | None = None
         self._dtype = np.dtype(model.bag.compute_dtype)
@@ -155,6 +158,24 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(),
                                                             name=f"batcher-{self.model.name}")
+
+    def hold(self) -> None:
+        """A request took this batcher to answer it: a swap retires the batcher only after
+        every such request let go, so each is answered wholly by the table it started on."""
+        self.holders += 1
+
+    def release(self) -> None:
+        self.holders -= 1
+        if self.holders == 0 and self._released is not None:
+            self._released.set()
+
+    async def retire(self) -> None:
+        """Replaced by a new version: wait for the requests holding this one, answer
+        everything queued, then stop. No new request can find it any more."""
+        if self.holders:
+            self._released = asyncio.Event()
+            await self._released.wait()
+        await self.close()
 
     async def close(self) -> None:
         """Stop admitting, finish everything admitted, then stop the loop."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,28 @@ def _spec(entry: Any, where: str, base: Path) -> ModelSpec:
         if key in values:
             values[key] = float(values[key])
     return ModelSpec(**values)
+
+
+def share_threads(spec: ModelSpec, workers: int, cores: int) -> ModelSpec:
+    """``spec`` as one of ``workers`` processes serves it: without its own
+    ``num_threads`` it gets its share of the ``cores``, so N workers' kernels do not
+    oversubscribe the machine."""
+    if workers <= 1 or spec.num_threads is not None:
+        return spec
+    return replace(spec, num_threads=max(1, cores // workers))
+
+
+def checkpoint_stamp(spec: ModelSpec) -> tuple[int, int, int] | None:
+    """What tells a rewritten checkpoint from the one loaded: ``(inode, size, mtime)``;
+    ``None`` for the demo table or a file that cannot be read (a reload then tries, and
+    reports why)."""
+    if spec.checkpoint is None:
+        return None
+    try:
+        stat = spec.checkpoint.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def load_config(path: str | Path) -> list[ModelSpec]:

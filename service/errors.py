@@ -53,6 +53,12 @@ class BodyTooLarge(ServiceError):
     status, type = 413, "body_too_large"
 
 
+class LoadFailed(ServiceError):
+    """A model load failed; whatever served before keeps serving."""
+
+    status, type = 400, "load_failed"
+
+
 class InvalidRequest(ServiceError):
     status, type = 422, "invalid_request"
 
@@ -128,7 +134,7 @@ def install_handlers(app: FastAPI) -> None:
 
 __all__ = [
     "BodyTooLarge", "ClientDisconnected", "ComputeFailed", "DeadlineExceeded", "Forbidden",
-    "InvalidRequest", "ModelNotFound", "NotReady", "Overloaded", "RequestTimeout",
+    "InvalidRequest", "LoadFailed", "ModelNotFound", "NotReady", "Overloaded", "RequestTimeout",
     "ServiceError", "Unauthorized",
     "error_response", "exception_response", "install_handlers",
 ]

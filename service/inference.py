@@ -12,7 +12,7 @@ import numpy.typing as npt
 from fastapi import Request
 
 from models import InvalidInputError, flatten_inputs
-from service.batcher import BatchResult
+from service.batcher import Batcher, BatchResult
 from service.errors import Forbidden, InvalidRequest, ServiceError, Unauthorized
 from service.registry import LoadedModel
 from service.state import ServiceState
@@ -59,8 +59,10 @@ class Answer:
     def rows(self) -> npt.NDArray[np.floating]:
         return self.result.rows
 
-    def timing_headers(self) -> dict[str, str]:
-        return {"X-Queue-Ms": f"{self.result.queue_s * 1e3:.3f}",
+    def headers(self) -> dict[str, str]:
+        """The version that answered and where the time went."""
+        return {"X-Model-Version": str(self.model.version),
+                "X-Queue-Ms": f"{self.result.queue_s * 1e3:.3f}",
                 "X-Compute-Ms": f"{self.result.compute_s * 1e3:.3f}",
                 "X-Batch-Bags": str(self.result.batch_bags)}
 
@@ -92,9 +94,20 @@ async def embed(request: Request, model_name: str, input: Any, offsets: Any = No
         ServiceError subclasses: 404 unknown model, 422 invalid input or over a limit,
         429 overloaded, 503 not ready / deadline, 500 if the batch failed.
     """
-    started = time.perf_counter()
     state = service_state(request)
     batcher = state.batcher(model_name)
+    batcher.hold()  # a swap now lets this request finish on this version
+    try:
+        return await _embed(request, state, batcher, input, offsets, per_sample_weights,
+                            include_last_offset)
+    finally:
+        batcher.release()
+
+
+async def _embed(request: Request, state: ServiceState, batcher: Batcher, input: Any,
+                 offsets: Any, per_sample_weights: Any, include_last_offset: bool | None
+                 ) -> Answer:
+    started = time.perf_counter()
     model = batcher.model
     settings = state.settings
     try:

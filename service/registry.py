@@ -22,10 +22,12 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A ready model: its spec and the module that computes it."""
+    """A ready model: its spec, the module that computes it, and its version (1 at
+    start-up, one more on every load)."""
 
     spec: ModelSpec
     bag: EmbeddingBag
+    version: int = 1
 
     @property
     def name(self) -> str:
@@ -38,7 +40,8 @@ class LoadedModel:
     def describe(self) -> dict[str, object]:
         """The public facts about the model (``GET /v1/models``)."""
         return {"id": self.name, "object": "model", "owned_by": "bagserve",
-                "dim": self.dim, "rows": self.bag.num_embeddings, "mode": self.bag.mode,
+                "version": self.version, "dim": self.dim,
+                "rows": self.bag.num_embeddings, "mode": self.bag.mode,
                 "dtype": str(self.bag.compute_dtype), "table_dtype": self.bag.table_dtype,
                 "table_bytes": self.bag.table.nbytes, "backend": self.bag.kernel.name,
                 "provider": self.bag.provider, "padding_idx": self.bag.padding_idx,
@@ -51,7 +54,7 @@ def demo_table() -> np.ndarray:
     return rng.standard_normal((DEMO_ROWS, DEMO_DIM), dtype=np.float32)
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
+def load_model(spec: ModelSpec, version: int = 1) -> LoadedModel:
     """Read the checkpoint, build the module and run one warm-up batch.
 
     Raises:
@@ -76,11 +79,12 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         release_freed_memory()
     except (ValueError, OSError, RuntimeError) as exc:
         raise ModelLoadError(f"model {spec.name!r} ({source}): {exc}") from exc
-    logger.info("model loaded", extra={"model": spec.name, "source": source,
+    logger.info("model loaded", extra={"model": spec.name, "version": version,
+                                       "source": source,
                                        "rows": bag.num_embeddings, "dim": bag.embedding_dim,
                                        "provider": bag.provider,
                                        "seconds": round(time.perf_counter() - started, 3)})
-    return LoadedModel(spec, bag)
+    return LoadedModel(spec, bag, version)
 
 
 def warm_up(bag: EmbeddingBag) -> None:

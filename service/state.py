@@ -1,19 +1,34 @@
-"""The running service: settings, loaded models, their batchers, readiness."""
+"""The running service: settings, loaded models, their batchers, readiness, and model
+control (load, unload, config reload) with atomic swaps."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.batcher import Batcher
-from service.config import ModelSpec
+from service.config import (
+    ConfigError,
+    ModelSpec,
+    checkpoint_stamp,
+    load_config,
+    share_threads,
+)
 from service.errors import ModelNotFound, NotReady
+from service.heap import release_freed_memory
 from service.metrics import Metrics
-from service.registry import LoadedModel, load_model
+from service.registry import LoadedModel, ModelLoadError, load_model
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+#: Sends a control command to every worker (multi-worker mode) and waits for this
+#: worker's outcome; ``None`` in a single process, where commands apply directly.
+Relay = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 @dataclass
@@ -26,18 +41,28 @@ class ServiceState:
     batchers: dict[str, Batcher] = field(default_factory=dict)
     ready: bool = False
     draining: bool = False
+    #: The entry each name was last loaded from, and its checkpoint's stamp then.
+    specs: dict[str, ModelSpec] = field(default_factory=dict)
+    stamps: dict[str, tuple[int, int, int] | None] = field(default_factory=dict)
+    #: Names known but not serving, with why (unloaded, or a failed first load).
+    unavailable: dict[str, str] = field(default_factory=dict)
+    #: The last version given to each name (kept across unloads: versions only grow).
+    versions: dict[str, int] = field(default_factory=dict)
+    relay: Relay | None = None
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _retiring: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self, specs: list[ModelSpec], preloaded: list[LoadedModel]) -> None:
         """Load (off the loop) what is not preloaded, start one batcher per model."""
         loop = asyncio.get_running_loop()
         loaded = list(preloaded)
         for spec in specs:
-            loaded.append(await loop.run_in_executor(None, load_model, spec))
+            if spec.name in self.unavailable:
+                continue  # unloaded before this worker started
+            version = self.versions.get(spec.name, 1)
+            loaded.append(await loop.run_in_executor(None, load_model, spec, version))
         for model in loaded:
-            self.models[model.name] = model
-            batcher = Batcher(model, self.settings, self.metrics)
-            batcher.start()
-            self.batchers[model.name] = batcher
+            self._serve(model)
         self.ready = True
         logger.info("ready", extra={"models": sorted(self.models)})
 
@@ -51,14 +76,14 @@ class ServiceState:
     async def stop(self) -> None:
         """Finish every admitted request, then stop the batchers."""
         self.begin_drain()
-        await asyncio.gather(*(b.close() for b in self.batchers.values()))
+        await asyncio.gather(*(b.close() for b in self.batchers.values()), *self._retiring)
         logger.info("stopped")
 
     def batcher(self, name: str) -> Batcher:
         """The batcher of a ready model.
 
         Raises:
-            NotReady: starting or draining. ModelNotFound: no such model.
+            NotReady: starting or draining. ModelNotFound: no such model, or unloaded.
         """
         if self.draining:
             raise NotReady("server is shutting down",
@@ -69,5 +94,158 @@ class ServiceState:
         try:
             return self.batchers[name]
         except KeyError:
+            if name in self.unavailable:
+                raise ModelNotFound(f"model {name!r} is not loaded ({self.unavailable[name]})"
+                                    f"; load it with POST /v2/repository/models/{name}/load"
+                                    ) from None
             raise ModelNotFound(f"model {name!r} not found; available: "
                                 f"{', '.join(sorted(self.batchers))}") from None
+
+    # Model control --------------------------------------------------------------------
+
+    def index(self) -> list[dict[str, Any]]:
+        """Every known model with its state (KServe's repository index)."""
+        names = sorted(set(self.models) | set(self.unavailable))
+        return [{"name": name, "version": str(self.versions.get(name, 1)),
+                 "state": "READY" if name in self.models else "UNAVAILABLE",
+                 "reason": self.unavailable.get(name, "")} for name in names]
+
+    async def load(self, name: str) -> LoadedModel | None:
+        """Load ``name`` again from its config entry (re-read from the config file when
+        there is one) and its checkpoint, in every worker.
+
+        Raises:
+            ModelNotFound: no config entry of that name.
+            ModelLoadError: the entry or checkpoint is bad; the serving version (if any)
+                keeps serving.
+        """
+        return await self._command({"op": "load", "name": name})
+
+    async def unload(self, name: str) -> None:
+        """Stop serving ``name`` in every worker once its admitted requests are answered.
+
+        Raises:
+            ModelNotFound: not serving.
+        """
+        if name not in self.models:
+            raise ModelNotFound(f"model {name!r} is not loaded")
+        await self._command({"op": "unload", "name": name})
+
+    async def reload_config(self) -> None:
+        """Re-read the config file and apply what changed (``SIGHUP``): load new entries,
+        changed entries and rewritten checkpoints, unload removed entries. A bad file or a
+        failing model is logged; everything else keeps serving."""
+        try:
+            specs = self._config()
+        except ConfigError as exc:
+            logger.error("config reload failed; nothing changed: %s", exc)
+            return
+        if specs is None:
+            logger.warning("SIGHUP: no config file (serving the built-in demo); nothing "
+                           "to reload")
+            return
+        wanted = {spec.name: spec for spec in specs}
+        for name, spec in wanted.items():
+            if (name in self.models and spec == self.specs.get(name)
+                    and checkpoint_stamp(spec) == self.stamps.get(name)):
+                continue
+            try:
+                await self._command({"op": "load", "name": name})
+            except (ModelLoadError, ModelNotFound) as exc:
+                logger.error("reload of model %r failed; the old version keeps serving: %s",
+                             name, exc)
+        for name in sorted(set(self.models) - set(wanted)):
+            await self._command({"op": "unload", "name": name})
+
+    async def _command(self, command: dict[str, Any]) -> LoadedModel | None:
+        if self.relay is None:
+            return await self.apply(command)
+        await self.relay(command)
+        return self.models.get(command["name"])
+
+    async def apply(self, command: dict[str, Any]) -> LoadedModel | None:
+        """Carry out one control command in this process: ``{"op": "load" | "unload",
+        "name": ..., "version": optional}`` (the version is given by the parent when
+        several workers must agree on it)."""
+        name = command["name"]
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:  # one load or unload of a name at a time, in order
+            if command["op"] == "unload":
+                self._unserve(name, "unloaded")
+                return None
+            spec = self._entry(name)
+            version = int(command.get("version") or self.versions.get(name, 0) + 1)
+            stamp = checkpoint_stamp(spec)  # before reading: a rewrite during it shows
+            loop = asyncio.get_running_loop()
+            try:
+                # Read and warmed beside the serving version; requests keep flowing.
+                model = await loop.run_in_executor(None, load_model, spec, version)
+            except ModelLoadError as exc:
+                logger.error("load failed; %s", "the old version keeps serving" if name
+                             in self.models else "the model stays unavailable",
+                             extra={"model": name, "error": str(exc)})
+                if name not in self.models:
+                    self.unavailable[name] = f"load failed: {exc}"
+                raise
+            self.stamps[name] = stamp
+            self._serve(model)
+            logger.info("model swapped in", extra={"model": name, "version": version})
+            return model
+
+    def _config(self) -> list[ModelSpec] | None:
+        """The config file's entries as this process serves them; ``None`` without one."""
+        if self.settings.config is None:
+            return None
+        workers = self.settings.workers
+        return [share_threads(spec, workers, os.cpu_count() or 1)
+                for spec in load_config(self.settings.config)]
+
+    def _entry(self, name: str) -> ModelSpec:
+        specs = self._config()
+        if specs is None:  # no file: the entry it was started with
+            if name not in self.specs:
+                raise ModelNotFound(f"model {name!r} not found; known: "
+                                    f"{', '.join(sorted(self.specs))}")
+            return self.specs[name]
+        for spec in specs:
+            if spec.name == name:
+                return spec
+        raise ModelNotFound(f"model {name!r} is not in {self.settings.config}; it names "
+                            f"{', '.join(spec.name for spec in specs)}")
+
+    def _serve(self, model: LoadedModel) -> None:
+        """Start ``model``'s batcher and make it the one requests find, in one step of the
+        event loop (atomic for every request); the replaced one retires in the background."""
+        name = model.name
+        batcher = Batcher(model, self.settings, self.metrics)
+        batcher.start()
+        old = self.batchers.get(name)
+        self.models[name] = model
+        self.batchers[name] = batcher
+        self.specs[name] = model.spec
+        self.stamps.setdefault(name, checkpoint_stamp(model.spec))
+        self.versions[name] = model.version
+        self.unavailable.pop(name, None)
+        if old is not None:
+            self._retire(old)
+
+    def _unserve(self, name: str, reason: str) -> None:
+        old = self.batchers.pop(name, None)
+        self.models.pop(name, None)
+        self.unavailable[name] = reason
+        if old is not None:
+            self._retire(old)
+
+    def _retire(self, old: Batcher) -> None:
+        async def retire(batcher: Batcher) -> None:
+            name, version = batcher.model.name, batcher.model.version
+            await batcher.retire()
+            # This was the last reference to the old table: hand its memory back now
+            # rather than at the allocator's leisure.
+            del batcher
+            await asyncio.get_running_loop().run_in_executor(None, release_freed_memory)
+            logger.info("old version released", extra={"model": name, "version": version})
+
+        task = asyncio.get_running_loop().create_task(retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)

@@ -18,9 +18,16 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from service.errors import InvalidRequest, ModelNotFound
+from service.errors import InvalidRequest, LoadFailed, ModelNotFound
 from service.inference import body_of, embed, require_api_key, service_state
-from service.schemas import KSERVE_ERRORS, KServeInferRequest, KServeInferResponse, json_body
+from service.registry import ModelLoadError
+from service.schemas import (
+    KSERVE_ERRORS,
+    KServeError,
+    KServeInferRequest,
+    KServeInferResponse,
+    json_body,
+)
 from service.wire import (
     check_structure,
     describe,
@@ -33,7 +40,6 @@ from service.wire import (
 router = APIRouter(tags=["kserve-v2"])
 protected = APIRouter(tags=["kserve-v2"], dependencies=[Depends(require_api_key)])
 
-VERSION = "1"
 _DTYPES: dict[str, np.dtype[Any]] = {"INT64": np.dtype("<i8"), "INT32": np.dtype("<i4"),
                                      "FP32": np.dtype("<f4")}
 _ALLOWED = {"indices": ("INT64", "INT32"), "offsets": ("INT64", "INT32"),
@@ -67,11 +73,15 @@ async def ready(request: Request) -> Response:
 
 
 def _model(request: Request, name: str, version: str | None) -> Any:
+    """The serving model ``name``; a version, when named, must be the one serving (a
+    swapped-out version is gone)."""
     state = service_state(request)
-    if name not in state.models or version not in (None, "", VERSION):
-        raise ModelNotFound(f"model {name!r} version {version!r} not found" if version
-                            else f"model {name!r} not found")
-    return state.models[name]
+    model = state.models.get(name)
+    if model is None or version not in (None, "", str(model.version)):
+        serving = "" if model is None else f"; version {model.version} is serving"
+        raise ModelNotFound(f"model {name!r} version {version!r} not found{serving}"
+                            if version else f"model {name!r} not found")
+    return model
 
 
 @protected.get("/v2/models/{name}", summary="Model metadata", responses=KSERVE_ERRORS)
@@ -80,13 +90,70 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     model = _model(request, name, version)
     index = "INT64"
     return _json({
-        "name": name, "versions": [VERSION], "platform": "bagserve",
+        "name": name, "versions": [str(model.version)], "platform": "bagserve",
         "inputs": [{"name": "indices", "datatype": index, "shape": [-1]},
                    {"name": "offsets", "datatype": index, "shape": [-1]},
                    {"name": "per_sample_weights", "datatype": "FP32", "shape": [-1]}],
         "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, model.dim]}],
         "parameters": {"table_dtype": model.bag.table_dtype,
                        "table_bytes": model.bag.table.nbytes}})
+
+
+async def _control_body(request: Request, allowed: frozenset[str]) -> dict[str, Any]:
+    """A repository request's optional JSON object; ``parameters`` may only hold
+    ``allowed`` keys (configs and files travel through the config file, not requests)."""
+    raw = await body_of(request)
+    if not raw.strip():
+        return {}
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    parameters = body.get("parameters")
+    parameters = {} if parameters is None else parameters
+    if not isinstance(parameters, dict):
+        raise InvalidRequest("parameters must be an object")
+    unknown = sorted(set(parameters) - allowed)
+    if unknown:
+        raise InvalidRequest(f"unsupported parameter(s) {', '.join(map(repr, unknown))}: "
+                             "models load from the config file and their checkpoints; "
+                             "edit those, then load")
+    return body
+
+
+@protected.post("/v2/repository/index", summary="Repository index: every model, its state "
+                "and version", responses=KSERVE_ERRORS)
+async def repository_index(request: Request) -> Response:
+    body = await _control_body(request, frozenset())
+    ready = body.get("ready")
+    if ready is not None and not isinstance(ready, bool):
+        raise InvalidRequest(f"ready must be a boolean; got {describe(ready, 40)}")
+    index = service_state(request).index()
+    if ready:
+        index = [entry for entry in index if entry["state"] == "READY"]
+    return _json(index)
+
+
+@protected.post("/v2/repository/models/{name}/load", responses={
+    **KSERVE_ERRORS, 400: {"model": KServeError, "description": "the load failed; what "
+                           "served before keeps serving"}},
+                summary="Load or reload a model from its config entry and checkpoint; swaps "
+                "it in atomically, or keeps the old version serving if loading fails")
+async def repository_load(request: Request, name: str) -> Response:
+    await _control_body(request, frozenset())
+    try:
+        model = await service_state(request).load(name)
+    except ModelLoadError as exc:
+        raise LoadFailed(str(exc)) from None
+    headers = {} if model is None else {"X-Model-Version": str(model.version)}
+    return Response(b"", headers=headers)
+
+
+@protected.post("/v2/repository/models/{name}/unload", responses=KSERVE_ERRORS,
+                summary="Stop serving a model once its admitted requests are answered")
+async def repository_unload(request: Request, name: str) -> Response:
+    await _control_body(request, frozenset({"unload_dependents"}))
+    await service_state(request).unload(name)
+    return Response(b"")
 
 
 @protected.get("/v2/models/{name}/ready", summary="Model readiness", responses=KSERVE_ERRORS)
@@ -207,7 +274,8 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     binary = _wants_binary(header, parameters)
     answer = await embed(request, model.name, tensors["indices"], tensors.get("offsets"),
                          tensors.get("per_sample_weights"), include_last_offset=last)
-    return _respond(header, binary, answer.rows, name, answer.timing_headers())
+    return _respond(header, binary, answer.rows, name, str(answer.model.version),
+                    answer.headers())
 
 
 def _wants_binary(header: dict[str, Any], parameters: dict[str, Any]) -> bool:
@@ -224,11 +292,11 @@ def _wants_binary(header: dict[str, Any], parameters: dict[str, Any]) -> bool:
 
 
 def _respond(header: dict[str, Any], binary: bool, rows: npt.NDArray[Any],
-             name: str, headers: dict[str, str]) -> Response:
+             name: str, version: str, headers: dict[str, str]) -> Response:
     data = np.ascontiguousarray(rows, dtype="<f4")
     output: dict[str, Any] = {"name": "embeddings", "datatype": "FP32",
                               "shape": list(data.shape)}
-    payload: dict[str, Any] = {"model_name": name, "model_version": VERSION,
+    payload: dict[str, Any] = {"model_name": name, "model_version": version,
                                "outputs": [output]}
     if isinstance(header.get("id"), str):
         payload["id"] = header["id"]

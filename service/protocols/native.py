@@ -73,7 +73,7 @@ async def embed_native(name: str, request: Request) -> Response:
                   offsets=body.get("offsets"))
     ids, offsets, weights, last, encoding = _parse(body)
     answer = await embed(request, name, ids, offsets, weights, include_last_offset=last)
-    headers = answer.timing_headers()
+    headers = answer.headers()
     rows = answer.rows
     if "application/octet-stream" in request.headers.get("accept", ""):
         headers["X-Embeddings-Shape"] = f"{rows.shape[0]},{rows.shape[1]}"

@@ -81,4 +81,4 @@ async def embeddings(request: Request) -> Response:
         "usage": {"prompt_tokens": answer.ids, "total_tokens": answer.ids},
     }
     return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
-                    headers=answer.timing_headers(), media_type="application/json")
+                    headers=answer.headers(), media_type="application/json")
