@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from service import __version__
 from service.config import DEMO, ModelSpec
+from service.control import WorkerLink
 from service.errors import install_handlers
 from service.fastpath import FastPath
 from service.protocols import kserve, native, openai, ops
@@ -23,19 +24,34 @@ from service.state import ServiceState
 
 
 def create_app(settings: Settings | None = None, specs: list[ModelSpec] | None = None,
-               models: list[LoadedModel] | None = None) -> FastAPI:
+               models: list[LoadedModel] | None = None, *, link: WorkerLink | None = None,
+               versions: dict[str, int] | None = None, unloaded: frozenset[str] = frozenset()
+               ) -> FastAPI:
     """Build the app. Models are ``models`` (already loaded) plus ``specs`` (loaded at
-    start-up); with neither, the config file named in settings, else the demo model."""
+    start-up); with neither, the config file named in settings, else the demo model.
+
+    A worker of several gets its ``link`` to the parent (model control reaches every
+    worker), and, when it replaces one, the ``versions`` and ``unloaded`` names so far."""
     settings = settings or Settings()
     if specs is None and models is None:
         from service.config import load_config
 
         specs = load_config(settings.config) if settings.config else [DEMO]
     state = ServiceState(settings)
+    state.versions.update(versions or {})
+    state.unavailable.update(dict.fromkeys(unloaded, "unloaded"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await state.start(specs or [], models or [])
+        # The state takes the preloaded models over: no other reference may keep an old
+        # version's table alive after a swap (the caller's list held the first one).
+        preloaded = list(models or [])
+        if models:
+            models.clear()
+        await state.start(specs or [], preloaded)
+        del preloaded
+        if link is not None:
+            link.attach(state)
         reloads = _reload_on_sighup(state)
         try:
             yield

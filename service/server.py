@@ -16,11 +16,11 @@ import logging
 import math
 import os
 import resource
+import select
 import signal
 import socket
 import sys
 import time
-from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -28,7 +28,8 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from service.app import create_app
-from service.config import ModelSpec
+from service.config import ModelSpec, share_threads
+from service.control import ParentLink
 from service.registry import LoadedModel
 from service.settings import Settings
 from service.state import ServiceState
@@ -87,8 +88,8 @@ def _open_files_limit() -> None:
 
 
 def _server(settings: Settings, specs: list[ModelSpec] | None,
-            models: list[LoadedModel] | None) -> DrainingServer:
-    app = create_app(settings, specs=specs, models=models)
+            models: list[LoadedModel] | None, **control: Any) -> DrainingServer:
+    app = create_app(settings, specs=specs, models=models, **control)
     protocol = type("Protocol", (IdleClosingProtocol,),
                     {"max_connections": settings.max_connections})
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
@@ -116,11 +117,20 @@ def _listen(settings: Settings) -> socket.socket:
     return sock
 
 
-def _worker(settings: Settings, specs: list[ModelSpec], sock: socket.socket) -> int:
+def _worker(settings: Settings, parent: ParentLink, down: int, sock: socket.socket) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
-    server = _server(settings, specs, None)
-    server.run(sockets=[sock])
+    # The parent handles SIGHUP (a reload reaches every worker through it); one sent to
+    # the whole process group must not also reload, or stop, this worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    link = parent.child_side(down)
+    server = _server(settings, parent.specs, None, link=link, versions=dict(parent.versions),
+                     unloaded=frozenset(parent.unloaded))
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn exits this way when the lifespan start-up fails
+        if server.started:
+            raise
     return 0 if server.started else _START_FAILED
 
 
@@ -142,20 +152,26 @@ def _preload() -> None:
 #: A pool whose workers die more often than this (not counting start-up failures, which
 #: stop it at once) gives up: a crash loop is an outage to report, not to hide.
 RESPAWN_LIMIT, RESPAWN_WINDOW_S = 5, 60.0
+#: Seconds before a replacement that failed to start is tried again.
+RETRY_START_S = 5.0
 #: Exit code of a worker whose server never started (a bad checkpoint or config).
 _START_FAILED = 3
 
 
-def _spawn(settings: Settings, specs: list[ModelSpec], sock: socket.socket) -> int:
+def _spawn(settings: Settings, parent: ParentLink, sock: socket.socket) -> int:
+    down_read, down_write = parent.new_worker()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child (covered by the worker tests)
         code = 1
         try:
-            code = _worker(settings, specs, sock)
+            os.close(down_write)
+            code = _worker(settings, parent, down_read, sock)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+    os.close(down_read)
+    parent.downs[pid] = down_write
     return pid
 
 
@@ -167,14 +183,17 @@ def run_workers(settings: Settings, specs: list[ModelSpec], workers: int) -> int
     keep serving; a worker that fails to start stops the pool (exit 2), and so do more
     than :data:`RESPAWN_LIMIT` deaths within :data:`RESPAWN_WINDOW_S` seconds. Models
     without their own ``num_threads`` get the cores divided among the workers, so N
-    workers' kernels do not oversubscribe the machine."""
-    share = max(1, (os.cpu_count() or 1) // workers)
-    specs = [spec if spec.num_threads is not None else replace(spec, num_threads=share)
-             for spec in specs]
+    workers' kernels do not oversubscribe the machine. Model control (the repository
+    routes, ``SIGHUP``) reaches every worker through the parent (:mod:`service.control`)."""
+    cores = os.cpu_count() or 1
+    parent = ParentLink([share_threads(spec, workers, cores) for spec in specs],
+                        settings.config, workers)
     _preload()
     _open_files_limit()
     sock = _listen(settings)  # kept open: replacements accept on it too
-    children = {_spawn(settings, specs, sock): number for number in range(workers)}
+    children = {_spawn(settings, parent, sock): number for number in range(workers)}
+    first = set(children)  # a start-up failure of one of these stops the pool
+    waiting: list[tuple[float, int]] = []  # (when, worker number) to start again
     logger.info("workers started", extra={"workers": sorted(children)})
     stopping = False
 
@@ -187,14 +206,35 @@ def run_workers(settings: Settings, specs: list[ModelSpec], workers: int) -> int
             except ProcessLookupError:
                 pass
 
+    reload_wanted = False
+
+    def reload(sig: int, frame: FrameType | None) -> None:
+        nonlocal reload_wanted
+        reload_wanted = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
+    signal.signal(signal.SIGHUP, reload)
     status = 0
     deaths: list[float] = []
-    while children:
-        pid, code = os.wait()
-        if pid not in children:
+    while children or waiting:
+        # Commands from workers, a pending reload, replacements due, then any ended worker.
+        readable, _, _ = select.select([parent.up_read], [], [], 0.2)
+        if readable:
+            parent.read_commands()
+        if reload_wanted and not stopping:
+            reload_wanted = False
+            parent.reload()
+        for due in [w for w in waiting if w[0] <= time.monotonic() or stopping]:
+            waiting.remove(due)
+            if not stopping:
+                children[_spawn(settings, parent, sock)] = due[1]
+        if not children:
             continue
+        pid, code = os.waitpid(-1, os.WNOHANG)
+        if pid == 0 or pid not in children:
+            continue
+        parent.worker_gone(pid)
         number = children.pop(pid)
         exit_code = os.waitstatus_to_exitcode(code)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -207,6 +247,13 @@ def run_workers(settings: Settings, specs: list[ModelSpec], workers: int) -> int
                 status = 2
             continue
         now = time.monotonic()
+        if exit_code == _START_FAILED and pid not in first:
+            # A replacement could not load what the pool serves (a checkpoint broken on
+            # disk since): the others keep serving; try again later, not in a loop.
+            logger.error("replacement worker failed to start; retrying in %g s",
+                         RETRY_START_S, extra={"worker": number})
+            waiting.append((now + RETRY_START_S, number))
+            continue
         deaths = [t for t in deaths if now - t < RESPAWN_WINDOW_S] + [now]
         if exit_code == _START_FAILED or len(deaths) > RESPAWN_LIMIT:
             why = ("failed to start" if exit_code == _START_FAILED else
@@ -216,7 +263,7 @@ def run_workers(settings: Settings, specs: list[ModelSpec], workers: int) -> int
             status = 2
             forward(signal.SIGTERM, None)
             continue
-        replacement = _spawn(settings, specs, sock)
+        replacement = _spawn(settings, parent, sock)
         children[replacement] = number
         logger.warning("worker died; replaced", extra={"worker": number, "code": exit_code,
                                                         "pid": replacement})

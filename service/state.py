@@ -94,12 +94,15 @@ class ServiceState:
         try:
             return self.batchers[name]
         except KeyError:
-            if name in self.unavailable:
-                raise ModelNotFound(f"model {name!r} is not loaded ({self.unavailable[name]})"
-                                    f"; load it with POST /v2/repository/models/{name}/load"
-                                    ) from None
-            raise ModelNotFound(f"model {name!r} not found; available: "
-                                f"{', '.join(sorted(self.batchers))}") from None
+            raise self.missing(name) from None
+
+    def missing(self, name: str) -> ModelNotFound:
+        """The 404 for a model not serving: unloaded (and how to load it) or unknown."""
+        if name in self.unavailable:
+            return ModelNotFound(f"model {name!r} is not loaded ({self.unavailable[name]}); "
+                                 f"load it with POST /v2/repository/models/{name}/load")
+        return ModelNotFound(f"model {name!r} not found; available: "
+                             f"{', '.join(sorted(self.batchers))}")
 
     # Model control --------------------------------------------------------------------
 

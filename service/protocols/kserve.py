@@ -56,7 +56,7 @@ async def server_metadata() -> Response:
     from service import __version__
 
     return _json({"name": "bagserve", "version": __version__,
-                  "extensions": ["binary_tensor_data"]})
+                  "extensions": ["binary_tensor_data", "model_repository"]})
 
 
 @router.head("/v2/health/live", include_in_schema=False)
@@ -77,10 +77,11 @@ def _model(request: Request, name: str, version: str | None) -> Any:
     swapped-out version is gone)."""
     state = service_state(request)
     model = state.models.get(name)
-    if model is None or version not in (None, "", str(model.version)):
-        serving = "" if model is None else f"; version {model.version} is serving"
-        raise ModelNotFound(f"model {name!r} version {version!r} not found{serving}"
-                            if version else f"model {name!r} not found")
+    if model is None:
+        raise state.missing(name)
+    if version not in (None, "", str(model.version)):
+        raise ModelNotFound(f"model {name!r} version {version!r} not found; version "
+                            f"{model.version} is serving")
     return model
 
 

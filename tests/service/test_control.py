@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,3 +180,9 @@ def test_requests_admitted_before_a_swap_finish_on_the_old_table() -> None:
                 break
             threading.Event().wait(0.01)
         assert not state._retiring and old_batcher.holders == 0
+        # Nothing keeps the old version's table alive (the app took over the list of
+        # preloaded models): its memory goes back.
+        table_ref = weakref.ref(old.bag)
+        del old, old_batcher
+        gc.collect()
+        assert table_ref() is None
