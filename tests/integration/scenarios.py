@@ -4,6 +4,7 @@ benchmarks/reliability.py (which reports them in RELIABILITY.md)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import Counter
@@ -121,3 +122,104 @@ def sigterm_under_load(server: Server, *, clients: int, after_s: float) -> tuple
     for thread in threads:
         thread.join(30)
     return outcomes, code
+
+
+def pattern_table(path: Path, rows: int, dim: int, version: int) -> None:
+    """Write ``path`` (.npy, memory-mapped) with row ``i`` column ``j`` =
+    ``version + ((31 i + j) mod 97) / 97``: two versions differ in every value, and a
+    client can compute any bag's sum without the table."""
+    table = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
+    columns = np.arange(dim)
+    for start in range(0, rows, 1 << 16):
+        ids = np.arange(start, min(rows, start + (1 << 16)))
+        table[start : start + ids.size] = version + ((31 * ids[:, None] + columns) % 97) / 97
+    table.flush()
+    del table
+
+
+def pattern_sum(ids: np.ndarray, dim: int, version: int) -> np.ndarray:
+    """What :func:`pattern_table` of ``version`` pools for one bag ``ids`` (sum mode)."""
+    rows = version + ((31 * ids[:, None] + np.arange(dim)) % 97) / 97
+    return rows.astype(np.float32).sum(axis=0, dtype=np.float64)
+
+
+@dataclass
+class SwapOutcome:
+    """What clients saw while a model was swapped between two table versions."""
+
+    statuses: Counter[str] = field(default_factory=Counter)
+    #: Answers by the table they matched (``0``/``1``), or ``wrong`` for neither.
+    matched: Counter[str] = field(default_factory=Counter)
+    versions: Counter[str] = field(default_factory=Counter)
+    swaps: list[tuple[int, str]] = field(default_factory=list)
+    rss_before_mib: float = 0.0
+    rss_after_mib: float = 0.0
+
+
+def processes_rss_mib(pid: int) -> float:
+    """VmRSS of ``pid`` and its children (workers), summed."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return rss_mib(pid) + sum(rss_mib(int(child)) for child in children)
+
+
+def swap_under_load(server: Server, folder: Path, *, rows: int, dim: int, seconds: float,
+                    clients: int, swaps: int, corrupt_at: int | None = None) -> SwapOutcome:
+    """``clients`` threads post 8-id bags to model ``m`` (sum) over ``folder/table.npy``
+    while it is swapped ``swaps`` times between ``v0.npy`` and ``v1.npy`` (a hard link
+    renamed over the served name, then ``POST .../load``), evenly over ``seconds``. Swap
+    number ``corrupt_at`` first tries a corrupt file (it must fail and change nothing).
+    Every 200 is checked against both versions."""
+    outcome = SwapOutcome()
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            while not stop.is_set():
+                ids = rng.integers(0, rows, 8)
+                try:
+                    response = http.post("/v1/models/m/embed", json={"bags": [ids.tolist()]})
+                except httpx.TransportError:
+                    with lock:
+                        outcome.statuses["lost"] += 1
+                    continue
+                status = str(response.status_code)
+                match = "-"
+                if response.status_code == 200:
+                    got = np.array(response.json()["embeddings"][0], np.float64)
+                    match = next((str(v) for v in (0, 1) if np.allclose(
+                        got, pattern_sum(ids, dim, v), rtol=1e-5, atol=1e-4)), "wrong")
+                with lock:
+                    outcome.statuses[status] += 1
+                    if match != "-":
+                        outcome.matched[match] += 1
+                        outcome.versions[response.headers.get("X-Model-Version", "?")] += 1
+
+    def swap_to(source: str) -> None:
+        link = folder / ".staged.npy"
+        link.unlink(missing_ok=True)
+        os.link(folder / source, link)
+        link.replace(folder / "table.npy")
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds / (swaps + 1))
+    outcome.rss_before_mib = processes_rss_mib(server.process.pid)
+    for number in range(swaps):
+        if number == corrupt_at:
+            swap_to("corrupt.npy")
+            response = httpx.post(f"{server.url}/v2/repository/models/m/load", timeout=120)
+            outcome.swaps.append((response.status_code, "corrupt"))
+        source = f"v{(number + 1) % 2}.npy"
+        swap_to(source)
+        response = httpx.post(f"{server.url}/v2/repository/models/m/load", timeout=120)
+        outcome.swaps.append((response.status_code, source))
+        time.sleep(seconds / (swaps + 1))
+    stop.set()
+    for thread in threads:
+        thread.join()
+    time.sleep(2)  # the last old version retires once its requests are answered
+    outcome.rss_after_mib = processes_rss_mib(server.process.pid)
+    return outcome

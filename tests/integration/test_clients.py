@@ -77,3 +77,32 @@ def test_tritonclient_sees_errors(server: Server) -> None:
     offsets.set_data_from_numpy(np.array([0], np.int64))
     with pytest.raises(InferenceServerException, match="index 500 out of range"):
         client.infer("items", [bad, offsets])
+
+
+def test_tritonclient_controls_the_repository(server: Server) -> None:
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    index = {entry["name"]: entry for entry in client.get_model_repository_index()}
+    assert index["items"]["state"] == "READY"
+    version = int(index["items"]["version"])
+    client.load_model("items")
+    assert client.is_model_ready("items", str(version + 1))
+    assert not client.is_model_ready("items", str(version))
+    ids = np.array([i for bag in BAGS for i in bag], np.int64)
+    inputs = [triton.InferInput("indices", [ids.size], "INT64"),
+              triton.InferInput("offsets", [3], "INT64")]
+    inputs[0].set_data_from_numpy(ids)
+    inputs[1].set_data_from_numpy(np.array([0, 3, 5], np.int64))
+    result = client.infer("items", inputs)
+    assert result.get_response()["model_version"] == str(version + 1)
+    np.testing.assert_array_equal(result.as_numpy("embeddings"), _expected())
+    with pytest.raises(InferenceServerException, match="unsupported parameter"):
+        client.load_model("items", config='{"max_batch_size": 8}')
+    client.unload_model("items")
+    assert not client.is_model_ready("items")
+    with pytest.raises(InferenceServerException, match="is not loaded"):
+        client.infer("items", inputs)
+    client.load_model("items")
+    assert client.is_model_ready("items", str(version + 2))
