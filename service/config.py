@@ -14,6 +14,7 @@ quantized_format = "byte_rowwise"  # already quantized: byte_rowwise | 4bit_roww
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, fields, replace
@@ -130,6 +131,20 @@ def checkpoint_stamp(spec: ModelSpec) -> tuple[int, int, int] | None:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+def config_changes(specs: list[ModelSpec], served: dict[str, ModelSpec],
+                   stamps: dict[str, tuple[int, int, int] | None], serving: set[str]
+                   ) -> tuple[list[str], list[str]]:
+    """What a config reload does: ``(names to load, names to unload)``. Loaded: entries
+    not ``serving``, entries whose options differ from ``served``, and entries whose
+    checkpoint was rewritten since (its stamp differs); unloaded: serving names the file no
+    longer has."""
+    load = [spec.name for spec in specs
+            if spec.name not in serving or spec != served.get(spec.name)
+            or checkpoint_stamp(spec) != stamps.get(spec.name)]
+    unload = sorted(serving - {spec.name for spec in specs})
+    return load, unload
+
+
 def load_config(path: str | Path) -> list[ModelSpec]:
     """Read the ``[[models]]`` of a TOML file; checkpoints resolve relative to it.
 
@@ -153,3 +168,13 @@ def load_config(path: str | Path) -> list[ModelSpec]:
     if duplicates:
         raise ConfigError(f"{path}: duplicate model name(s): {', '.join(duplicates)}")
     return specs
+
+
+def served_config(path: str | Path, workers: int) -> list[ModelSpec]:
+    """The config's entries as each of ``workers`` processes serves them (thread shares).
+
+    Raises:
+        ConfigError: as :func:`load_config`.
+    """
+    cores = os.cpu_count() or 1
+    return [share_threads(spec, workers, cores) for spec in load_config(path)]

@@ -20,7 +20,13 @@ from typing import Any
 
 import orjson
 
-from service.config import ConfigError, ModelSpec, checkpoint_stamp, load_config, share_threads
+from service.config import (
+    ConfigError,
+    ModelSpec,
+    checkpoint_stamp,
+    config_changes,
+    served_config,
+)
 from service.registry import LoadedModel
 from service.state import ServiceState
 
@@ -152,21 +158,18 @@ class ParentLink:
                            "to reload")
             return
         try:
-            specs = [share_threads(spec, self.workers, os.cpu_count() or 1)
-                     for spec in load_config(self.config)]
+            specs = served_config(self.config, self.workers)
         except ConfigError as exc:
             logger.error("config reload failed; nothing changed: %s", exc)
             return
-        old = {spec.name: spec for spec in self.specs}
-        for spec in specs:
-            if (spec.name in old and spec.name not in self.unloaded
-                    and spec == old[spec.name]
-                    and checkpoint_stamp(spec) == self.stamps.get(spec.name)):
-                continue
-            self._broadcast({"op": "load", "name": spec.name})
-        for name in sorted(set(old) - {spec.name for spec in specs}):
-            self._broadcast({"op": "unload", "name": name})
+        served = {spec.name: spec for spec in self.specs}
+        load, unload = config_changes(specs, served, self.stamps,
+                                      set(served) - self.unloaded)
         self.specs = specs
+        for name in load:
+            self._broadcast({"op": "load", "name": name})
+        for name in unload:
+            self._broadcast({"op": "unload", "name": name})
 
     def _broadcast(self, command: dict[str, Any]) -> None:
         name = command["name"]
@@ -175,8 +178,8 @@ class ParentLink:
             self.unloaded.discard(name)
             if self.config is not None:
                 try:  # replacement workers start from the entry now in the file
-                    fresh = {spec.name: share_threads(spec, self.workers, os.cpu_count() or 1)
-                             for spec in load_config(self.config)}
+                    fresh = {spec.name: spec
+                             for spec in served_config(self.config, self.workers)}
                 except ConfigError:
                     fresh = {}
                 if name in fresh:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +14,8 @@ from service.config import (
     ConfigError,
     ModelSpec,
     checkpoint_stamp,
-    load_config,
-    share_threads,
+    config_changes,
+    served_config,
 )
 from service.errors import ModelNotFound, NotReady
 from service.heap import release_freed_memory
@@ -147,17 +146,14 @@ class ServiceState:
             logger.warning("SIGHUP: no config file (serving the built-in demo); nothing "
                            "to reload")
             return
-        wanted = {spec.name: spec for spec in specs}
-        for name, spec in wanted.items():
-            if (name in self.models and spec == self.specs.get(name)
-                    and checkpoint_stamp(spec) == self.stamps.get(name)):
-                continue
+        load, unload = config_changes(specs, self.specs, self.stamps, set(self.models))
+        for name in load:
             try:
                 await self._command({"op": "load", "name": name})
             except (ModelLoadError, ModelNotFound) as exc:
                 logger.error("reload of model %r failed; the old version keeps serving: %s",
                              name, exc)
-        for name in sorted(set(self.models) - set(wanted)):
+        for name in unload:
             await self._command({"op": "unload", "name": name})
 
     async def _command(self, command: dict[str, Any]) -> LoadedModel | None:
@@ -199,9 +195,7 @@ class ServiceState:
         """The config file's entries as this process serves them; ``None`` without one."""
         if self.settings.config is None:
             return None
-        workers = self.settings.workers
-        return [share_threads(spec, workers, os.cpu_count() or 1)
-                for spec in load_config(self.settings.config)]
+        return served_config(self.settings.config, self.settings.workers)
 
     def _entry(self, name: str) -> ModelSpec:
         specs = self._config()
