@@ -159,3 +159,23 @@ backend = "numpy"
     np.testing.assert_allclose(np.array(onnx.json()["embeddings"], np.float32),
                                np.array(numba.json()["embeddings"], np.float32), rtol=1e-6,
                                atol=1e-6)
+
+
+def test_a_reload_loads_what_changed_and_unloads_what_left(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from service.config import checkpoint_stamp, config_changes
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.npy").write_bytes(b"x")
+    a, b, c = (ModelSpec(name=n, checkpoint=tmp_path / f"{n}.npy") for n in "abc")
+    served = {"a": a, "b": b, "gone": ModelSpec(name="gone")}
+    stamps = {name: checkpoint_stamp(spec) for name, spec in served.items()}
+    assert config_changes([a, b], served, stamps, {"a", "b", "gone"}) == ([], ["gone"])
+    assert config_changes([a, replace(b, mode="sum"), c], served, stamps,
+                          {"a", "b"}) == (["b", "c"], [])
+    staged = tmp_path / "staged"
+    staged.write_bytes(b"new")
+    staged.replace(tmp_path / "a.npy")  # rewritten: a new file under the same name
+    assert config_changes([a, b], served, stamps, {"a", "b"}) == (["a"], [])
+    assert config_changes([a, b], served, stamps, {"b"}) == (["a"], [])  # unloaded: loads
