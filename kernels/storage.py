@@ -18,7 +18,9 @@ int4        uint8 ``(rows, P + 4)``     P = ceil(D / 2) bytes of two codes each 
 
 The int8 and int4 rows are exactly PyTorch's ``embedding_bag_byte_prepack`` and
 ``embedding_bag_4bit_prepack`` rows (FBGEMM's fused rowwise layouts), so such tensors are
-served as they are. A code ``q`` stands for ``q * scale + bias``.
+served as they are; TorchRec's fused rows (float16 scale and bias in front) and its split
+state dicts (codes, ``weight_qscale``, ``weight_qbias``) are rearranged into them. A code
+``q`` stands for ``q * scale + bias``.
 
 Quantization is FBGEMM's (and so PyTorch's prepack ops', byte for byte): int8:
 ``scale = (max - min) / 255``, ``bias = min``, ``q = rint((x - min) * 255 / (max - min +
@@ -39,8 +41,14 @@ import numpy.typing as npt
 StorageDtype = Literal["float32", "float64", "float16", "bfloat16", "int8", "int4"]
 STORAGE_DTYPES: tuple[StorageDtype, ...] = (
     "float32", "float64", "float16", "bfloat16", "int8", "int4")
-#: PyTorch's prepacked rowwise formats, as the config names them, and what they store.
-QUANTIZED_FORMATS: dict[str, StorageDtype] = {"byte_rowwise": "int8", "4bit_rowwise": "int4"}
+#: PyTorch's prepacked rowwise formats (scale and bias after the codes), as the config
+#: names them, and what they store.
+PREPACK_FORMATS: dict[str, StorageDtype] = {"byte_rowwise": "int8", "4bit_rowwise": "int4"}
+#: TorchRec's fused rows (FBGEMM's table-batched inference layout): float16 scale and
+#: bias in front of the codes.
+FRONT_FORMATS: dict[str, StorageDtype] = {"torchrec_int8": "int8", "torchrec_int4": "int4"}
+#: Every already-quantized layout a checkpoint may hold.
+QUANTIZED_FORMATS: dict[str, StorageDtype] = {**PREPACK_FORMATS, **FRONT_FORMATS}
 
 #: Rows converted at a time: bounds the float32 working set of a conversion (64K rows of
 #: dim 512 are 128 MB).
@@ -304,8 +312,11 @@ def store(weight: npt.NDArray[Any] | StoredTable, storage: StorageDtype,
 
 
 def prepacked(data: npt.NDArray[Any], quantized_format: str) -> StoredTable:
-    """A tensor of PyTorch's ``embedding_bag_byte_prepack`` (``byte_rowwise``) or
-    ``embedding_bag_4bit_prepack`` (``4bit_rowwise``), served as it is.
+    """A tensor of quantized rows in ``quantized_format``: PyTorch's
+    ``embedding_bag_byte_prepack`` (``byte_rowwise``) or ``embedding_bag_4bit_prepack``
+    (``4bit_rowwise``) rows, served as they are, or TorchRec's fused rows (``torchrec_int8``
+    / ``torchrec_int4``: float16 scale and bias, then the codes), rearranged into the
+    prepack layout (a copy; float16 scales widen exactly for int8).
 
     Raises:
         StorageError: an unknown format, or a tensor that cannot be that format (the
@@ -315,13 +326,18 @@ def prepacked(data: npt.NDArray[Any], quantized_format: str) -> StoredTable:
     if storage is None:
         raise StorageError(f"quantized_format must be one of "
                            f"{', '.join(QUANTIZED_FORMATS)}; got {quantized_format!r}")
-    extra = 8 if storage == "int8" else 4
+    front = quantized_format in FRONT_FORMATS
+    extra = 4 if front or storage == "int4" else 8
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] <= extra:
         raise StorageError(f"a {quantized_format} table is uint8 (rows, bytes per row > "
                            f"{extra}); got {data.dtype} {list(data.shape)}")
     width = data.shape[1] - extra
     # 4-bit rows hold two codes a byte: PyTorch's prepack only makes even dims.
     dim = width if storage == "int8" else 2 * width
+    if front:
+        scale_bias = np.ascontiguousarray(data[:, :4]).view(np.float16)
+        return from_codes(np.ascontiguousarray(data[:, 4:]), scale_bias[:, 0],
+                          scale_bias[:, 1], storage, dim)
     return StoredTable(np.ascontiguousarray(data), storage, dim)
 
 

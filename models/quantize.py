@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kernels.storage import QUANTIZED_FORMATS, StorageDtype, StoredTable, store
+from kernels.storage import PREPACK_FORMATS, StorageDtype, StoredTable, store
 from models.checkpoints import write_safetensors
 from models.embedding_bag import EmbeddingBag
 
 #: The safetensors tensor a stored table is written as.
 TENSOR = "weight"
-_FORMATS = {storage: name for name, storage in QUANTIZED_FORMATS.items()}
+_FORMATS = {storage: name for name, storage in PREPACK_FORMATS.items()}
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def load_table(path: str | os.PathLike[str], tensor: str | None = None, *,
     try:
         if quantized_format is None:
             if tensor is None and quantized and not floats:
-                hint = written or "byte_rowwise or 4bit_rowwise"
+                hint = written or "one of " + ", ".join(QUANTIZED_FORMATS)
                 raise StorageError(f"holds quantized rows ({', '.join(quantized)}) and no "
                                    f"float table: serve it with quantized_format = {hint}")
             name = select_tensor(path, entries, tensor, _FLOAT_DTYPES, "2-D float tensor")

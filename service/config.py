@@ -9,6 +9,7 @@ mode = "mean"                      # plus padding_idx, max_norm, norm_type, incl
 backend = "auto"                   # numpy | onnx | auto
 table_dtype = "int8"               # float32 (default) | float64 | float16 | bfloat16 | int8 | int4
 quantized_format = "byte_rowwise"  # already quantized: byte_rowwise | 4bit_rowwise
+                                   # | torchrec_int8 | torchrec_int4 (scale, bias in front)
 ```
 """
 

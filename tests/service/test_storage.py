@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from kernels.storage import store
-from models import CheckpointError, load_table, write_safetensors
+from models import CheckpointError, EmbeddingBag, load_table, write_safetensors
 from service.app import create_app
 from service.config import ConfigError, ModelSpec, load_config
 from service.registry import ModelLoadError, load_model
@@ -83,6 +83,42 @@ def test_torchrec_codes_with_separate_scales_load(tmp_path: Path) -> None:
     np.testing.assert_allclose(loaded.to_float(), packed[:, :8] * scale + bias, rtol=1e-6)
 
 
+@pytest.mark.parametrize(("storage", "quantized_format"),
+                         [("int8", "torchrec_int8"), ("int4", "torchrec_int4")])
+def test_torchrec_fused_rows_with_scale_and_bias_in_front(tmp_path: Path, storage: str,
+                                                          quantized_format: str) -> None:
+    # FBGEMM's table-batched inference rows, as TorchRec's quantized EBC state dict holds
+    # them unsplit: float16 scale, float16 bias, then the codes.
+    dim = 10
+    weight = table(6, rows=30, dim=dim)
+    packed = store(weight, storage).data  # type: ignore[arg-type]
+    width = dim if storage == "int8" else dim // 2
+    kind = np.float32 if storage == "int8" else np.float16
+    scale_bias = packed[:, width:].copy().view(kind).astype(np.float16)
+    fused = np.concatenate([scale_bias.view(np.uint8), packed[:, :width]], axis=1)
+    write_safetensors(tmp_path / "qebc.safetensors", {"embedding_bags.t.weight": fused})
+    loaded = load_table(tmp_path / "qebc.safetensors", "embedding_bags.t.weight",
+                        quantized_format=quantized_format)
+    assert loaded.storage == storage and loaded.dim == dim
+    codes = packed[:, :width]
+    if storage == "int4":  # low nibble first
+        codes = np.stack([codes & 15, codes >> 4], axis=-1).reshape(len(codes), -1)
+    scale, bias = (scale_bias[:, i : i + 1].astype(np.float64) for i in (0, 1))
+    np.testing.assert_allclose(loaded.to_float(), codes * scale + bias, rtol=1e-6)
+    expected = (codes * scale + bias)[[1, 2, 29]].sum(axis=0, keepdims=True)
+    bag = EmbeddingBag.from_pretrained(loaded, mode="sum")
+    np.testing.assert_allclose(bag([1, 2, 29], [0]), expected, rtol=1e-5)
+    served = load_model(ModelSpec(name="t", checkpoint=tmp_path / "qebc.safetensors",
+                                  tensor="embedding_bags.t.weight", mode="sum",
+                                  quantized_format=quantized_format))
+    assert served.bag.table_dtype == storage
+    np.testing.assert_allclose(served.bag([1, 2, 29], [0]), expected, rtol=1e-5)
+    with pytest.raises(CheckpointError, match="a torchrec_int8 table is uint8"):
+        prepacked_path = tmp_path / "bad.safetensors"
+        write_safetensors(prepacked_path, {"w": np.zeros((3, 4), np.uint8)})
+        load_table(prepacked_path, quantized_format="torchrec_int8")
+
+
 def test_half_checkpoints_keep_their_dtype_without_a_float32_copy(tmp_path: Path) -> None:
     weight = table(5, rows=40, dim=8).astype(np.float16)
     write_safetensors(tmp_path / "h.safetensors", {"weight": weight})
@@ -106,7 +142,7 @@ def test_bfloat16_torch_checkpoint_stays_bfloat16() -> None:
     ('table_dtype = "int2"', "table_dtype must be one of float32, float64, float16, "
                              "bfloat16, int8, int4; got 'int2'"),
     ('quantized_format = "nf4"', "quantized_format must be one of byte_rowwise, "
-                                 "4bit_rowwise; got 'nf4'"),
+                                 "4bit_rowwise, torchrec_int8, torchrec_int4; got 'nf4'"),
     ('quantized_format = "4bit_rowwise"\ntable_dtype = "int8"',
      "quantized_format '4bit_rowwise' holds int4 rows; table_dtype 'int8' does not fit it"),
 ])
