@@ -47,6 +47,8 @@ class ServiceState:
     unavailable: dict[str, str] = field(default_factory=dict)
     #: The last version given to each name (kept across unloads: versions only grow).
     versions: dict[str, int] = field(default_factory=dict)
+    #: Why the last load of a serving model failed, until one succeeds.
+    last_error: dict[str, str] = field(default_factory=dict)
     relay: Relay | None = None
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _retiring: set[asyncio.Task[None]] = field(default_factory=set)
@@ -110,7 +112,8 @@ class ServiceState:
         names = sorted(set(self.models) | set(self.unavailable))
         return [{"name": name, "version": str(self.versions.get(name, 1)),
                  "state": "READY" if name in self.models else "UNAVAILABLE",
-                 "reason": self.unavailable.get(name, "")} for name in names]
+                 "reason": self.unavailable.get(name) or self.last_error.get(name, "")}
+                for name in names]
 
     async def load(self, name: str) -> LoadedModel | None:
         """Load ``name`` again from its config entry (re-read from the config file when
@@ -172,7 +175,11 @@ class ServiceState:
             if command["op"] == "unload":
                 self._unserve(name, "unloaded")
                 return None
-            spec = self._entry(name)
+            try:
+                spec = self._entry(name)
+            except ConfigError as exc:
+                self._failed(name, exc)
+                raise ModelLoadError(f"model {name!r}: {exc}") from None
             version = int(command.get("version") or self.versions.get(name, 0) + 1)
             stamp = checkpoint_stamp(spec)  # before reading: a rewrite during it shows
             loop = asyncio.get_running_loop()
@@ -180,16 +187,24 @@ class ServiceState:
                 # Read and warmed beside the serving version; requests keep flowing.
                 model = await loop.run_in_executor(None, load_model, spec, version)
             except ModelLoadError as exc:
-                logger.error("load failed; %s", "the old version keeps serving" if name
-                             in self.models else "the model stays unavailable",
-                             extra={"model": name, "error": str(exc)})
-                if name not in self.models:
-                    self.unavailable[name] = f"load failed: {exc}"
+                self._failed(name, exc)
                 raise
             self.stamps[name] = stamp
             self._serve(model)
             logger.info("model swapped in", extra={"model": name, "version": version})
             return model
+
+    def _failed(self, name: str, error: Exception) -> None:
+        """Log a failed load and remember why (the repository index reports it)."""
+        serving = name in self.models
+        logger.error("load failed; %s", "the old version keeps serving" if serving
+                     else "the model stays unavailable",
+                     extra={"model": name, "error": str(error)})
+        if serving:
+            self.last_error[name] = f"version {self.models[name].version} serving; the " \
+                                    f"last load failed: {error}"
+        else:
+            self.unavailable[name] = f"load failed: {error}"
 
     def _config(self) -> list[ModelSpec] | None:
         """The config file's entries as this process serves them; ``None`` without one."""
@@ -223,6 +238,7 @@ class ServiceState:
         self.stamps.setdefault(name, checkpoint_stamp(model.spec))
         self.versions[name] = model.version
         self.unavailable.pop(name, None)
+        self.last_error.pop(name, None)
         if old is not None:
             self._retire(old)
 

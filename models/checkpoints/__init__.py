@@ -43,9 +43,16 @@ _TABLE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 def _read_npy(path: Path) -> dict[str, TensorEntry]:
     try:
+        with path.open("rb") as file:
+            magic = file.read(6)
+        if magic != b"\x93NUMPY":
+            raise CheckpointError(f"{path}: not a .npy file (it does not start with NumPy's "
+                                  "header)")
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated .npy file: {exc}") from None
+        # NumPy's own advice (allow_pickle) is not an option a server offers.
+        reason = str(exc).split(" If you trust the file")[0]
+        raise CheckpointError(f"{path}: corrupt or truncated .npy file: {reason}") from None
     return {"": TensorEntry(array.shape, str(array.dtype), partial(_same, array))}
 
 
@@ -153,6 +160,8 @@ def select_tensor(path: Path, entries: dict[str, TensorEntry], tensor: str | Non
         name = tensor
     else:
         tables = [n for n, e in entries.items() if len(e.shape) == 2 and e.dtype in dtypes]
+        if not tables and len(entries) == 1:
+            tables = list(entries)  # the only tensor: say what is wrong with it, below
         if len(tables) != 1:
             which = f"no {what}" if not tables else f"several {what}s"
             raise CheckpointError(f"{path}: holds {which}; pass tensor=NAME. Available: "

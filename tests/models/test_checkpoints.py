@@ -111,8 +111,10 @@ def test_npy_is_memory_mapped_and_npz_reads_by_key(tmp_path: Path, table: np.nda
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [
-        ({"w": np.zeros(5, np.float32)}, r"holds no 2-D float tensor"),
-        ({"w": np.zeros((5, 2), np.int64)}, r"holds no 2-D float tensor"),
+        ({"w": np.zeros(5, np.float32)}, r"tensor 'w' is float32 \[5\]"),
+        ({"w": np.zeros((5, 2), np.int64)}, r"tensor 'w' is int64 \[5, 2\]"),
+        ({"w": np.zeros(5, np.float32), "v": np.zeros(2, np.int8)},
+         r"holds no 2-D float tensor"),
     ],
 )
 def test_non_tables_are_refused(tmp_path: Path, arrays: dict[str, np.ndarray],
@@ -327,3 +329,15 @@ def test_npz_decompression_bombs_are_refused(tmp_path: Path) -> None:
     np.savez_compressed(real, w=np.random.default_rng(0).standard_normal(
         (4200, 1024)).astype(np.float32))
     assert read_checkpoint(real).shape == (4200, 1024)
+
+
+def test_npy_errors_say_what_is_wrong_without_numpy_advice(tmp_path: Path) -> None:
+    path = tmp_path / "t.npy"
+    path.write_bytes(b"random bytes, not an array")
+    with pytest.raises(CheckpointError, match="not a .npy file") as info:
+        read_checkpoint(path)
+    assert "allow_pickle" not in str(info.value)
+    np.save(path, np.zeros((4, 2), np.int32))
+    with pytest.raises(CheckpointError, match=r"the array is int32 \[4, 2\]; an embedding "
+                                              r"table must be a 2-D float tensor"):
+        read_checkpoint(path)

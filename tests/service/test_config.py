@@ -88,12 +88,12 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
         (lambda p: write_safetensors(p, {"w": np.full((3, 2), np.nan, np.float32)}),
          "table row 0 holds NaN or infinite values"),
         (lambda p: write_safetensors(p, {"w": np.zeros(4, np.float32)}),
-         "holds no 2-D float tensor"),
+         "tensor 'w' is float32 [4]; an embedding table must be a 2-D float tensor"),
         (lambda p: (write_safetensors(p, {"w": np.ones((64, 8), np.float32)}),
                     p.write_bytes(p.read_bytes()[:-100])),
          "do not fit the 1948 data bytes (truncated or corrupt file)"),
         (lambda p: write_safetensors(p, {"w": np.ones((4, 2, 2), np.float32)}),
-         "holds no 2-D float tensor"),
+         "tensor 'w' is float32 [4, 2, 2]"),
     ],
 )
 def test_load_failure_names_model_and_file(tmp_path: Path, make: object, message: str) -> None:

@@ -102,7 +102,22 @@ def test_a_failed_load_keeps_the_old_version_serving(served: Callable[..., TestC
     rows, version = _embed(client)  # the table read at start-up, still mapped
     np.testing.assert_allclose(rows, _expected(0), rtol=1e-6)
     assert version == "1"
-    assert client.post("/v2/repository/index").json()[0]["state"] == "READY"
+    (entry,) = client.post("/v2/repository/index").json()
+    assert entry["state"] == "READY"
+    assert entry["reason"].startswith("version 1 serving; the last load failed: ")
+
+
+def test_a_broken_config_file_fails_the_load_with_its_reason(
+        served: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = served()
+    for broken, reason in (("[[models]]\nname = ", "invalid TOML"),
+                           ('[[models]]\nname = "items"\nmodee = "max"\n',
+                            "unknown field(s) modee")):
+        (tmp_path / "models.toml").write_text(broken)
+        response = client.post("/v2/repository/models/items/load")
+        assert response.status_code == 400, response.text
+        assert reason in response.json()["error"]
+        assert _embed(client)[1] == "1"
 
 
 def test_unload_then_load_again(served: Callable[..., TestClient]) -> None:
