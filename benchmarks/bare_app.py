@@ -19,7 +19,9 @@ ROW = np.linspace(-1, 1, DIM, dtype=np.float32)
 @app.post("/v1/models/{name}/embed")
 async def embed(name: str, request: Request) -> Response:
     bags = orjson.loads(await request.body())["bags"]
-    rows = np.broadcast_to(ROW, (len(bags), DIM))
+    # A real (contiguous) array: orjson refuses broadcast views, which answered 500 to
+    # every request of more than one bag.
+    rows = np.tile(ROW, (len(bags), 1))
     return Response(orjson.dumps({"model": name, "dim": DIM, "embeddings": rows},
                                  option=orjson.OPT_SERIALIZE_NUMPY),
                     media_type="application/json")
