@@ -36,7 +36,9 @@ class WrappedKernel:
     def __init__(self, inner: Kernel, delay: float = 0.0,
                  fail: Callable[[np.ndarray], bool] | None = None) -> None:
         self.inner, self.delay, self.fail = inner, delay, fail
-        self.name, self.provider, self.spec = inner.name, inner.provider, inner.spec
+        # Not a CPU kernel's name: a double that sleeps must not run on the event loop
+        # (tiny batches of real CPU kernels do, see Batcher._inline).
+        self.name, self.provider, self.spec = "wrapped", inner.provider, inner.spec
         self.calls: list[int] = []
 
     def __call__(self, indices: np.ndarray, offsets: np.ndarray,

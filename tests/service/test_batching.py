@@ -209,3 +209,30 @@ def test_client_deadline_header_bounds_its_own_wait(make_client: Callable[..., T
                                headers={"X-Request-Timeout-Ms": bad})
         assert response.status_code == 422
         assert "x-request-timeout-ms must be a positive number" in response.text
+
+
+def test_tiny_batches_run_on_the_loop_and_larger_ones_on_the_compute_thread(
+        make_client: Callable[..., TestClient]) -> None:
+    import threading
+
+    model = wrapped("items", mode="sum")
+    kernel = model.bag.wrapped
+    kernel.name = "numba"  # a real CPU kernel as far as the batcher knows
+    threads: list[str] = []
+    inner = kernel.inner
+
+    def recording(*args: Any) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return inner(*args)
+
+    kernel.inner = recording  # type: ignore[assignment]
+    client = make_client([model])
+    # 8-float rows (32 bytes): 2 ids are 64 bytes, 4,000 ids 128,000 (> 64 KiB).
+    small = client.post("/v1/models/items/embed", json={"bags": [[1, 2]]})
+    large = client.post("/v1/models/items/embed", json={"bags": [[3] * 4000]})
+    assert small.status_code == large.status_code == 200
+    np.testing.assert_allclose(small.json()["embeddings"], [table()[1] + table()[2]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(large.json()["embeddings"], [4000 * table()[3]], rtol=1e-4)
+    assert not threads[0].startswith("compute-") and threads[1].startswith("compute-"), \
+        threads
