@@ -105,7 +105,8 @@ def test_bad_storage_names_and_shapes_are_refused_with_what_was_expected() -> No
     with pytest.raises(StorageError, match=r"stored as uint8 \(rows, 12\); got uint8 \[3, 11\]"):
         StoredTable(np.zeros((3, 11), np.uint8), "int8", 4)
     with pytest.raises(StorageError, match="quantized_format must be one of byte_rowwise, "
-                                           "4bit_rowwise; got 'int8'"):
+                                           "4bit_rowwise, torchrec_int8, torchrec_int4; "
+                                           "got 'int8'"):
         prepacked(np.zeros((3, 12), np.uint8), "int8")
     with pytest.raises(StorageError, match=r"byte_rowwise table is uint8 \(rows, bytes per "
                                            r"row > 8\); got float32 \[3, 12\]"):
