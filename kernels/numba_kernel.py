@@ -122,6 +122,8 @@ class NumbaKernel:
         self._prefetch = prefetch_distance(table.nbytes, self._row_bytes)
         # -1 never matches a validated id, so the loops need no Optional.
         self._padding = -1 if spec.padding_idx is None else spec.padding_idx
+        #: max_norm's factor per row (float16/bfloat16/int4 tables): pooled as weights.
+        self._row_scale = table.row_scale
 
     def __call__(
         self,
@@ -186,11 +188,38 @@ class NumbaKernel:
                 # Thread-local in numba: set on every call, callers move between threads.
                 self._set_threads(threads)
             bags = (num_bags, min(threads, num_bags))
-        if per_sample_weights is None:
-            invalid = self._loops[self.spec.mode][serial](weight, indices, offsets, *bags,
-                                                          self._padding, self._prefetch, out)
+        mode = self.spec.mode
+        scale = per_sample_weights
+        if self._row_scale is not None:
+            # Each id weighs its row's factor (times its own weight): a weighted sum, a
+            # weighted sum divided by the count (mean), or a max of scaled rows.
+            factors = np.take(self._row_scale, indices, mode="clip")
+            scale = factors if scale is None else factors * scale
+        if scale is None:
+            invalid = self._loops[mode][serial](weight, indices, offsets, *bags,
+                                                self._padding, self._prefetch, out)
         else:
-            invalid = self._loops["weighted"][serial](
-                weight, indices, offsets, *bags, _read_only(per_sample_weights),
-                self._padding, self._prefetch, out)
+            loop = "scaled_max" if mode == "max" else "weighted"
+            invalid = self._loops[loop][serial](weight, indices, offsets, *bags,
+                                                _read_only(scale), self._padding,
+                                                self._prefetch, out)
+            if mode == "mean":
+                out /= self._counts(indices, offsets, num_bags)[:, None]
         return out, int(invalid)
+
+    def _counts(self, indices: IndexArray, offsets: IndexArray, num_bags: int
+                ) -> FloatArray:
+        """Each bag's ids that are not ``padding_idx``, at least 1 (the mean's divisor;
+        an empty bag's zeros stay zeros)."""
+        ends = (offsets[1:] if offsets.shape[0] > num_bags
+                else np.append(offsets[1:], indices.shape[0]))
+        counts = ends - offsets[:num_bags]
+        if self._padding >= 0:
+            padded = np.flatnonzero(indices == self._padding)
+            # (Clipped: offsets not yet validated must not make bincount fail; such bags
+            # are reported invalid anyway.)
+            bags = np.clip(np.searchsorted(offsets[:num_bags], padded, side="right") - 1,
+                           0, num_bags - 1)
+            counts = counts - np.bincount(bags, minlength=num_bags)
+        divisors: FloatArray = np.maximum(counts, 1).astype(self._dtype)
+        return divisors

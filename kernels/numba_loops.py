@@ -75,7 +75,8 @@ def _row_pooler(op):
 def build() -> dict[str, Any]:
     """Compile the loops lazily so ``import kernels`` does not pay for numba.
 
-    Returns ``{"sum", "mean", "weighted", "max"}`` each mapped to ``(parallel, serial)``.
+    Returns ``{"sum", "mean", "weighted", "max", "scaled_max"}`` each mapped to
+    ``(parallel, serial)``.
     """
     parallel = _parallel_loops(STAMP)
     return {name: (parallel[name], SERIAL[name]) for name in parallel}
@@ -92,6 +93,7 @@ STAMP = hashlib.sha256(b"".join(Path(module.__file__).read_bytes()
 pool_sum_row = _row_pooler("sum")
 pool_weighted_row = _row_pooler("weighted")
 pool_max_row = _row_pooler("max")
+pool_scaled_max_row = _row_pooler("scaled_max")
 
 
 @numba.njit(inline="always")
@@ -197,15 +199,42 @@ def _serial_loops(stamp):
                 zero(out, bag)
         return invalid
 
-    return {"sum": pool_sum, "mean": pool_mean, "weighted": pool_weighted, "max": pool_max}
+    @jit
+    def pool_scaled_max(weight, indices, offsets, first, last, scale, padding, prefetch, out):
+        # As pool_max, each row times scale[position] first (max_norm's row factors).
+        assert stamp
+        invalid = 0
+        total = indices.shape[0]
+        rows = numba.uint64(weight.shape[0])
+        for bag in range(first, last):
+            start, end, valid = bounds(offsets, bag, total)
+            bad = not valid
+            if not bad:
+                while start < end and padding >= 0 and indices[start] == padding:
+                    start += 1
+                if start == end:
+                    zero(out, bag)
+                elif numba.uint64(indices[start]) >= rows:
+                    bad = True
+                else:
+                    bad = pool_scaled_max_row(weight, indices, scale, start, end, padding,
+                                              out, bag, prefetch, 1) != 0
+            if bad:
+                invalid += 1
+                zero(out, bag)
+        return invalid
+
+    return {"sum": pool_sum, "mean": pool_mean, "weighted": pool_weighted, "max": pool_max,
+            "scaled_max": pool_scaled_max}
 
 
-#: ``{"sum", "mean", "weighted", "max"}`` -> loop over the bags ``[first, last)`` on the
-#: calling thread: ``(weight, indices, offsets, first, last, [scale,] padding, prefetch,
-#: out) -> invalid``.
+#: ``{"sum", "mean", "weighted", "max", "scaled_max"}`` -> loop over the bags ``[first,
+#: last)`` on the calling thread: ``(weight, indices, offsets, first, last, [scale,]
+#: padding, prefetch, out) -> invalid``.
 SERIAL = _serial_loops(STAMP)
 serial_sum, serial_mean = SERIAL["sum"], SERIAL["mean"]
 serial_weighted, serial_max = SERIAL["weighted"], SERIAL["max"]
+serial_scaled_max = SERIAL["scaled_max"]
 
 
 @numba.njit(inline="always")
@@ -234,7 +263,7 @@ def _parallel_loops(stamp):
     # Each of ``chunks`` (1 <= chunks <= num_bags; the caller passes its thread count:
     # numba's get_num_threads() in here would stop the cache) runs the serial loop over
     # one contiguous run of bags: numba's parallel loops need reference counting, which
-    # the per-bag loops must not have. Four drivers written out, not one factory: a
+    # the per-bag loops must not have. Five drivers written out, not one factory: a
     # factory's closure would hold the serial loop's dispatcher, which pickles differently
     # in every process, and numba's cache would then never hit.
     jit = numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
@@ -280,4 +309,16 @@ def _parallel_loops(stamp):
                                   padding, prefetch, out)
         return invalid
 
-    return {"sum": pool_sum, "mean": pool_mean, "weighted": pool_weighted, "max": pool_max}
+    @jit
+    def pool_scaled_max(weight, indices, offsets, num_bags, chunks, scale, padding, prefetch,
+                        out):
+        assert stamp
+        edges = split(offsets, num_bags, indices.shape[0], chunks)
+        invalid = 0
+        for chunk in numba.prange(chunks):
+            invalid += serial_scaled_max(weight, indices, offsets, edges[chunk],
+                                         edges[chunk + 1], scale, padding, prefetch, out)
+        return invalid
+
+    return {"sum": pool_sum, "mean": pool_mean, "weighted": pool_weighted, "max": pool_max,
+            "scaled_max": pool_scaled_max}

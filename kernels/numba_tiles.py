@@ -99,6 +99,7 @@ class _Tile:
                  args: list[ir.Value], op: str, vectors: int, masked: bool) -> None:
         self.builder = builder
         self.op = op
+        self.maximum = op in ("max", "scaled_max")
         weight_type, index_type, scale_type = signature.args[:3]
         self.weight = context.make_array(weight_type)(context, builder, args[0])
         self.indices = context.make_array(index_type)(context, builder, args[1])
@@ -196,11 +197,15 @@ class _Tile:
         builder.store(ir.Constant(self.element, 0), self.biases)
         self.rows = builder.extract_value(self.weight.shape, 0)
         first = self.start
-        if self.op == "max":
+        if self.maximum:
             # The caller passes the first non-padding id as ``start``: its row is the
             # starting maximum, as PyTorch's first-row copy.
-            for accumulator, value in zip(accumulators, self.values(self.row(first)),
-                                          strict=True):
+            values = self.values(self.row(first))
+            if self.op == "scaled_max":
+                factor = _splat(builder, builder.load(builder.gep(self.scale.data, [first])),
+                                self.vector)
+                values = [builder.fmul(value, factor) for value in values]
+            for accumulator, value in zip(accumulators, values, strict=True):
                 builder.store(value, accumulator)
             first = builder.add(first, ir.Constant(_I64, 1))
         else:
@@ -239,9 +244,9 @@ class _Tile:
             fma = _function(builder, f"llvm.fma.{self.suffix}", self.vector,
                             [self.vector] * 3)
             weight = None
-            if self.op == "weighted":
+            if self.op in ("weighted", "scaled_max"):
                 weight = builder.load(builder.gep(self.scale.data, [position]))
-            if self.decoder.quantized and self.op != "max":
+            if self.decoder.quantized and not self.maximum:
                 # One fused multiply-add of the codes by the scale (times the weight) a
                 # register; the row's bias (times the weight) goes to one scalar sum,
                 # added once at the end (FBGEMM adds it to every register, every row).
@@ -260,6 +265,8 @@ class _Tile:
                     total = builder.call(fma, [_splat(builder, weight, self.vector), value,
                                                total])
                 else:
+                    if weight is not None:  # scaled_max: the row times its factor
+                        value = builder.fmul(value, _splat(builder, weight, self.vector))
                     total = builder.select(builder.fcmp_ordered(">", value, total), value,
                                            total)
                 builder.store(total, accumulator)
@@ -271,7 +278,7 @@ class _Tile:
                            [builder.add(builder.mul(self.bag, out_stride),
                                         self.out_col_bytes)])
         totals = [builder.load(accumulator) for accumulator in accumulators]
-        if self.decoder.quantized and self.op != "max":
+        if self.decoder.quantized and not self.maximum:
             biases = _splat(builder, builder.load(self.biases), self.vector)
             totals = [builder.fadd(total, biases) for total in totals]
         if self.paired:
@@ -306,21 +313,23 @@ def make_tile(op: str, vectors: int, masked: bool = False) -> Any:
 
     - ``weight``: the stored rows (C-contiguous), viewed as :mod:`kernels.numba_decode`
       says (float32/float64 tables as they are); ``indices``: int64 ids; ``scale``:
-      per-id weights of ``out``'s dtype (read only by ``op == "weighted"``; pass any
-      array of that dtype otherwise);
+      per-id weights of ``out``'s dtype (read only by ``"weighted"``, which adds
+      ``scale[i] * row``, and ``"scaled_max"``, which compares ``scale[i] * row``; pass
+      any array of that dtype otherwise);
     - ids ``indices[start:end]`` are pooled, those equal to ``padding`` skipped (``-1``
       skips none) and those outside the table skipped and reported: the call returns 1
-      if any was, else 0; for ``op == "max"``, ``start`` must be a valid non-padding id;
+      if any was, else 0; for the max ops, ``start`` must be a valid non-padding id;
     - columns ``col`` to ``col + vectors * lanes`` (``masked``: the first ``tail`` lanes
       of one register) are written to row ``bag`` of ``out``, ``(B, dim)`` float64 for
       float64 tables, else float32;
     - ``prefetch``: prefetch the tile's lines of the row that many ids ahead (0: none);
       ``divisor`` > 1 divides the result (mean).
 
-    ``op`` is ``"sum"``, ``"weighted"`` or ``"max"``. Arguments are int64 where integer.
+    ``op`` is ``"sum"``, ``"weighted"``, ``"max"`` or ``"scaled_max"``. Arguments are
+    int64 where integer.
     """
-    if op not in ("sum", "weighted", "max"):
-        raise ValueError(f"op must be sum, weighted or max; got {op!r}")
+    if op not in ("sum", "weighted", "max", "scaled_max"):
+        raise ValueError(f"op must be sum, weighted, max or scaled_max; got {op!r}")
 
     @intrinsic
     def tile(typingctx: Any, weight: Any, indices: Any, scale: Any, start: Any, end: Any,

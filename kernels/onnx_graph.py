@@ -138,28 +138,39 @@ def _decode(nodes: list[Any], initializers: list[Any], table_dtype: Any, dim: in
     return "values"
 
 
-def table_inputs(table_dtype: Any, dim: int) -> list[Any]:
-    """The graph inputs holding the table: ``table`` (``[rows, W]``) and, for int8 and
-    int4, ``scales`` and ``biases`` (``[rows]`` float32)."""
+def table_inputs(table_dtype: Any, dim: int, row_scaled: bool = False) -> list[Any]:
+    """The graph inputs holding the table: ``table`` (``[rows, W]``), for int8 and int4
+    ``scales`` and ``biases`` (``[rows]`` float32), and when ``row_scaled`` the
+    ``row_factors`` every decoded row is multiplied by (``[rows]``, compute dtype)."""
     _, tensor_proto, helper = _helpers()
-    table_type, _ = element_types(table_dtype)
+    table_type, compute = element_types(table_dtype)
     width = code_bytes(table_dtype, dim) if quantized(table_dtype) else dim
     inputs = [helper.make_tensor_value_info("table", table_type, ["rows", width])]
     if quantized(table_dtype):
         inputs += [helper.make_tensor_value_info(name, tensor_proto.FLOAT, ["rows"])
                    for name in ("scales", "biases")]
+    if row_scaled:
+        inputs.append(helper.make_tensor_value_info("row_factors", compute, ["rows"]))
     return inputs
 
 
 def _tail(nodes: list[Any], initializers: list[Any], mode: str, table_dtype: Any, dim: int,
           compute: int, weighted: bool, output: str, *, ids: str = "ids",
-          weights: str = "weights", counts: str = "counts") -> None:
-    """Append Gather -> decode -> (Mul) -> Reduce -> (mean/max fix-up) nodes over ``[L, B]``
-    ids (and weights, and counts for mean/max) read from the values named so."""
+          weights: str = "weights", counts: str = "counts", row_scaled: bool = False
+          ) -> None:
+    """Append Gather -> decode -> (row scale) -> (Mul) -> Reduce -> (mean/max fix-up)
+    nodes over ``[L, B]`` ids (and weights, and counts for mean/max) read from the values
+    named so."""
     onnx, tensor_proto, helper = _helpers()
     initializers.append(helper.make_tensor("axis0", tensor_proto.INT64, [1], [0]))
     nodes.append(helper.make_node("Gather", ["table", ids], ["gathered"], axis=0))
     rows = _decode(nodes, initializers, table_dtype, dim, "gathered", ids, compute)
+    if row_scaled:
+        initializers.append(helper.make_tensor("factor_axis", tensor_proto.INT64, [1], [-1]))
+        nodes += [helper.make_node("Gather", ["row_factors", ids], ["factors"], axis=0),
+                  helper.make_node("Unsqueeze", ["factors", "factor_axis"], ["factors3"]),
+                  helper.make_node("Mul", [rows, "factors3"], ["scaled_rows"])]
+        rows = "scaled_rows"
     if weighted:
         initializers.append(helper.make_tensor("axis2", tensor_proto.INT64, [1], [2]))
         nodes.append(helper.make_node("Unsqueeze", [weights, "axis2"], ["weights3"]))
@@ -213,7 +224,8 @@ def _padded_inputs(mode: str, compute: int, weighted: bool, layout: list[str],
 
 
 def padded_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *, sentinel: int,
-                 padding_idx: int | None = None, weighted: bool = False) -> Any:
+                 padding_idx: int | None = None, weighted: bool = False,
+                 row_scaled: bool = False) -> Any:
     """The CUDA kernel's graph: the ids as they arrive, laid out ``[B, L]`` on the device.
 
     Inputs: the table, ``indices`` ``[N]`` (and ``weights`` ``[N]``), and per run
@@ -225,7 +237,7 @@ def padded_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *, sentinel: i
     _, tensor_proto, helper = _helpers()
     node = helper.make_node
     _, compute = element_types(table_dtype)
-    inputs = [*table_inputs(table_dtype, dim),
+    inputs = [*table_inputs(table_dtype, dim, row_scaled),
               helper.make_tensor_value_info("indices", tensor_proto.INT64, ["ids"])]
     if weighted:
         inputs.append(helper.make_tensor_value_info("weights", compute, ["ids"]))
@@ -263,12 +275,12 @@ def padded_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *, sentinel: i
         nodes += [node("Cast", [keep], ["kept_values"], to=compute),
                   node("ReduceSum", ["kept_values", "axis_bags"], ["counts"], keepdims=0)]
     _tail(nodes, initializers, mode, table_dtype, dim, compute, weighted, "embeddings",
-          ids="ids_lb", weights="weights_lb")
+          ids="ids_lb", weights="weights_lb", row_scaled=row_scaled)
     return _model(nodes, initializers, inputs, dim, compute, f"embedding_bag_{mode}_padded")
 
 
 def scanned_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *,
-                  weighted: bool = False) -> Any:
+                  weighted: bool = False, row_scaled: bool = False) -> Any:
     """The CPU EP kernel's graph: the padded tail inside a ``Scan`` over chunks.
 
     Inputs ``ids`` (and ``weights``) ``[C, L, b]``, ``counts`` ``[C, b]`` for mean/max;
@@ -283,12 +295,13 @@ def scanned_model(mode: str, dim: int, table_dtype: npt.DTypeLike, *,
     nodes: list[Any] = []
     initializers: list[Any] = []
     _tail(nodes, initializers, mode, table_dtype, dim, compute, weighted, "step_embeddings",
-          ids="step_ids", weights="step_weights", counts="step_counts")
+          ids="step_ids", weights="step_weights", counts="step_counts",
+          row_scaled=row_scaled)
     body = helper.make_graph(
         nodes, "chunk", step_inputs,
         [helper.make_tensor_value_info("step_embeddings", compute, ["bags", dim])],
         initializers)
-    tables = table_inputs(table_dtype, dim)
+    tables = table_inputs(table_dtype, dim, row_scaled)
     inputs = [*tables, *_padded_inputs(mode, compute, weighted, ["chunks", "length", "bags"])]
     scanned = [i.name for i in inputs[len(tables):]]
     scan = helper.make_node("Scan", scanned, ["embeddings"], num_scan_inputs=len(scanned),

@@ -188,9 +188,18 @@ def _buckets(lengths: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
 
 def _host_arrays(spec: TableSpec, dtype: np.dtype[Any] | None) -> dict[str, npt.NDArray[Any]]:
     """The graph's table inputs on the host, each with the sentinel row appended: ``table``
-    (floats in ``dtype``, bfloat16 bits, or int8/int4 codes) and, for int8 and int4,
+    (floats in ``dtype``, bfloat16 bits, or int8/int4 codes), for int8 and int4
     ``scales`` and ``biases`` (float32; the sentinel's codes and scale are 0 and its bias
-    the neutral value, so it decodes to 0 or ``-inf``)."""
+    the neutral value, so it decodes to 0 or ``-inf``), and ``row_factors`` when the table
+    has them."""
+    arrays = _table_arrays(spec, dtype)
+    if spec.table.row_scale is not None:  # the sentinel's factor: any, it decodes to 0/-inf
+        arrays["row_factors"] = np.append(spec.table.row_scale, np.float32(1))
+    return arrays
+
+
+def _table_arrays(spec: TableSpec, dtype: np.dtype[Any] | None
+                  ) -> dict[str, npt.NDArray[Any]]:
     table = spec.table
     if dtype is not None:
         return {"table": with_sentinel(table.data, spec.mode, dtype)}
@@ -284,7 +293,8 @@ class OnnxKernel:
         host = _host_arrays(spec, dtype if floats else None)
         if floats and dtype == stored.dtype:
             # The spec's table becomes a view of the uploaded host table: one copy in RAM.
-            self.spec = TableSpec(StoredTable(host["table"][:-1], storage, spec.embedding_dim),
+            self.spec = TableSpec(StoredTable(host["table"][:-1], storage, spec.embedding_dim,
+                                              spec.table.row_scale),
                                   spec.mode, spec.padding_idx)
         ort = _ort()
         self._inputs: dict[str, Any] = {}
@@ -312,12 +322,13 @@ class OnnxKernel:
         with self._lock:
             if weighted not in self._sessions:
                 spec = self.spec
+                scaled = spec.table.row_scale is not None
                 model = (padded_model(spec.mode, spec.embedding_dim, self.table_dtype,
                                       sentinel=self._sentinel, padding_idx=self._padding,
-                                      weighted=weighted)
+                                      weighted=weighted, row_scaled=scaled)
                          if self._padded else
                          scanned_model(spec.mode, spec.embedding_dim, self.table_dtype,
-                                       weighted=weighted))
+                                       weighted=weighted, row_scaled=scaled))
                 count = 1 if self.device == "cuda" else self.num_threads
                 # CPU parallelism comes from concurrent shares, one thread each.
                 self._sessions[weighted] = [

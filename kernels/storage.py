@@ -105,14 +105,19 @@ class StoredTable:
         data: the stored rows, C-contiguous (may be a read-only memory map).
         storage: the storage dtype.
         dim: values per row (``D``).
+        row_scale: ``None``, or a float32 factor in ``(0, 1]`` per row that every decoded
+            row is multiplied by (``max_norm`` on a storage that cannot hold renormed rows
+            without rounding them again: float16, bfloat16, int4).
 
     Raises:
-        StorageError: ``data`` does not have the dtype or row size ``storage`` needs.
+        StorageError: ``data`` does not have the dtype or row size ``storage`` needs, or
+            ``row_scale`` is not one finite positive float32 per row.
     """
 
     data: npt.NDArray[Any]
     storage: StorageDtype
     dim: int
+    row_scale: npt.NDArray[np.float32] | None = None
 
     def __post_init__(self) -> None:
         expected = _DATA_DTYPES.get(self.storage)
@@ -126,6 +131,13 @@ class StoredTable:
                                f"{list(data.shape)}")
         if not data.flags.c_contiguous:
             raise StorageError("stored rows must be C-contiguous")
+        scale = self.row_scale
+        if scale is not None and (scale.dtype != np.float32 or scale.shape != data.shape[:1]
+                                  or not scale.flags.c_contiguous
+                                  or not (np.isfinite(scale) & (scale > 0)).all()):
+            raise StorageError(f"row_scale must be one finite positive float32 per row "
+                               f"({data.shape[0]}), contiguous; got {scale.dtype} "
+                               f"{list(scale.shape)}")
 
     @classmethod
     def of(cls, weight: npt.NDArray[np.floating]) -> StoredTable:
@@ -140,7 +152,8 @@ class StoredTable:
     @property
     def nbytes(self) -> int:
         """Bytes the table takes in memory."""
-        return int(self.data.nbytes)
+        extra = 0 if self.row_scale is None else self.row_scale.nbytes
+        return int(self.data.nbytes) + extra
 
     @property
     def row_bytes(self) -> int:
@@ -193,14 +206,20 @@ class StoredTable:
 
     def gather(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.floating]:
         """Rows ``ids`` (any shape, every id valid) decoded into a fresh array:
-        ``ids.shape + (D,)``."""
-        return self.decode(np.take(self.data, ids, axis=0, mode="clip"))
+        ``ids.shape + (D,)`` (times their ``row_scale``)."""
+        rows = self.decode(np.take(self.data, ids, axis=0, mode="clip"))
+        if self.row_scale is None:
+            return rows
+        return rows * np.take(self.row_scale, ids, mode="clip")[..., None]
 
     def blocks(self, rows: int = BLOCK_ROWS) -> Iterator[tuple[int, npt.NDArray[np.floating]]]:
-        """``(first row, decoded rows)`` in blocks of ``rows``: a float view of the table
-        that never holds more than one block."""
+        """``(first row, decoded rows)`` in blocks of ``rows`` (times their ``row_scale``):
+        a float view of the table that never holds more than one block."""
         for start in range(0, self.rows, rows):
-            yield start, self.decode(self.data[start : start + rows])
+            block = self.decode(self.data[start : start + rows])
+            if self.row_scale is not None:
+                block = block * self.row_scale[start : start + rows, None]
+            yield start, block
 
     def to_float(self) -> npt.NDArray[np.floating]:
         """The whole table decoded, ``(rows, D)`` in the compute dtype (a copy unless the

@@ -44,19 +44,23 @@ def renormed(weight: npt.NDArray[np.floating], max_norm: float,
 def renormed_table(table: StoredTable, max_norm: float, norm_type: float) -> StoredTable:
     """``table`` with :func:`renormed` rows, in the same storage.
 
-    float32/float64 rows are renormed as they are; int8 rows by scaling their scale and
-    bias (exact up to one rounding of each). Other storages cannot hold renormed values
-    (float16/bfloat16 would round them again, and int4 keeps its scale in float16).
-
-    Raises:
-        ValueError: a storage that cannot hold renormed rows.
+    float32/float64 rows are renormed as they are (a copy); int8 rows by scaling their
+    scale and bias (exact up to one rounding of each). float16, bfloat16 and int4 rows
+    would be rounded again if stored renormed (int4 keeps its scale in float16), so they
+    stay as they are and the table gets PyTorch's factor per row (``row_scale``, 1 where
+    the norm is within bounds), applied to each decoded row as it is pooled: the same
+    values as renorming the widened table, for 4 bytes a row.
     """
     if table.is_float:
         return StoredTable(renormed(table.data, max_norm, norm_type), table.storage,
                            table.dim)
     if table.storage != "int8":
-        raise ValueError(f"max_norm needs table_dtype float32, float64 or int8: a "
-                         f"{table.storage} table would round renormed rows again")
+        factors = np.ones(table.rows, np.float32)
+        for start, block in table.blocks(_ROWS_PER_STEP):
+            norms = row_norms(block, norm_type)
+            over = np.flatnonzero(norms > max_norm)
+            factors[start + over] = (max_norm / (norms[over] + 1e-7)).astype(np.float32)
+        return StoredTable(table.data, table.storage, table.dim, factors)
     data = np.array(table.data, copy=True, order="C")
     dim = table.dim
     for start, block in table.blocks(_ROWS_PER_STEP):

@@ -91,8 +91,7 @@ def test_every_mode_matches_embedding_bag_on_the_decoded_table(
 
 FLOAT32_CASES = [c for c in load_golden() if c.arrays["weight"].dtype == np.float32]
 STORAGE_CASES = [(case, storage) for case in FLOAT32_CASES
-                 for storage in ("float16", "bfloat16", "int8", "int4")
-                 if case.options["max_norm"] is None or storage == "int8"]
+                 for storage in ("float16", "bfloat16", "int8", "int4")]
 
 
 @pytest.mark.parametrize(("case", "storage"), STORAGE_CASES,
@@ -116,11 +115,35 @@ def test_every_float32_golden_case_runs_on_every_storage(case: GoldenCase, stora
 
 
 @pytest.mark.parametrize("storage", ["float16", "bfloat16", "int4"])
-def test_max_norm_is_refused_where_renormed_rows_would_round_again(storage: str) -> None:
-    with pytest.raises(ValueError, match=f"max_norm needs table_dtype float32, float64 or "
-                                         f"int8: a {storage} table would round renormed"):
-        EmbeddingBag.from_pretrained(np.ones((4, 4), np.float32), max_norm=1.0,
-                                     table_dtype=storage)
+@pytest.mark.parametrize("implementation", CPU)
+@pytest.mark.parametrize(("mode", "weighted", "padding_idx"),
+                         [("sum", False, None), ("sum", True, 3), ("mean", False, 3),
+                          ("max", False, None), ("max", False, 3)])
+def test_max_norm_scales_rows_as_pooled_without_touching_the_stored_rows(
+        storage: str, implementation: str, mode: str, weighted: bool,
+        padding_idx: int | None) -> None:
+    # Renormed float16/bfloat16/int4 rows would round again if stored: the rows stay as
+    # they are and PyTorch's factor is applied per row as it is pooled.
+    rng = np.random.default_rng(31)
+    weight = (rng.standard_normal((50, 12)) * rng.uniform(0.1, 3, (50, 1))).astype(np.float32)
+    stored = store(weight, storage)  # type: ignore[arg-type]
+    options = {"mode": mode, "padding_idx": padding_idx, "max_norm": 2.5, "norm_type": 2.0}
+    bag = EmbeddingBag.from_pretrained(stored, **options)
+    table = bag.table
+    assert table.storage == storage and np.shares_memory(table.data, stored.data)
+    assert table.row_scale is not None and (table.row_scale < 1).sum() > 10
+    ids = rng.integers(0, 50, 80)
+    ids[::7] = 3
+    offsets = np.array([0, 1, 1, 9, 30, 31, 80])
+    weights = rng.uniform(0.5, 2, 80).astype(np.float32) if weighted else None
+    expected = reference_bag(stored.to_float(), ids, offsets, weights, **options)
+    magnitude = reference_bag(np.abs(stored.to_float()), ids, offsets,
+                              None if weights is None else np.abs(weights), **options)
+    run = runner(implementation, stored, **options)  # type: ignore[arg-type]
+    assert_close_to_bag(run(ids, offsets, weights), expected.astype(np.float32),
+                        scale=np.abs(magnitude) + 1.0, rtol=1e-6)
+    # The module's weight is the renormed table, as PyTorch's after a lookup of every row.
+    np.testing.assert_allclose(np.linalg.norm(bag.weight, axis=1).max(), 2.5, rtol=1e-6)
 
 
 def test_a_stored_table_keeps_its_storage_and_reports_it() -> None:
