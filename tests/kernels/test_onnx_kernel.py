@@ -10,6 +10,7 @@ from kernels.numba_kernel import NumbaKernel
 from kernels.onnx_graph import padded_model, scanned_model
 from kernels.onnx_kernel import CPU, CUDA, OnnxKernel, _buckets, cuda_status
 from kernels.storage import store
+from models.renorm import renormed_table
 
 CUDA_USABLE, CUDA_REASON = cuda_status()
 needs_cuda = pytest.mark.skipif(not CUDA_USABLE, reason=f"CUDA not usable: {CUDA_REASON}")
@@ -127,7 +128,8 @@ def test_cpu_graph_scans_the_padded_tail_over_steps(mode: str) -> None:
 
 
 @pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "int4"])
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8", "int4", "int4-max_norm",
+                                     "float16-max_norm"])
 @pytest.mark.parametrize("bags", ["ragged", "even-7", "one"])
 @pytest.mark.parametrize(("mode", "padding_idx", "weighted"),
                          [("sum", None, False), ("sum", 7, True), ("mean", 7, False),
@@ -144,7 +146,11 @@ def test_padded_graph_matches_numba_and_leaves_the_callers_arrays(
     indices = rng.integers(0, 300, int(offsets[-1])).astype(np.int64)
     indices[::4] = 7
     weights = rng.standard_normal(indices.size).astype(np.float32) if weighted else None
+    storage, _, renorm = storage.partition("-")
     stored = store(rng.standard_normal((300, 9)).astype(np.float32), storage)  # type: ignore[arg-type]
+    if renorm:  # a factor per row, multiplied in the graph
+        stored = renormed_table(stored, 2.0, 2.0)
+        assert stored.row_scale is not None
     spec = TableSpec(stored, mode, padding_idx)  # type: ignore[arg-type]
     before = (indices.copy(), offsets.copy(), None if weights is None else weights.copy())
     kernel = OnnxKernel(spec, device=device, graph="padded")
