@@ -116,6 +116,27 @@ def counted(indices, start, end, padding):
     return count
 
 
+_MAX_EMPTY, _MAX_BAD, _MAX_POOL = 0, 1, 2
+
+
+@numba.njit(inline="always")
+def max_bounds(weight, indices, offsets, bag, total, padding):
+    """``(start, end, state)`` of a max bag: ``start`` moved to its first id that is not
+    ``padding`` (which starts the maximum, checked here: the tiles check the rest);
+    ``state`` is ``_MAX_EMPTY`` (no ids, or only padding), ``_MAX_BAD`` (bad bounds or a
+    first id outside the table) or ``_MAX_POOL``."""
+    start, end, valid = bounds(offsets, bag, total)
+    if not valid:
+        return start, end, _MAX_BAD
+    while start < end and padding >= 0 and indices[start] == padding:
+        start += 1
+    if start == end:
+        return start, end, _MAX_EMPTY
+    if numba.uint64(indices[start]) >= numba.uint64(weight.shape[0]):
+        return start, end, _MAX_BAD
+    return start, end, _MAX_POOL
+
+
 @numba.njit(inline="always")
 def zero(out, bag):
     for col in range(out.shape[1]):
@@ -178,23 +199,12 @@ def _serial_loops(stamp):
         assert stamp
         invalid = 0
         total = indices.shape[0]
-        rows = numba.uint64(weight.shape[0])
         for bag in range(first, last):
-            start, end, valid = bounds(offsets, bag, total)
-            bad = not valid
-            if not bad:
-                # The first id that is not padding starts the maximum (checked here: the
-                # tiles check the rest).
-                while start < end and padding >= 0 and indices[start] == padding:
-                    start += 1
-                if start == end:  # empty bag, or only padding
-                    zero(out, bag)
-                elif numba.uint64(indices[start]) >= rows:
-                    bad = True
-                else:
-                    bad = pool_max_row(weight, indices, weight, start, end, padding, out, bag,
-                                       prefetch, 1) != 0
-            if bad:
+            start, end, state = max_bounds(weight, indices, offsets, bag, total, padding)
+            if state == _MAX_EMPTY:
+                zero(out, bag)
+            elif state == _MAX_BAD or pool_max_row(weight, indices, weight, start, end,
+                                                   padding, out, bag, prefetch, 1) != 0:
                 invalid += 1
                 zero(out, bag)
         return invalid
@@ -205,21 +215,13 @@ def _serial_loops(stamp):
         assert stamp
         invalid = 0
         total = indices.shape[0]
-        rows = numba.uint64(weight.shape[0])
         for bag in range(first, last):
-            start, end, valid = bounds(offsets, bag, total)
-            bad = not valid
-            if not bad:
-                while start < end and padding >= 0 and indices[start] == padding:
-                    start += 1
-                if start == end:
-                    zero(out, bag)
-                elif numba.uint64(indices[start]) >= rows:
-                    bad = True
-                else:
-                    bad = pool_scaled_max_row(weight, indices, scale, start, end, padding,
-                                              out, bag, prefetch, 1) != 0
-            if bad:
+            start, end, state = max_bounds(weight, indices, offsets, bag, total, padding)
+            if state == _MAX_EMPTY:
+                zero(out, bag)
+            elif state == _MAX_BAD or pool_scaled_max_row(weight, indices, scale, start, end,
+                                                          padding, out, bag, prefetch,
+                                                          1) != 0:
                 invalid += 1
                 zero(out, bag)
         return invalid
