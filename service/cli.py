@@ -192,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="listen port (env "
                        "BAGSERVE_PORT; default 8000)")
-    serve.add_argument("--workers", type=int, default=None, help="server processes sharing "
-                       "the port and the memory-mapped tables (env BAGSERVE_WORKERS; default 1)")
+    serve.add_argument("--workers", default=None, help="server processes sharing the port "
+                       "and the memory-mapped tables, or 'auto': one per usable core (env "
+                       "BAGSERVE_WORKERS; default 1)")
     serve.set_defaults(handler=_serve)
     ready = commands.add_parser("ready", help="exit 0 if the local server is ready "
                                 "(for container health checks)", formatter_class=_Formatter)

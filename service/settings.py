@@ -3,10 +3,19 @@ defaults. Read once at start and passed explicitly (``app.state.settings``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, as a container's cpuset sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -19,7 +28,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free one)")
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port; "
-                         "they share the interpreter's pages and the memory-mapped tables")
+                         "they share the interpreter's pages and the memory-mapped tables. "
+                         "'auto': one per usable core (2 cores: twice one process's "
+                         "requests/s from 16 connections up, the same at 1; BENCHMARKS.md)")
 
     idle_timeout_s: float = Field(5.0, gt=0, description="close a connection that sends "
                                   "nothing for this long, new or kept alive: idle sockets "
@@ -52,6 +63,15 @@ class Settings(BaseSettings):
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$",
                            description="log level")
     log_format: str = Field("json", pattern="^(json|text)$", description="log line format")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if value == "auto":
+            return min(64, usable_cores())
+        if isinstance(value, str) and not value.strip().isdigit():
+            raise ValueError(f"workers must be a number from 1 to 64 or 'auto'; got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _limits_fit_batches(self) -> Settings:

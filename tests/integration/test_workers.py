@@ -128,3 +128,20 @@ def test_every_scrape_reads_the_totals_of_all_workers(tmp_path: Path) -> None:
         assert seen == [requests] * 6, seen
     finally:
         assert server.stop() == 0, server.log.read_text()
+
+
+def test_workers_auto_starts_one_per_usable_core(tmp_path: Path) -> None:
+    import os
+
+    np.save(tmp_path / "small.npy", np.ones((100, 4), np.float32))
+    config = tmp_path / "models.toml"
+    config.write_text('[[models]]\nname = "m"\ncheckpoint = "small.npy"\nmode = "sum"\n')
+    server = start_server(tmp_path, "--config", str(config), "--workers", "auto")
+    try:
+        cores = len(os.sched_getaffinity(0))
+        if cores > 1:
+            assert len(_children(server.process.pid)) == cores
+        assert httpx.post(f"{server.url}/v1/models/m/embed", json={"bags": [[1]]},
+                          timeout=30).status_code == 200
+    finally:
+        assert server.stop() == 0, server.log.read_text()

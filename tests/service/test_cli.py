@@ -48,3 +48,18 @@ def test_errors_name_the_flag_not_the_python_keyword(
     assert main(["export", str(path), "-o", str(tmp_path / "m.onnx")]) == 2
     error = capsys.readouterr().err
     assert "pass --tensor NAME" in error and "tensor=NAME" not in error
+
+
+def test_workers_auto_is_one_per_usable_core(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from service.settings import usable_cores
+
+    assert Settings(workers="auto").workers == min(64, usable_cores())
+    monkeypatch.setenv("BAGSERVE_WORKERS", "auto")
+    assert Settings().workers == min(64, usable_cores())
+    assert usable_cores() == len(os.sched_getaffinity(0))
+    assert main(["serve", "--workers", "many"]) == 2
+    assert "workers must be a number from 1 to 64 or 'auto'; got 'many'" in \
+        capsys.readouterr().err
