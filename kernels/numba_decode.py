@@ -95,19 +95,23 @@ class Decoder:
             return builder.lshr(col, ir.Constant(_I64, 1))
         return builder.mul(col, ir.Constant(_I64, self.vector_bytes // self.lanes))
 
+    def scale_offset(self) -> ir.Value:
+        """Byte offset of a quantized row's scale and bias: after its codes."""
+        if self.kind == "int8":
+            return self.dim
+        return self.builder.lshr(self.builder.add(self.dim, ir.Constant(_I64, 1)),
+                                 ir.Constant(_I64, 1))
+
     def row_scale(self, row: ir.Value, weight: ir.Value | None) -> tuple[ir.Value, ir.Value]:
         """``(scale, bias)`` of the quantized row starting at ``row`` (``i8*``), both
         multiplied by ``weight`` (a float scalar) when given: the scale splatted across a
         register, the bias a scalar."""
         builder = self.builder
+        where = builder.gep(row, [self.scale_offset()])
         if self.kind == "int8":
-            where = builder.gep(row, [self.dim])
             pair = builder.bitcast(where, ir.VectorType(ir.FloatType(), 2).as_pointer())
             values = builder.load(pair, align=1)
         else:
-            packed = builder.lshr(builder.add(self.dim, ir.Constant(_I64, 1)),
-                                  ir.Constant(_I64, 1))
-            where = builder.gep(row, [packed])
             pair = builder.bitcast(where, ir.VectorType(ir.HalfType(), 2).as_pointer())
             values = builder.fpext(builder.load(pair, align=1),
                                    ir.VectorType(ir.FloatType(), 2))
