@@ -211,9 +211,11 @@ def test_client_deadline_header_bounds_its_own_wait(make_client: Callable[..., T
         assert "x-request-timeout-ms must be a positive number" in response.text
 
 
-def test_tiny_batches_run_on_the_loop_and_larger_ones_on_the_compute_thread(
-        make_client: Callable[..., TestClient]) -> None:
+def test_small_batches_run_on_the_loop_and_larger_ones_on_the_compute_thread(
+        make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
+
+    from service import batcher
 
     model = wrapped("items", mode="sum")
     kernel = model.bag.wrapped
@@ -227,12 +229,15 @@ def test_tiny_batches_run_on_the_loop_and_larger_ones_on_the_compute_thread(
 
     kernel.inner = recording  # type: ignore[assignment]
     client = make_client([model])
-    # 8-float rows (32 bytes): 2 ids are 64 bytes, 4,000 ids 128,000 (> 64 KiB).
+    # 8-float rows (32 bytes): 2 ids are 64 bytes, 4,000 ids 128,000 (> 64 KiB, < 4 MiB).
     small = client.post("/v1/models/items/embed", json={"bags": [[1, 2]]})
     large = client.post("/v1/models/items/embed", json={"bags": [[3] * 4000]})
-    assert small.status_code == large.status_code == 200
+    monkeypatch.setattr(batcher, "IDLE_INLINE_MAX_BYTES", 100_000)
+    larger = client.post("/v1/models/items/embed", json={"bags": [[3] * 4000]})
+    assert small.status_code == large.status_code == larger.status_code == 200
     np.testing.assert_allclose(small.json()["embeddings"], [table()[1] + table()[2]],
                                rtol=1e-6)
-    np.testing.assert_allclose(large.json()["embeddings"], [4000 * table()[3]], rtol=1e-4)
-    assert not threads[0].startswith("compute-") and threads[1].startswith("compute-"), \
-        threads
+    np.testing.assert_allclose(larger.json()["embeddings"], [4000 * table()[3]], rtol=1e-4)
+    # Small: on the loop; large with nothing else queued: on the loop too; past the idle
+    # bound: the compute thread.
+    assert [name.startswith("compute-") for name in threads] == [False, False, True], threads
