@@ -166,25 +166,37 @@ class ParentLink:
         load, unload = config_changes(specs, served, self.stamps,
                                       set(served) - self.unloaded)
         self.specs = specs
+        fresh = {spec.name: spec for spec in specs}
         for name in load:
-            self._broadcast({"op": "load", "name": name})
+            self._broadcast({"op": "load", "name": name}, fresh[name])
         for name in unload:
             self._broadcast({"op": "unload", "name": name})
 
-    def _broadcast(self, command: dict[str, Any]) -> None:
+    def _entry(self, name: str) -> ModelSpec | None:
+        """``name``'s entry now in the config file, if it can be read and has one."""
+        if self.config is None:
+            return None
+        try:
+            specs = served_config(self.config, self.workers)
+        except ConfigError:
+            return None
+        return next((spec for spec in specs if spec.name == name), None)
+
+    def _broadcast(self, command: dict[str, Any], spec: ModelSpec | None = None) -> None:
+        """Number a load (``spec``: its entry as read already, else read here) and send
+        the command down every worker's pipe."""
         name = command["name"]
         if command["op"] == "load":
             command["version"] = self.versions[name] = self.versions.get(name, 0) + 1
             self.unloaded.discard(name)
-            if self.config is not None:
-                try:  # replacement workers start from the entry now in the file
-                    fresh = {spec.name: spec
-                             for spec in served_config(self.config, self.workers)}
-                except ConfigError:
-                    fresh = {}
-                if name in fresh:
-                    self.specs = [s for s in self.specs if s.name != name] + [fresh[name]]
-                    self.stamps[name] = checkpoint_stamp(fresh[name])
+            spec = spec or self._entry(name)
+            if spec is not None:  # replacement workers start from the entry now in the file
+                names = [known.name for known in self.specs]
+                if name in names:
+                    self.specs[names.index(name)] = spec  # the config's order stays
+                else:
+                    self.specs.append(spec)
+                self.stamps[name] = checkpoint_stamp(spec)
         else:
             self.unloaded.add(name)
         line = orjson.dumps(command) + b"\n"

@@ -36,7 +36,7 @@ class ServiceState:
 
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics.create)
-    models: dict[str, LoadedModel] = field(default_factory=dict)
+    #: The serving models' batchers, by name (each holds its model: see :attr:`models`).
     batchers: dict[str, Batcher] = field(default_factory=dict)
     ready: bool = False
     draining: bool = False
@@ -65,7 +65,7 @@ class ServiceState:
         for model in loaded:
             self._serve(model)
         self.ready = True
-        logger.info("ready", extra={"models": sorted(self.models)})
+        logger.info("ready", extra={"models": sorted(self.batchers)})
 
     def begin_drain(self) -> None:
         """Not ready from now on; new inference requests get 503."""
@@ -97,6 +97,11 @@ class ServiceState:
         except KeyError:
             raise self.missing(name) from None
 
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """The serving models by name (each batcher's)."""
+        return {name: batcher.model for name, batcher in self.batchers.items()}
+
     def missing(self, name: str) -> ModelNotFound:
         """The 404 for a model not serving: unloaded (and how to load it) or unknown."""
         if name in self.unavailable:
@@ -109,9 +114,9 @@ class ServiceState:
 
     def index(self) -> list[dict[str, Any]]:
         """Every known model with its state (KServe's repository index)."""
-        names = sorted(set(self.models) | set(self.unavailable))
+        names = sorted(set(self.batchers) | set(self.unavailable))
         return [{"name": name, "version": str(self.versions.get(name, 1)),
-                 "state": "READY" if name in self.models else "UNAVAILABLE",
+                 "state": "READY" if name in self.batchers else "UNAVAILABLE",
                  "reason": self.unavailable.get(name) or self.last_error.get(name, "")}
                 for name in names]
 
@@ -132,7 +137,7 @@ class ServiceState:
         Raises:
             ModelNotFound: not serving.
         """
-        if name not in self.models:
+        if name not in self.batchers:
             raise ModelNotFound(f"model {name!r} is not loaded")
         await self._command({"op": "unload", "name": name})
 
@@ -149,7 +154,7 @@ class ServiceState:
             logger.warning("SIGHUP: no config file (serving the built-in demo); nothing "
                            "to reload")
             return
-        load, unload = config_changes(specs, self.specs, self.stamps, set(self.models))
+        load, unload = config_changes(specs, self.specs, self.stamps, set(self.batchers))
         for name in load:
             try:
                 await self._command({"op": "load", "name": name})
@@ -163,7 +168,8 @@ class ServiceState:
         if self.relay is None:
             return await self.apply(command)
         await self.relay(command)
-        return self.models.get(command["name"])
+        batcher = self.batchers.get(command["name"])
+        return None if batcher is None else batcher.model
 
     async def apply(self, command: dict[str, Any]) -> LoadedModel | None:
         """Carry out one control command in this process: ``{"op": "load" | "unload",
@@ -196,13 +202,13 @@ class ServiceState:
 
     def _failed(self, name: str, error: Exception) -> None:
         """Log a failed load and remember why (the repository index reports it)."""
-        serving = name in self.models
-        logger.error("load failed; %s", "the old version keeps serving" if serving
+        serving = self.batchers.get(name)
+        logger.error("load failed; %s", "the old version keeps serving" if serving is not None
                      else "the model stays unavailable",
                      extra={"model": name, "error": str(error)})
-        if serving:
-            self.last_error[name] = f"version {self.models[name].version} serving; the " \
-                                    f"last load failed: {error}"
+        if serving is not None:
+            self.last_error[name] = (f"version {serving.model.version} serving; the last "
+                                     f"load failed: {error}")
         else:
             self.unavailable[name] = f"load failed: {error}"
 
@@ -232,7 +238,6 @@ class ServiceState:
         batcher = Batcher(model, self.settings, self.metrics)
         batcher.start()
         old = self.batchers.get(name)
-        self.models[name] = model
         self.batchers[name] = batcher
         self.specs[name] = model.spec
         self.stamps.setdefault(name, checkpoint_stamp(model.spec))
@@ -244,7 +249,6 @@ class ServiceState:
 
     def _unserve(self, name: str, reason: str) -> None:
         old = self.batchers.pop(name, None)
-        self.models.pop(name, None)
         self.unavailable[name] = reason
         if old is not None:
             self._retire(old)

@@ -76,9 +76,10 @@ def _model(request: Request, name: str, version: str | None) -> Any:
     """The serving model ``name``; a version, when named, must be the one serving (a
     swapped-out version is gone)."""
     state = service_state(request)
-    model = state.models.get(name)
-    if model is None:
+    batcher = state.batchers.get(name)
+    if batcher is None:
         raise state.missing(name)
+    model = batcher.model
     if version not in (None, "", str(model.version)):
         raise ModelNotFound(f"model {name!r} version {version!r} not found; version "
                             f"{model.version} is serving")
