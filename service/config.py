@@ -15,7 +15,6 @@ quantized_format = "byte_rowwise"  # already quantized: byte_rowwise | 4bit_roww
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from dataclasses import dataclass, fields, replace
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kernels.storage import QUANTIZED_FORMATS, STORAGE_DTYPES
+from service.settings import usable_cores
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -110,13 +110,13 @@ def _spec(entry: Any, where: str, base: Path) -> ModelSpec:
     return ModelSpec(**values)
 
 
-def share_threads(spec: ModelSpec, workers: int, cores: int) -> ModelSpec:
+def share_threads(spec: ModelSpec, workers: int) -> ModelSpec:
     """``spec`` as one of ``workers`` processes serves it: without its own
-    ``num_threads`` it gets its share of the ``cores``, so N workers' kernels do not
-    oversubscribe the machine."""
+    ``num_threads`` it gets its share of the usable cores (those ``--workers auto``
+    counts), so N workers' kernels do not oversubscribe the machine."""
     if workers <= 1 or spec.num_threads is not None:
         return spec
-    return replace(spec, num_threads=max(1, cores // workers))
+    return replace(spec, num_threads=max(1, usable_cores() // workers))
 
 
 def checkpoint_stamp(spec: ModelSpec) -> tuple[int, int, int] | None:
@@ -177,5 +177,4 @@ def served_config(path: str | Path, workers: int) -> list[ModelSpec]:
     Raises:
         ConfigError: as :func:`load_config`.
     """
-    cores = os.cpu_count() or 1
-    return [share_threads(spec, workers, cores) for spec in load_config(path)]
+    return [share_threads(spec, workers) for spec in load_config(path)]

@@ -185,9 +185,8 @@ def run_workers(settings: Settings, specs: list[ModelSpec], workers: int) -> int
     without their own ``num_threads`` get the cores divided among the workers, so N
     workers' kernels do not oversubscribe the machine. Model control (the repository
     routes, ``SIGHUP``) reaches every worker through the parent (:mod:`service.control`)."""
-    cores = os.cpu_count() or 1
-    parent = ParentLink([share_threads(spec, workers, cores) for spec in specs],
-                        settings.config, workers)
+    parent = ParentLink([share_threads(spec, workers) for spec in specs], settings.config,
+                        workers)
     _preload()
     _open_files_limit()
     sock = _listen(settings)  # kept open: replacements accept on it too
