@@ -32,15 +32,23 @@ class FlatBatch:
         indices: int64 ``[N]``, every id in ``[0, num_embeddings)``.
         offsets: int64 ``[B + 1]``, starting at 0, non-decreasing, ending at ``N``.
         per_sample_weights: ``None`` or ``[N]`` in the table dtype.
+        bags_per_row: bags pooled into one output row: 1 for a table, F for a collection
+            of F features (sample major: bag ``s * F + f``).
     """
 
     indices: npt.NDArray[np.int64]
     offsets: npt.NDArray[np.int64]
     per_sample_weights: npt.NDArray[np.floating] | None = None
+    bags_per_row: int = 1
 
     @property
     def num_bags(self) -> int:
         return int(self.offsets.shape[0]) - 1
+
+    @property
+    def num_rows(self) -> int:
+        """Output rows: bags for a table, samples for a collection."""
+        return self.num_bags // self.bags_per_row
 
 
 def _as_array(name: str, value: Any) -> npt.NDArray[Any]:

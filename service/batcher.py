@@ -69,10 +69,13 @@ class _Pending:
     abandoned: bool = False
     ids: int = field(init=False)
     bags: int = field(init=False)
+    #: Output rows: bags, or a collection's samples.
+    rows: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.ids = int(self.batch.indices.shape[0])
         self.bags = self.batch.num_bags
+        self.rows = self.batch.num_rows
 
     @property
     def gone(self) -> bool:
@@ -121,7 +124,7 @@ def _concat(items: list[_Pending], dtype: np.dtype[np.floating]) -> FlatBatch:
         weights = np.concatenate([
             p.batch.per_sample_weights if p.batch.per_sample_weights is not None
             else np.ones(p.ids, dtype=dtype) for p in items])
-    return FlatBatch(indices, offsets, weights)
+    return FlatBatch(indices, offsets, weights, items[0].batch.bags_per_row)
 
 
 class Batcher:
@@ -142,7 +145,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._dtype = np.dtype(model.bag.compute_dtype)
         self._cpu_kernel = model.bag.kernel.name in ("numba", "numpy")
-        self._row_bytes = model.bag.table.row_bytes
+        self._row_bytes = model.row_bytes
         # Resolved once: labels() takes a lock and a dict lookup on every call.
         self._count = {outcome: metrics.requests.labels(model.name, outcome)
                        for outcome in ("ok", "invalid", "overloaded", "deadline",
@@ -159,8 +162,14 @@ class Batcher:
         self._batch_bags = metrics.batch_bags.labels(model.name)
         self._batch_ids = metrics.batch_ids.labels(model.name)
         self._compute_seconds = metrics.compute_seconds.labels(model.name)
-        metrics.table_bytes.labels(model.name, model.bag.table_dtype).set(
-            model.bag.table.nbytes)
+        self._oov_ids = metrics.oov_ids
+        #: A collection's oov action per feature (``zero`` skips, ``hash`` wraps).
+        self._oov_actions: dict[str, str] = {}
+        if model.spec.tables is not None:
+            self._oov_actions = {feature: "skipped" if table.oov == "zero" else "hashed"
+                                 for table in model.spec.tables
+                                 for feature in table.feature_names}
+        metrics.table_bytes.labels(model.name, model.bag.table_dtype).set(model.table_bytes)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(),
@@ -268,12 +277,16 @@ class Batcher:
                              headers=self._retry())
 
     def record(self, outcome: str, result: BatchResult | None = None,
-               total_s: float = 0.0) -> None:
-        """Count one finished request (``ok`` with its timings, ``invalid``, ``failed``)."""
+               total_s: float = 0.0, oov: dict[str, int] | None = None) -> None:
+        """Count one finished request (``ok`` with its timings, ``invalid``, ``failed``)
+        and, for a collection, the ids its tables' ``oov`` policies skipped or hashed."""
         self._count[outcome].inc()
         if result is not None:
             self._queue_seconds.observe(result.queue_s)
             self._request_seconds.observe(total_s)
+        for feature, count in (oov or {}).items():
+            self._oov_ids.labels(self.model.name, feature,
+                                 self._oov_actions.get(feature, "hashed")).inc(count)
 
     def _retry(self) -> dict[str, str]:
         return {"Retry-After": str(self._settings.retry_after_s)}
@@ -392,7 +405,7 @@ class Batcher:
             if p.abandoned:
                 p.future.cancel()
             elif not p.future.done():
-                p.future.set_result(BatchResult(rows[start : start + p.bags],
+                p.future.set_result(BatchResult(rows[start : start + p.rows],
                                                 started - p.enqueued, compute_s,
                                                 batch.num_bags, batch.indices.shape[0]))
-            start += p.bags
+            start += p.rows

@@ -11,17 +11,32 @@ table_dtype = "int8"               # float32 (default) | float64 | float16 | bfl
 quantized_format = "byte_rowwise"  # already quantized: byte_rowwise | 4bit_rowwise
                                    # | torchrec_int8 | torchrec_int4 (scale, bias in front)
 ```
+
+An entry with ``[[models.tables]]`` is a collection (TorchRec's EmbeddingBagCollection):
+
+```toml
+[[models]]
+name = "ranker"
+checkpoint = "ebc.pt"              # torch.save(ebc.state_dict()) or safetensors
+[[models.tables]]
+name = "t_item"                    # tensor defaults to embedding_bags.<name>.weight
+features = ["history", "candidates"]
+pooling = "mean"                   # sum | mean | max; also padding_idx, max_norm,
+                                   # norm_type, table_dtype, quantized_format, tensor
+oov = "error"                      # error | zero (skip the id) | hash (id modulo rows)
+```
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from kernels.storage import QUANTIZED_FORMATS, STORAGE_DTYPES
+from models.collection import EmbeddingBagConfig
 from service.settings import usable_cores
 
 if sys.version_info >= (3, 11):
@@ -59,6 +74,8 @@ class ModelSpec:
     table_dtype: str | None = None
     quantized_format: str | None = None
     num_threads: int | None = None
+    #: A collection's tables (``None``: a single-table model).
+    tables: tuple[EmbeddingBagConfig, ...] | None = None
 
 
 DEMO = ModelSpec(name=DEMO_NAME, mode="mean", backend="auto")
@@ -68,22 +85,78 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "padding_idx": (int,), "max_norm": (int, float), "norm_type": (int, float),
     "include_last_offset": (bool,), "backend": (str,), "device": (str,),
     "table_dtype": (str,), "quantized_format": (str,), "num_threads": (int,),
+    "tables": (list,),
 }
+#: A collection table's fields and their TOML types.
+_TABLE_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "features": (list,), "pooling": (str,), "tensor": (str,),
+    "padding_idx": (int,), "max_norm": (int, float), "norm_type": (int, float),
+    "table_dtype": (str,), "quantized_format": (str,), "oov": (str,),
+    "num_embeddings": (int,), "embedding_dim": (int,),
+}
+#: Model-level fields that belong to a collection's tables instead.
+_TABLE_ONLY = ("tensor", "mode", "padding_idx", "max_norm", "norm_type", "table_dtype",
+               "quantized_format", "include_last_offset")
+
+
+def _typed(entry: dict[str, Any], types: dict[str, tuple[type, ...]], where: str) -> None:
+    unknown = sorted(set(entry) - set(types))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(sorted(types))}")
+    for key, value in entry.items():
+        expected = types[key]
+        if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+            raise ConfigError(f"{where}: field {key!r} must be "
+                              f"{' or '.join(t.__name__ for t in expected)}; got {value!r}")
+
+
+def _tables(entries: list[Any], where: str) -> tuple[EmbeddingBagConfig, ...]:
+    """A collection's ``[[models.tables]]``, checked: fields, features named once."""
+    if not entries:
+        raise ConfigError(f"{where}: tables is empty; list at least one [[models.tables]]")
+    tables: list[EmbeddingBagConfig] = []
+    owner: dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        at = f"{where}: tables[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: each [[models.tables]] entry must be a table")
+        _typed(entry, _TABLE_TYPES, at)
+        values = dict(entry)
+        if "table_dtype" in values and values["table_dtype"] not in STORAGE_DTYPES:
+            raise ConfigError(f"{at}: table_dtype must be one of {', '.join(STORAGE_DTYPES)}; "
+                              f"got {values['table_dtype']!r}")
+        if "quantized_format" in values and values["quantized_format"] not in QUANTIZED_FORMATS:
+            raise ConfigError(f"{at}: quantized_format must be one of "
+                              f"{', '.join(QUANTIZED_FORMATS)}; got "
+                              f"{values['quantized_format']!r}")
+        if "features" not in values:
+            raise ConfigError(f"{at} ({values.get('name')}): features is required (the "
+                              "feature names pooled from this table)")
+        values["feature_names"] = tuple(values.pop("features"))
+        for key in ("max_norm", "norm_type"):
+            if key in values:
+                values[key] = float(values[key])
+        try:
+            table = EmbeddingBagConfig(**values)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{at}: {exc}") from None
+        if any(t.name == table.name for t in tables):
+            raise ConfigError(f"{at}: table {table.name!r} is listed twice")
+        for feature in table.feature_names:
+            if feature in owner:
+                raise ConfigError(f"{at}: feature {feature!r} is named twice (tables "
+                                  f"{owner[feature]!r} and {table.name!r}); a feature reads "
+                                  "one table")
+            owner[feature] = table.name
+        tables.append(table)
+    return tuple(tables)
 
 
 def _spec(entry: Any, where: str, base: Path) -> ModelSpec:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: each [[models]] entry must be a table")
-    known = {f.name for f in fields(ModelSpec)}
-    unknown = sorted(set(entry) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: "
-                          f"{', '.join(sorted(known))}")
-    for key, value in entry.items():
-        types = _TYPES[key]
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-            raise ConfigError(f"{where}: field {key!r} must be "
-                              f"{' or '.join(t.__name__ for t in types)}; got {value!r}")
+    _typed(entry, _TYPES, where)
     name = entry.get("name")
     if name is None or not NAME.match(name):
         raise ConfigError(f"{where}: name must match {NAME.pattern}; got {name!r}")
@@ -91,6 +164,13 @@ def _spec(entry: Any, where: str, base: Path) -> ModelSpec:
         raise ConfigError(f"{where} ({name}): checkpoint is required")
     values = dict(entry)
     values["checkpoint"] = (base / entry["checkpoint"]).resolve()
+    if "tables" in values:
+        misplaced = [key for key in _TABLE_ONLY if key in values]
+        if misplaced:
+            raise ConfigError(f"{where} ({name}): {', '.join(misplaced)} belong(s) to each "
+                              "[[models.tables]] entry of a collection, not to the model")
+        values["tables"] = _tables(values["tables"], f"{where} ({name})")
+        return ModelSpec(**values)
     if "table_dtype" in values and values["table_dtype"] not in STORAGE_DTYPES:
         raise ConfigError(f"{where} ({name}): table_dtype must be one of "
                           f"{', '.join(STORAGE_DTYPES)}; got {values['table_dtype']!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,8 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import Request
 
-from models import InvalidInputError, flatten_inputs
+from models import FlatBatch, InvalidInputError, flatten_inputs
+from models.collection import EmbeddingBagCollection, JaggedFeatures
 from service.batcher import Batcher, BatchResult
 from service.errors import Forbidden, InvalidRequest, ServiceError, Unauthorized
 from service.registry import LoadedModel
@@ -54,17 +56,23 @@ class Answer:
     model: LoadedModel
     result: BatchResult
     ids: int
+    #: A collection's ids skipped or hashed by their table's ``oov``, per feature.
+    oov: dict[str, int]
 
     @property
     def rows(self) -> npt.NDArray[np.floating]:
         return self.result.rows
 
     def headers(self) -> dict[str, str]:
-        """The version that answered and where the time went."""
-        return {"X-Model-Version": str(self.model.version),
-                "X-Queue-Ms": f"{self.result.queue_s * 1e3:.3f}",
-                "X-Compute-Ms": f"{self.result.compute_s * 1e3:.3f}",
-                "X-Batch-Bags": str(self.result.batch_bags)}
+        """The version that answered, where the time went and, for a collection, the ids
+        beyond their tables that were skipped or hashed (``X-OOV-Ids: feature=n,...``)."""
+        headers = {"X-Model-Version": str(self.model.version),
+                   "X-Queue-Ms": f"{self.result.queue_s * 1e3:.3f}",
+                   "X-Compute-Ms": f"{self.result.compute_s * 1e3:.3f}",
+                   "X-Batch-Bags": str(self.result.batch_bags)}
+        if self.oov:
+            headers["X-OOV-Ids"] = ",".join(f"{k}={v}" for k, v in self.oov.items())
+        return headers
 
 
 #: Header a client may send to bound its own wait, in milliseconds (capped by the server).
@@ -85,37 +93,71 @@ def _client_deadline(request: Request) -> float | None:
     return milliseconds / 1e3
 
 
+#: Lays one request out for its model: ``(batch, oov counts)``.
+Build = Callable[[LoadedModel], tuple[FlatBatch, dict[str, int]]]
+
+
 async def embed(request: Request, model_name: str, input: Any, offsets: Any = None,
                 per_sample_weights: Any = None, *, include_last_offset: bool | None = None
                 ) -> Answer:
-    """Validate one request against its model and the limits, batch it, wait for its rows.
+    """Validate one table request against its model and the limits, batch it, wait for
+    its rows.
 
     Raises:
-        ServiceError subclasses: 404 unknown model, 422 invalid input or over a limit,
-        429 overloaded, 503 not ready / deadline, 500 if the batch failed.
+        ServiceError subclasses: 404 unknown model, 422 invalid input, over a limit or a
+        collection (which takes features), 429 overloaded, 503 not ready / deadline, 500
+        if the batch failed.
     """
+    def build(model: LoadedModel) -> tuple[FlatBatch, dict[str, int]]:
+        bag = model.bag
+        if isinstance(bag, EmbeddingBagCollection):
+            raise InvalidRequest(
+                f"model {model.name!r} is a collection of features "
+                f"({', '.join(bag.keys)}): POST /v1/models/{model.name}/embed with "
+                '{"features": {feature: [[id, ...], ...]}} or a KeyedJaggedTensor as '
+                '{"kjt": {"keys", "values", "lengths"}}, or KServe v2 inputs '
+                "<feature>__values and <feature>__lengths")
+        return flatten_inputs(
+            input, offsets, per_sample_weights, num_embeddings=bag.num_embeddings,
+            mode=bag.mode, dtype=bag.compute_dtype,
+            include_last_offset=(bag.include_last_offset if include_last_offset is None
+                                 else include_last_offset)), {}
+
+    return await _submit(request, model_name, build)
+
+
+async def embed_features(request: Request, model_name: str, features: JaggedFeatures
+                         ) -> Answer:
+    """As :func:`embed` for a collection's features: one row per sample."""
+    def build(model: LoadedModel) -> tuple[FlatBatch, dict[str, int]]:
+        bag = model.bag
+        if not isinstance(bag, EmbeddingBagCollection):
+            raise InvalidRequest(f"model {model.name!r} is a single table, not a collection "
+                                 'of features: send {"bags": [[id, ...], ...]} or indices '
+                                 "and offsets")
+        laid_out = bag.batch(features)
+        return laid_out.batch, laid_out.oov
+
+    return await _submit(request, model_name, build)
+
+
+async def _submit(request: Request, model_name: str, build: Build) -> Answer:
     state = service_state(request)
     batcher = state.batcher(model_name)
     batcher.hold()  # a swap now lets this request finish on this version
     try:
-        return await _embed(request, state, batcher, input, offsets, per_sample_weights,
-                            include_last_offset)
+        return await _embed(request, state, batcher, build)
     finally:
         batcher.release()
 
 
-async def _embed(request: Request, state: ServiceState, batcher: Batcher, input: Any,
-                 offsets: Any, per_sample_weights: Any, include_last_offset: bool | None
+async def _embed(request: Request, state: ServiceState, batcher: Batcher, build: Build
                  ) -> Answer:
     started = time.perf_counter()
     model = batcher.model
     settings = state.settings
     try:
-        batch = flatten_inputs(
-            input, offsets, per_sample_weights, num_embeddings=model.bag.num_embeddings,
-            mode=model.bag.mode, dtype=model.bag.compute_dtype,
-            include_last_offset=(model.bag.include_last_offset if include_last_offset is None
-                                 else include_last_offset))
+        batch, oov = build(model)
         lengths = np.diff(batch.offsets)
         for what, value, limit in (
                 ("bags", batch.num_bags, settings.max_bags_per_request),
@@ -137,9 +179,10 @@ async def _embed(request: Request, state: ServiceState, batcher: Batcher, input:
     if not finite.all():
         # Finite inputs can still pool past float32 (huge weights, huge rows): JSON would
         # carry null, binary clients an infinity. Name the first such bag instead.
+        what = "sample" if batch.bags_per_row > 1 else "bag"
         batcher.record("invalid")
-        raise InvalidRequest(f"bag {int(np.flatnonzero(~finite)[0])} pools to values "
+        raise InvalidRequest(f"{what} {int(np.flatnonzero(~finite)[0])} pools to values "
                              "beyond float32's range (+-3.4e38); scale its "
-                             "per_sample_weights or rows down")
-    batcher.record("ok", result, time.perf_counter() - started)
-    return Answer(model, result, int(batch.indices.shape[0]))
+                             "weights or rows down")
+    batcher.record("ok", result, time.perf_counter() - started, oov)
+    return Answer(model, result, int(batch.indices.shape[0]), oov)

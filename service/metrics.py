@@ -44,6 +44,7 @@ class Metrics:
     compute_seconds: Histogram
     request_seconds: Histogram
     table_bytes: Gauge
+    oov_ids: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -70,6 +71,9 @@ class Metrics:
             table_bytes=Gauge("bagserve_model_table_bytes", "Bytes the model's table takes "
                               "in memory, in its storage dtype", ["model", "table_dtype"],
                               registry=registry, multiprocess_mode="max"),
+            oov_ids=Counter("bagserve_oov_ids", "Collection ids beyond their table, skipped "
+                            "(oov = zero) or hashed (oov = hash), by feature",
+                            ["model", "feature", "action"], registry=registry),
         )
 
     def exposition(self) -> bytes:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.storage import storage_dtype, store
+from kernels.storage import StoredTable, storage_dtype, store
 from models import EmbeddingBag, flatten_inputs, load_table
+from models.collection import EmbeddingBagCollection, jagged
 from service.config import DEMO_DIM, DEMO_ROWS, DEMO_SEED, ModelSpec
 from service.heap import release_freed_memory
 
@@ -22,11 +23,11 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A ready model: its spec, the module that computes it, and its version (1 at
-    start-up, one more on every load)."""
+    """A ready model: its spec, the module that computes it (one table, or a collection
+    of tables and features), and its version (1 at start-up, one more on every load)."""
 
     spec: ModelSpec
-    bag: EmbeddingBag
+    bag: EmbeddingBag | EmbeddingBagCollection
     version: int = 1
 
     @property
@@ -35,17 +36,48 @@ class LoadedModel:
 
     @property
     def dim(self) -> int:
+        """The length of one answered vector (a collection's: the sum of its dims)."""
         return self.bag.embedding_dim
+
+    @property
+    def kind(self) -> str:
+        return "collection" if isinstance(self.bag, EmbeddingBagCollection) else "table"
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one id gathers (a collection's widest row)."""
+        bag = self.bag
+        return bag.row_bytes if isinstance(bag, EmbeddingBagCollection) else bag.table.row_bytes
+
+    @property
+    def table_bytes(self) -> int:
+        bag = self.bag
+        return (bag.table_bytes if isinstance(bag, EmbeddingBagCollection)
+                else bag.table.nbytes)
 
     def describe(self) -> dict[str, object]:
         """The public facts about the model (``GET /v1/models``)."""
-        return {"id": self.name, "object": "model", "owned_by": "bagserve",
-                "version": self.version, "dim": self.dim,
-                "rows": self.bag.num_embeddings, "mode": self.bag.mode,
-                "dtype": str(self.bag.compute_dtype), "table_dtype": self.bag.table_dtype,
-                "table_bytes": self.bag.table.nbytes, "backend": self.bag.kernel.name,
-                "provider": self.bag.provider, "padding_idx": self.bag.padding_idx,
-                "include_last_offset": self.bag.include_last_offset}
+        bag = self.bag
+        facts: dict[str, object] = {
+            "id": self.name, "object": "model", "owned_by": "bagserve", "kind": self.kind,
+            "version": self.version, "dim": self.dim, "dtype": str(bag.compute_dtype),
+            "table_dtype": bag.table_dtype, "table_bytes": self.table_bytes,
+            "backend": bag.kernel.name, "provider": bag.provider}
+        if isinstance(bag, EmbeddingBagCollection):
+            facts.update({
+                "keys": list(bag.keys), "dims": list(bag.dims),
+                "offset_per_key": bag.offset_per_key,
+                "tables": [{"name": config.name, "features": list(config.feature_names),
+                            "pooling": config.pooling, "rows": spec.num_embeddings,
+                            "dim": spec.embedding_dim, "table_dtype": spec.table.storage,
+                            "padding_idx": spec.padding_idx, "oov": config.oov}
+                           for config, spec in zip(bag.tables, bag.spec.tables,
+                                                   strict=True)]})
+        else:
+            facts.update({"rows": bag.num_embeddings, "mode": bag.mode,
+                          "padding_idx": bag.padding_idx,
+                          "include_last_offset": bag.include_last_offset})
+        return facts
 
 
 def demo_table() -> np.ndarray:
@@ -63,6 +95,8 @@ def load_model(spec: ModelSpec, version: int = 1) -> LoadedModel:
     """
     started = time.perf_counter()
     source = "built-in demo table" if spec.checkpoint is None else str(spec.checkpoint)
+    if spec.tables is not None:
+        return _load_collection(spec, version, source, started)
     try:
         # Read straight into the table's storage: no float32 copy of a table kept in
         # half precision or quantized.
@@ -74,7 +108,7 @@ def load_model(spec: ModelSpec, version: int = 1) -> LoadedModel:
             table, mode=spec.mode, padding_idx=spec.padding_idx, max_norm=spec.max_norm,
             norm_type=spec.norm_type, include_last_offset=spec.include_last_offset,
             backend=spec.backend, device=spec.device, num_threads=spec.num_threads)
-        _check_finite(bag)
+        _check_finite(bag.table)
         warm_up(bag)
         release_freed_memory()
     except (ValueError, OSError, RuntimeError) as exc:
@@ -84,6 +118,33 @@ def load_model(spec: ModelSpec, version: int = 1) -> LoadedModel:
                                        "rows": bag.num_embeddings, "dim": bag.embedding_dim,
                                        "provider": bag.provider,
                                        "seconds": round(time.perf_counter() - started, 3)})
+    return LoadedModel(spec, bag, version)
+
+
+def _load_collection(spec: ModelSpec, version: int, source: str, started: float
+                     ) -> LoadedModel:
+    assert spec.tables is not None and spec.checkpoint is not None
+    try:
+        bag = EmbeddingBagCollection.from_checkpoint(
+            spec.checkpoint, spec.tables, backend=spec.backend, device=spec.device,
+            num_threads=spec.num_threads)
+        for config, table in zip(bag.tables, bag.spec.tables, strict=True):
+            try:
+                _check_finite(table.table)
+            except ValueError as exc:
+                raise ValueError(f"table {config.name!r}: {exc}") from None
+        bag.kernel.warm_up()
+        # The compiled per-request checks and layout.
+        features = len(bag.keys)
+        bag.batch(jagged(list(bag.keys), np.zeros(features, np.int64),
+                         np.ones(features, np.int64)))
+        release_freed_memory()
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise ModelLoadError(f"model {spec.name!r} ({source}): {exc}") from exc
+    logger.info("collection loaded", extra={
+        "model": spec.name, "version": version, "source": source,
+        "tables": len(bag.tables), "features": len(bag.keys), "dim": bag.embedding_dim,
+        "provider": bag.provider, "seconds": round(time.perf_counter() - started, 3)})
     return LoadedModel(spec, bag, version)
 
 
@@ -106,9 +167,8 @@ def warm_up(bag: EmbeddingBag) -> None:
     flatten_inputs(ids, offsets[:-1], num_embeddings=bag.num_embeddings, mode=bag.mode)
 
 
-def _check_finite(bag: EmbeddingBag, rows_per_step: int = 1 << 16) -> None:
+def _check_finite(table: StoredTable, rows_per_step: int = 1 << 16) -> None:
     """Refuse tables with NaN or infinite rows: every lookup touching one is garbage."""
-    table = bag.table
     for start, block in table.blocks(rows_per_step):
         finite = np.isfinite(block).all(axis=1)
         if not finite.all():

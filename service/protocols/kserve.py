@@ -18,8 +18,9 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from models.collection import EmbeddingBagCollection, JaggedFeatures, stacked
 from service.errors import InvalidRequest, LoadFailed, ModelNotFound
-from service.inference import body_of, embed, require_api_key, service_state
+from service.inference import body_of, embed, embed_features, require_api_key, service_state
 from service.registry import ModelLoadError
 from service.schemas import (
     KSERVE_ERRORS,
@@ -44,6 +45,9 @@ _DTYPES: dict[str, np.dtype[Any]] = {"INT64": np.dtype("<i8"), "INT32": np.dtype
                                      "FP32": np.dtype("<f4")}
 _ALLOWED = {"indices": ("INT64", "INT32"), "offsets": ("INT64", "INT32"),
             "per_sample_weights": ("FP32",)}
+#: A collection's inputs: ``<feature>__<part>``.
+_PARTS = {"values": ("INT64", "INT32"), "lengths": ("INT64", "INT32"),
+          "offsets": ("INT64", "INT32"), "weights": ("FP32",)}
 HEADER = "inference-header-content-length"
 
 
@@ -91,14 +95,31 @@ def _model(request: Request, name: str, version: str | None) -> Any:
 async def model_metadata(request: Request, name: str, version: str | None = None) -> Response:
     model = _model(request, name, version)
     index = "INT64"
+    bag = model.bag
+    if isinstance(bag, EmbeddingBagCollection):
+        inputs = []
+        for feature, table in zip(bag.keys, bag.spec.feature_tables, strict=True):
+            inputs += [{"name": f"{feature}__values", "datatype": index, "shape": [-1]},
+                       {"name": f"{feature}__lengths", "datatype": index, "shape": [-1]},
+                       {"name": f"{feature}__offsets", "datatype": index, "shape": [-1]}]
+            if bag.tables[table].pooling == "sum":
+                inputs.append({"name": f"{feature}__weights", "datatype": "FP32",
+                               "shape": [-1]})
+        return _json({
+            "name": name, "versions": [str(model.version)], "platform": "bagserve",
+            "inputs": inputs,
+            "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, model.dim]}],
+            "parameters": {"kind": "collection", "keys": list(bag.keys),
+                           "dims": list(bag.dims), "offset_per_key": bag.offset_per_key,
+                           "table_dtype": bag.table_dtype, "table_bytes": model.table_bytes}})
     return _json({
         "name": name, "versions": [str(model.version)], "platform": "bagserve",
         "inputs": [{"name": "indices", "datatype": index, "shape": [-1]},
                    {"name": "offsets", "datatype": index, "shape": [-1]},
                    {"name": "per_sample_weights", "datatype": "FP32", "shape": [-1]}],
         "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, model.dim]}],
-        "parameters": {"table_dtype": model.bag.table_dtype,
-                       "table_bytes": model.bag.table.nbytes}})
+        "parameters": {"table_dtype": bag.table_dtype,
+                       "table_bytes": model.table_bytes}})
 
 
 async def _control_body(request: Request, allowed: frozenset[str]) -> dict[str, Any]:
@@ -191,16 +212,35 @@ def _split(raw: bytes, request: Request) -> tuple[dict[str, Any], bytes]:
 MAX_DIMENSION = 2**31 - 1
 
 
-def _tensor(spec: Any, tail: bytes, position: int) -> tuple[str, npt.NDArray[Any], int]:
+def _allowed(name: str, features: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The datatypes input ``name`` may have: a table's inputs, or ``features``'
+    ``<feature>__values`` / ``__lengths`` / ``__offsets`` / ``__weights``.
+
+    Raises:
+        InvalidRequest: an input the model does not take.
+    """
+    if features is None:
+        if name not in _ALLOWED:
+            raise InvalidRequest(f"unknown input {name!r}; expected indices, offsets and "
+                                 "optionally per_sample_weights")
+        return _ALLOWED[name]
+    feature, _, part = name.rpartition("__")
+    if feature not in features or part not in _PARTS:
+        raise InvalidRequest(f"unknown input {name!r}; a collection takes <feature>__values "
+                             "with <feature>__lengths or __offsets (optionally __weights) "
+                             f"for each of its features: {', '.join(features)}")
+    return _PARTS[part]
+
+
+def _tensor(spec: Any, tail: bytes, position: int, features: tuple[str, ...] | None = None
+            ) -> tuple[str, npt.NDArray[Any], int]:
     """Decode one input; returns (name, array shaped as declared, bytes consumed)."""
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise InvalidRequest("each input needs a name, shape and datatype")
     name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
-    if name not in _ALLOWED:
-        raise InvalidRequest(f"unknown input {name!r}; expected indices, offsets and "
-                             "optionally per_sample_weights")
-    if datatype not in _ALLOWED[name]:
-        raise InvalidRequest(f"input {name!r} must be {' or '.join(_ALLOWED[name])}; got "
+    allowed = _allowed(name, features)
+    if datatype not in allowed:
+        raise InvalidRequest(f"input {name!r} must be {' or '.join(allowed)}; got "
                              f"{datatype!r}")
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
             or not all(type(d) is int and 0 <= d <= MAX_DIMENSION for d in shape)):
@@ -247,16 +287,26 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequest("inputs must be a non-empty list")
+    bag = model.bag
+    features = bag.keys if isinstance(bag, EmbeddingBagCollection) else None
     tensors: dict[str, npt.NDArray[Any]] = {}
     position = 0
     for spec in inputs:
-        key, array, used = _tensor(spec, tail, position)
+        key, array, used = _tensor(spec, tail, position, features)
         if key in tensors:
             raise InvalidRequest(f"input {key!r} given twice")
         tensors[key] = array
         position += used
     if position != len(tail):
         raise InvalidRequest(f"{len(tail) - position} binary bytes follow the declared inputs")
+    if features is not None:
+        options = header.get("parameters") or {}
+        if not isinstance(options, dict):
+            raise InvalidRequest("parameters must be an object")
+        binary = _wants_binary(header, options)
+        answer = await embed_features(request, model.name, _features(tensors, features))
+        return _respond(header, binary, answer.rows, name, str(answer.model.version),
+                        answer.headers())
     if "indices" not in tensors:
         raise InvalidRequest("input 'indices' is required")
     # Bags counted from the shapes before anything is laid out: [10**8, 0] must not
@@ -278,6 +328,54 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
                          tensors.get("per_sample_weights"), include_last_offset=last)
     return _respond(header, binary, answer.rows, name, str(answer.model.version),
                     answer.headers())
+
+
+def _features(tensors: dict[str, npt.NDArray[Any]], features: tuple[str, ...]
+              ) -> JaggedFeatures:
+    """A collection's per-feature inputs as :class:`JaggedFeatures` (every feature, in the
+    order the model lists them; the model names what is missing)."""
+    sent = [f for f in features if f"{f}__values" in tensors]
+    missing = [f for f in features if f not in sent]
+    if missing:
+        raise InvalidRequest(f"input(s) {', '.join(f + '__values' for f in missing)} "
+                             "missing: every feature of the collection must be sent")
+    ids, lengths, weights = [], [], {}
+    for feature in sent:
+        values = tensors[f"{feature}__values"].astype(np.int64, copy=False)
+        if values.ndim != 1:
+            raise InvalidRequest(f"input {feature}__values must be 1-D; got shape "
+                                 f"{list(values.shape)}")
+        counts, starts = tensors.get(f"{feature}__lengths"), tensors.get(f"{feature}__offsets")
+        if (counts is None) == (starts is None):
+            raise InvalidRequest(f"feature {feature!r} needs exactly one of {feature}__lengths "
+                                 f"([B]) and {feature}__offsets ([B + 1])")
+        if counts is not None:
+            counts = counts.astype(np.int64, copy=False).reshape(-1)
+            if counts.size and int(counts.min()) < 0:
+                raise InvalidRequest(f"input {feature}__lengths holds a negative length")
+            if int(counts.sum()) != values.shape[0]:
+                raise InvalidRequest(f"input {feature}__lengths adds up to "
+                                     f"{int(counts.sum())} but {feature}__values holds "
+                                     f"{values.shape[0]} ids")
+        else:
+            assert starts is not None
+            starts = starts.astype(np.int64, copy=False).reshape(-1)
+            steps = np.diff(starts)
+            if (starts.size == 0 or starts[0] != 0 or starts[-1] != values.shape[0]
+                    or (steps.size and int(steps.min()) < 0)):
+                raise InvalidRequest(f"input {feature}__offsets must start at 0, not decrease "
+                                     f"and end at {values.shape[0]} (the ids in "
+                                     f"{feature}__values)")
+            counts = steps
+        ids.append(values)
+        lengths.append(counts)
+        if f"{feature}__weights" in tensors:
+            floats = tensors[f"{feature}__weights"].reshape(-1)
+            if floats.shape[0] != values.shape[0]:
+                raise InvalidRequest(f"input {feature}__weights holds {floats.shape[0]} "
+                                     f"weights for {values.shape[0]} ids")
+            weights[feature] = floats
+    return stacked(tuple(sent), ids, lengths, weights)
 
 
 def _wants_binary(header: dict[str, Any], parameters: dict[str, Any]) -> bool:

@@ -9,8 +9,9 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from models.collection import JaggedFeatures, jagged, stacked
 from service.errors import InvalidRequest
-from service.inference import body_of, embed, require_api_key, service_state
+from service.inference import Answer, body_of, embed, embed_features, require_api_key, service_state
 from service.schemas import ERRORS, EmbedRequest, EmbedResponse, json_body
 from service.wire import (
     base64_rows,
@@ -28,6 +29,92 @@ router = APIRouter(tags=["native"], dependencies=[Depends(require_api_key)])
 
 _FIELDS = {"bags", "indices", "offsets", "per_sample_weights", "include_last_offset",
            "encoding"}
+#: A collection's request: keyed bags (``features`` + ``weights``) or ``kjt``.
+_COLLECTION_FIELDS = {"features", "weights", "kjt", "encoding"}
+_KJT_FIELDS = {"keys", "values", "lengths", "offsets", "weights"}
+
+
+def _encoding(body: dict[str, Any]) -> str:
+    encoding = body.get("encoding", "float")
+    if encoding not in ("float", "base64"):
+        shown = repr(encoding) if isinstance(encoding, str) else describe(encoding)
+        raise InvalidRequest(f"encoding must be 'float' or 'base64'; got {shown}")
+    return str(encoding)
+
+
+def _features(body: dict[str, Any], limits: Any) -> JaggedFeatures:
+    """A collection request's features, keyed or KJT (see DESIGN.md, Collections)."""
+    unknown = sorted(set(body) - _COLLECTION_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {', '.join(unknown)} in a collection request; "
+                             f"expected {', '.join(sorted(_COLLECTION_FIELDS))}")
+    if "kjt" in body:
+        if "features" in body or "weights" in body:
+            raise InvalidRequest("send either kjt or features (+ weights), not both")
+        kjt = body["kjt"]
+        if not isinstance(kjt, dict):
+            raise InvalidRequest("kjt must be an object with keys, values and lengths (or "
+                                 "offsets), optionally weights")
+        unknown = sorted(set(kjt) - _KJT_FIELDS)
+        if unknown:
+            raise InvalidRequest(f"unknown field(s) {', '.join(unknown)} in kjt; expected "
+                                 f"{', '.join(sorted(_KJT_FIELDS))}")
+        check_lengths(limits, ids=kjt.get("values"), bags=None)
+        for field in ("lengths", "offsets"):
+            value = kjt.get(field)
+            if isinstance(value, list) and len(value) > limits.max_bags_per_request + 1:
+                raise InvalidRequest(f"request holds {len(value)} {field}; the limit is "
+                                     f"{limits.max_bags_per_request} bags")
+        values = kjt.get("values")
+        if values is None:
+            raise InvalidRequest("kjt needs values: every feature's ids, feature major")
+        lengths, offsets, weights = kjt.get("lengths"), kjt.get("offsets"), kjt.get("weights")
+        return jagged(kjt.get("keys"), int_array(values, "kjt.values"),
+                      None if lengths is None else int_array(lengths, "kjt.lengths"),
+                      None if offsets is None else int_array(offsets, "kjt.offsets"),
+                      None if weights is None else float_array(weights, "kjt.weights"))
+    features, weights = body.get("features"), body.get("weights")
+    if not isinstance(features, dict) or not features:
+        raise InvalidRequest('features must be an object mapping each feature name to its '
+                             'bags, {"feature": [[id, ...], ...]}')
+    if weights is not None and not isinstance(weights, dict):
+        raise InvalidRequest("weights must be an object mapping feature names to weight "
+                             "lists shaped like their bags")
+    bags = 0
+    keys, ids, lengths, floats = [], [], [], {}
+    for name, value in features.items():
+        check_lengths(limits, bags=value)
+        bags += len(value) if isinstance(value, list) else 0
+        flat, starts = ragged_ints(value, f"features.{name}")
+        keys.append(name)
+        ids.append(flat)
+        lengths.append(np.diff(starts))
+        if weights is not None and name in weights:
+            floats[name] = ragged_floats(weights[name], f"weights.{name}", starts)
+        if bags > limits.max_bags_per_request:
+            raise InvalidRequest(f"request holds more than {limits.max_bags_per_request} "
+                                 "bags; the limit counts every feature's bags")
+    unknown = sorted(set(weights or {}) - set(features))
+    if unknown:
+        raise InvalidRequest(f"weights name feature(s) {', '.join(map(repr, unknown))} that "
+                             "are not in features")
+    return stacked(tuple(keys), ids, lengths, floats)
+
+
+def _respond(request: Request, answer: Answer, encoding: str, payload: dict[str, Any]
+             ) -> Response:
+    """Rows as JSON floats, base64 rows, or raw bytes (``Accept: application/octet-stream``)."""
+    headers = answer.headers()
+    rows = answer.rows
+    if "application/octet-stream" in request.headers.get("accept", ""):
+        headers["X-Embeddings-Shape"] = f"{rows.shape[0]},{rows.shape[1]}"
+        headers["X-Embeddings-Dtype"] = "float32"
+        return Response(little_endian_f32(rows), headers=headers,
+                        media_type="application/octet-stream")
+    payload["embeddings"] = (base64_rows(rows) if encoding == "base64"
+                             else np.ascontiguousarray(rows, dtype=np.float32))
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), headers=headers,
+                    media_type="application/json")
 
 
 def _parse(body: dict[str, Any]) -> tuple[Any, Any, Any, bool | None, str]:
@@ -35,10 +122,7 @@ def _parse(body: dict[str, Any]) -> tuple[Any, Any, Any, bool | None, str]:
     if unknown:
         raise InvalidRequest(f"unknown field(s) {', '.join(unknown)}; expected "
                              f"{', '.join(sorted(_FIELDS))}")
-    encoding = body.get("encoding", "float")
-    if encoding not in ("float", "base64"):
-        shown = repr(encoding) if isinstance(encoding, str) else describe(encoding)
-        raise InvalidRequest(f"encoding must be 'float' or 'base64'; got {shown}")
+    encoding = _encoding(body)
     last = body.get("include_last_offset")
     if last is not None and not isinstance(last, bool):
         raise InvalidRequest(f"include_last_offset must be a boolean; got {last!r}")
@@ -69,22 +153,18 @@ async def embed_native(name: str, request: Request) -> Response:
     state = service_state(request)
     state.batcher(name).refuse_if_full()
     body = await json_object_of(await body_of(request), state.settings)
+    if "features" in body or "kjt" in body:
+        encoding = _encoding(body)
+        answer = await embed_features(request, name, _features(body, state.settings))
+        bag: Any = answer.model.bag
+        return _respond(request, answer, encoding, {
+            "model": name, "keys": list(bag.keys), "dims": list(bag.dims),
+            "offset_per_key": bag.offset_per_key})
     check_lengths(state.settings, bags=body.get("bags"), ids=body.get("indices"),
                   offsets=body.get("offsets"))
     ids, offsets, weights, last, encoding = _parse(body)
     answer = await embed(request, name, ids, offsets, weights, include_last_offset=last)
-    headers = answer.headers()
-    rows = answer.rows
-    if "application/octet-stream" in request.headers.get("accept", ""):
-        headers["X-Embeddings-Shape"] = f"{rows.shape[0]},{rows.shape[1]}"
-        headers["X-Embeddings-Dtype"] = "float32"
-        return Response(little_endian_f32(rows), headers=headers,
-                        media_type="application/octet-stream")
-    embeddings: Any = (base64_rows(rows) if encoding == "base64"
-                       else np.ascontiguousarray(rows, dtype=np.float32))
-    payload = {"model": name, "dim": answer.model.dim, "embeddings": embeddings}
-    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), headers=headers,
-                    media_type="application/json")
+    return _respond(request, answer, encoding, {"model": name, "dim": answer.model.dim})
 
 
 @router.get("/v1/models", summary="List served models")
