@@ -131,3 +131,71 @@ def _parallel(stamp):
 
 
 parallel_samples = _parallel(STAMP)
+
+
+#: ``policy`` codes of :func:`lay_out`: what an id outside its table does.
+OOV_ERROR, OOV_ZERO, OOV_HASH = 0, 1, 2
+
+
+def _layout(stamp):
+    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+
+    @jit
+    def lay_out(values, starts, order, samples, rows, policy, weights, out_ids, out_weights,
+                out_offsets, oov, unweighted):
+        """Feature-major request bags -> the kernel's sample-major layout, in one pass.
+
+        ``values`` holds the request's ids, feature major in the request's feature order;
+        bag ``r * samples + s`` (request feature ``r``, sample ``s``) spans ``starts[bag]``
+        to ``starts[bag + 1]``. Output feature ``f`` is request feature ``order[f]``. An id
+        outside ``[0, rows[f])`` is an error (``OOV_ERROR``), skipped (``OOV_ZERO``) or
+        taken modulo ``rows[f]`` (``OOV_HASH``); ``oov[f]`` counts the skipped and
+        hashed ones. ``out_ids`` / ``out_weights`` (when ``weights`` is not empty) receive
+        the kept ids, ``out_offsets`` ``[samples * F + 1]`` the bags; ``unweighted[f]`` is
+        set when a weight of feature ``f`` is not 1.
+
+        Returns ``(kept ids, -1)`` or, at the first id outside an ``OOV_ERROR`` table in
+        output feature-major order, ``(flat position in values, f)``; the outputs are then
+        incomplete.
+        """
+        assert stamp
+        features = order.shape[0]
+        weighted = weights.shape[0] > 0
+        # Errors first, feature major: the reported id does not depend on the layout.
+        for f in range(features):
+            if policy[f] != OOV_ERROR:
+                continue
+            bound = rows[f]
+            first = starts[order[f] * samples]
+            last = starts[order[f] * samples + samples]
+            for position in range(first, last):
+                if numba.uint64(values[position]) >= numba.uint64(bound):
+                    return position, f
+        kept = 0
+        out_offsets[0] = 0
+        for s in range(samples):
+            for f in range(features):
+                bag = order[f] * samples + s
+                bound = rows[f]
+                mode = policy[f]
+                for position in range(starts[bag], starts[bag + 1]):
+                    value = values[position]
+                    if numba.uint64(value) >= numba.uint64(bound):
+                        oov[f] += 1
+                        if mode == OOV_ZERO:
+                            continue
+                        value = value % bound  # Python's modulo: non-negative
+                    out_ids[kept] = value
+                    if weighted:
+                        weight = weights[position]
+                        out_weights[kept] = weight
+                        if weight != 1.0:
+                            unweighted[f] = True
+                    kept += 1
+                out_offsets[s * features + f + 1] = kept
+        return kept, -1
+
+    return lay_out
+
+
+lay_out = _layout(STAMP)

@@ -45,7 +45,7 @@ class LoadedModel:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes one id gathers (a collection's widest row)."""
+        """Bytes one id gathers (a collection's: the mean over its features)."""
         bag = self.bag
         return bag.row_bytes if isinstance(bag, EmbeddingBagCollection) else bag.table.row_bytes
 

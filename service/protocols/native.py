@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -9,7 +10,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from models.collection import JaggedFeatures, jagged, stacked
+from models.collection import JaggedFeatures, jagged
 from service.errors import InvalidRequest
 from service.inference import Answer, body_of, embed, embed_features, require_api_key, service_state
 from service.schemas import ERRORS, EmbedRequest, EmbedResponse, json_body
@@ -80,25 +81,51 @@ def _features(body: dict[str, Any], limits: Any) -> JaggedFeatures:
     if weights is not None and not isinstance(weights, dict):
         raise InvalidRequest("weights must be an object mapping feature names to weight "
                              "lists shaped like their bags")
-    bags = 0
-    keys, ids, lengths, floats = [], [], [], {}
-    for name, value in features.items():
-        check_lengths(limits, bags=value)
-        bags += len(value) if isinstance(value, list) else 0
-        flat, starts = ragged_ints(value, f"features.{name}")
-        keys.append(name)
-        ids.append(flat)
-        lengths.append(np.diff(starts))
-        if weights is not None and name in weights:
-            floats[name] = ragged_floats(weights[name], f"weights.{name}", starts)
-        if bags > limits.max_bags_per_request:
-            raise InvalidRequest(f"request holds more than {limits.max_bags_per_request} "
-                                 "bags; the limit counts every feature's bags")
+    keys = tuple(features)
+    columns = list(features.values())
+    for key, value in zip(keys, columns, strict=True):
+        if not isinstance(value, list) or set(map(type, value)) - {list}:
+            ragged_ints(value, f"features.{key}")  # names the bad entry
+    counts = np.fromiter(map(len, chain.from_iterable(columns)), dtype=np.int64,
+                         count=sum(map(len, columns)))
+    if counts.shape[0] > limits.max_bags_per_request:
+        raise InvalidRequest(f"request holds {counts.shape[0]} bags; the limit is "
+                             f"{limits.max_bags_per_request} (it counts every feature's bags)")
+    check_lengths(limits, ids=range(int(counts.sum())))
+    # Every feature's ids in one conversion: the per-call costs of 26 features' worth of
+    # conversions were half of parsing a 64-sample request.
+    try:
+        ids = int_array(list(chain.from_iterable(chain.from_iterable(columns))), "features")
+    except InvalidRequest:
+        for key, value in zip(keys, columns, strict=True):
+            ragged_ints(value, f"features.{key}")  # names feature, bag and item
+        raise
+    per_feature = np.fromiter(map(len, columns), dtype=np.int64, count=len(columns))
+    if len(set(per_feature.tolist())) > 1:
+        shown = ", ".join(f"{k!r}: {n}" for k, n in zip(keys, per_feature.tolist(), strict=True))
+        raise InvalidRequest(f"every feature needs the same number of samples; got {shown}")
+    samples = int(per_feature[0])
+    lengths = counts.reshape(len(keys), samples)
+    ends = np.cumsum(lengths.sum(axis=1))
+    floats = {}
+    for key, value in (weights or {}).items():
+        if key in features:
+            f = keys.index(key)
+            starts = np.zeros(samples + 1, dtype=np.int64)
+            np.cumsum(lengths[f], out=starts[1:])
+            floats[key] = ragged_floats(value, f"weights.{key}", starts)
+    weighted = None
+    if floats:
+        weighted = np.ones(ids.shape[0], np.float32)
+        for key, value in floats.items():
+            f = keys.index(key)
+            weighted[int(ends[f]) - value.shape[0] : int(ends[f])] = value
     unknown = sorted(set(weights or {}) - set(features))
     if unknown:
         raise InvalidRequest(f"weights name feature(s) {', '.join(map(repr, unknown))} that "
                              "are not in features")
-    return stacked(tuple(keys), ids, lengths, floats)
+    return JaggedFeatures(keys, ids, lengths, weighted,
+                          tuple(key in floats for key in keys) if floats else None)
 
 
 def _respond(request: Request, answer: Answer, encoding: str, payload: dict[str, Any]

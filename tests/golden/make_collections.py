@@ -98,7 +98,14 @@ def _case(name: str, tables: list[dict[str, Any]], samples: int, seed: int,
     np.save(folder / "expected.npy", np.concatenate(pooled, axis=1))
     checkpoint = "ebc.pt" if fmt == "pt" else "ebc.safetensors"
     if fmt == "pt":
-        torch.save(state, folder / checkpoint)
+        # TorchRec's module tree: ``embedding_bags`` is a ModuleDict of one EmbeddingBag
+        # per table, so ``state_dict()`` is the OrderedDict (with its ``_metadata``)
+        # that ``torch.save(ebc.state_dict())`` writes.
+        module = torch.nn.Module()
+        module.embedding_bags = torch.nn.ModuleDict({
+            key.split(".")[1]: torch.nn.EmbeddingBag.from_pretrained(tensor)
+            for key, tensor in state.items()})
+        torch.save(module.state_dict(), folder / checkpoint)
     else:
         from safetensors.torch import save_file
 

@@ -239,3 +239,43 @@ def test_stored_tables_match_single_table_modules(table_dtype: str) -> None:
 def test_jagged_refuses_non_integer_values() -> None:
     with pytest.raises(InvalidInputError, match="values must hold integers"):
         jagged(["a"], [1.5], [1])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_and_numpy_layouts_agree(case: str) -> None:
+    from models.collection import keyed
+
+    ebc, request, _ = golden(case)
+    assert ebc._lay_out is not None
+    for keys in (list(ebc.keys), list(ebc.keys)[::-1]):
+        for features in (keyed({k: request["features"][k] for k in keys}, request["weights"]),
+                         jagged(**as_kjt(request, keys))):
+            compiled = ebc.batch(features)
+            ebc._lay_out = None
+            try:
+                plain = ebc.batch(features)
+            finally:
+                ebc._lay_out = _compiled()
+            np.testing.assert_array_equal(compiled.batch.indices, plain.batch.indices)
+            np.testing.assert_array_equal(compiled.batch.offsets, plain.batch.offsets)
+            np.testing.assert_array_equal(compiled.batch.per_sample_weights,
+                                          plain.batch.per_sample_weights)
+            assert compiled.oov == plain.oov
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_both_layouts_refuse_alike(compiled: bool) -> None:
+    ebc = _small()
+    if not compiled:
+        ebc._lay_out = None
+    with pytest.raises(InvalidInputError, match="feature 'f3', sample 1, position 2: id 7"):
+        ebc(keys=["f3", "f1", "f2"], values=[1, 1, 2, 7, 1, 1, 1, 1], lengths=[1, 3, 1, 1, 1, 1])
+    with pytest.raises(InvalidInputError, match="'f2'.*pools by mean"):
+        ebc(keys=["f1", "f2", "f3"], values=[1, 1, 1], lengths=[1, 1, 1],
+            weights=[1.0, 0.5, 1.0])
+
+
+def _compiled() -> object:
+    from models.collection import _compiled_layout
+
+    return _compiled_layout()

@@ -150,6 +150,16 @@ def test_a_sample_never_depends_on_its_batch(client: TestClient) -> None:
     ({"kjt": {"keys": ["user_id"], "values": [1], "lengths": [1], "x": 1}}, "unknown field"),
     ({"kjt": [1]}, "kjt must be an object"),
     ({"kjt": {"keys": ["user_id"], "lengths": [1]}}, "kjt needs values"),
+    ({"features": {"user_id": [[True]]}},
+     r"features.user_id\[0\]\[0\] must be an integer; got true"),
+    ({"features": {"user_id": [[1.5]]}}, r"features.user_id\[0\]\[0\] must be an integer"),
+    ({"features": {"user_id": [1]}}, r"features.user_id\[0\] must be a list"),
+    ({"features": {"user_id": 3}}, "features.user_id must be a list of lists"),
+    ({"features": {"user_id": [[1]], "tags": [[1], [2]]}}, "same number of samples"),
+    ({"features": {"tags": [[1, 2]]}, "weights": {"tags": [[0.5]]}},
+     r"weights.tags\[0\] has 1 weights for 2 ids"),
+    ({"features": {"tags": [[1]]}, "weights": {"ghost": [[0.5]]}}, "'ghost'.*not in features"),
+    ({"features": {"tags": [[1]]}, "weights": [1]}, "weights must be an object"),
 ])
 def test_native_refusals(client: TestClient, body: dict[str, Any], message: str) -> None:
     answer = client.post("/v1/models/ranker/embed", json=body)
