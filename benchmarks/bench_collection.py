@@ -29,7 +29,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
@@ -210,6 +214,8 @@ def http_rows(scale: float, samples: int, rounds: int) -> None:
                 _http_cell(client, bodies, batches, ebc.keys, form, encoding, rounds,
                            samples)
         _triton_cell(url, ebc, batches, rounds, samples)
+        if shutil.which("hey"):
+            _hey_cells(url, ebc, batches[0], samples)
     finally:
         _stop(server)
 
@@ -294,6 +300,63 @@ def _triton_cell(url: str, ebc: EmbeddingBagCollection, batches: list[JaggedFeat
     print(f"HTTP {samples:>4} samples, kserve binary (tritonclient): one collection request "
           f"{a:6.2f} ms, {len(ebc.keys)} single-table requests {b:6.2f} ms: {b / a:5.1f}x",
           flush=True)
+
+
+def _hey(url: str, body: bytes, headers: list[str]) -> float:
+    """Median milliseconds of 1,000 requests of ``body`` from ``hey`` on one connection."""
+    with tempfile.NamedTemporaryFile(suffix=".body") as file:
+        file.write(body)
+        file.flush()
+        extra = [part for header in headers for part in ("-H", header)]
+        output = subprocess.run(["hey", "-n", "1000", "-c", "1", "-m", "POST", "-T",
+                                 "application/json", *extra, "-D", file.name, url],
+                                capture_output=True, text=True, check=True).stdout
+    match = re.search(r"50%+ in ([\d.]+)", output)
+    assert match is not None, output
+    return float(match.group(1)) * 1e3
+
+
+def _kserve_body(parts: list[tuple[str, np.ndarray, str]]) -> tuple[bytes, list[str]]:
+    inputs, tail = [], b""
+    for name, array, datatype in parts:
+        inputs.append({"name": name, "datatype": datatype, "shape": [int(array.shape[0])],
+                       "parameters": {"binary_data_size": array.nbytes}})
+        tail += array.tobytes()
+    head = orjson.dumps({"inputs": inputs, "outputs": [
+        {"name": "embeddings", "parameters": {"binary_data": True}}]})
+    return head + tail, [f"Inference-Header-Content-Length: {len(head)}"]
+
+
+def _hey_cells(url: str, ebc: EmbeddingBagCollection, batch: JaggedFeatures,
+               samples: int) -> None:
+    """Server and wire time without a Python client: ``hey`` (Go) sends one collection
+    request, then each single-table request, 1,000 times each; the sum of the 26 medians
+    against the collection's. Binary KServe tensors, and KJT JSON answered in raw bytes."""
+    parts, singles, start = [], [], 0
+    for f, (key, table) in enumerate(zip(ebc.keys, ebc.spec.feature_tables, strict=True)):
+        counts = batch.lengths[f].astype(np.int64)
+        ids = batch.values[start : start + int(counts.sum())]
+        start += int(counts.sum())
+        parts += [(f"{key}__values", ids, "INT64"), (f"{key}__lengths", counts, "INT64")]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        bags = np.split(ids, np.cumsum(counts)[:-1])
+        singles.append((ebc.tables[table].name,
+                        _kserve_body([("indices", ids, "INT64"), ("offsets", starts, "INT64")]),
+                        orjson.dumps({"bags": [bag.tolist() for bag in bags]})))
+    body, headers = _kserve_body(parts)
+    one = _hey(f"{url}/v2/models/ranker/infer", body, headers)
+    many = sum(_hey(f"{url}/v2/models/{name}/infer", *kserve) for name, kserve, _ in singles)
+    print(f"HTTP {samples:>4} samples, kserve binary (hey): one collection request "
+          f"{one:6.2f} ms, {len(singles)} single-table requests {many:6.2f} ms: "
+          f"{many / one:5.1f}x", flush=True)
+    raw = ["Accept: application/octet-stream"]
+    kjt = orjson.dumps({"kjt": {"keys": list(ebc.keys), "values": batch.values.tolist(),
+                                "lengths": batch.lengths.reshape(-1).tolist()}})
+    one = _hey(f"{url}/v1/models/ranker/embed", kjt, raw)
+    many = sum(_hey(f"{url}/v1/models/{name}/embed", bags, raw) for name, _, bags in singles)
+    print(f"HTTP {samples:>4} samples,   kjt  bytes (hey): one collection request "
+          f"{one:6.2f} ms, {len(singles)} single-table requests {many:6.2f} ms: "
+          f"{many / one:5.1f}x", flush=True)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ order) then by their place in the table's feature list (see :class:`CollectionSp
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -119,8 +119,10 @@ class FusedCollectionKernel:
                                    for t in tables], dtype=np.int64)
         self._cols = np.array(spec.cols, dtype=np.int64)
         self._feature_tables = np.array(spec.feature_tables, dtype=np.int64)
-        self._row_bytes = (np.array([t.table.row_bytes for t in tables], dtype=np.int64)
-                           [self._feature_tables])
+        #: Mean bytes an id gathers: sizes a call for the serial-or-parallel choice.
+        self._id_bytes = float(np.mean([tables[t].table.row_bytes
+                                        for t in spec.feature_tables]))
+        self._total_dim = spec.total_dim
         #: Each table's rows keyed in one id space, for max_norm's per-row factors.
         scaled = [t.table.row_scale is not None for t in tables]
         self._row_scale: npt.NDArray[np.float32] | None = None
@@ -164,7 +166,7 @@ class FusedCollectionKernel:
         """
         features = len(self.spec.features)
         samples = (offsets.shape[0] - 1) // features
-        out = np.empty((samples, self.spec.total_dim), dtype=COMPUTE_DTYPE)
+        out = np.empty((samples, self._total_dim), dtype=COMPUTE_DTYPE)
         if samples == 0:
             return out
         indices = numba_kernel._read_only(indices)
@@ -175,13 +177,11 @@ class FusedCollectionKernel:
         dummy = scale is None
         scale = numba_kernel._read_only(np.empty(0, COMPUTE_DTYPE) if scale is None
                                         else np.ascontiguousarray(scale, COMPUTE_DTYPE))
-        gathered = int(np.dot(np.diff(offsets[::features]) if features == 1 else
-                              np.diff(offsets).reshape(samples, features).sum(axis=0),
-                              self._row_bytes))
+        gathered = indices.shape[0] * self._id_bytes
         serial = samples == 1 or gathered < numba_kernel.PARALLEL_MIN_BYTES
         invalid = 0
         for step in self._passes:
-            ops = step.ops(weighted=not dummy)
+            ops = step.weighted_ops if not dummy else step.plain_ops
             if serial:
                 invalid += self._loops[0](
                     step.tables, indices, offsets, scale, 0, samples, step.feature_table,
@@ -219,7 +219,7 @@ class FusedCollectionKernel:
             for weighted in (False, True):
                 scale = numba_kernel._read_only(np.ones(ids.shape[0] if weighted else 0,
                                                         COMPUTE_DTYPE))
-                ops = step.ops(weighted)
+                ops = step.weighted_ops if weighted else step.plain_ops
                 out = np.empty((2, self.spec.total_dim), COMPUTE_DTYPE)
                 self._loops[0](step.tables, numba_kernel._read_only(ids),
                                numba_kernel._read_only(offsets), scale, 0, 2,
@@ -243,6 +243,13 @@ class _Pass:
     prefetch: npt.NDArray[np.int64]
     modes: npt.NDArray[Any]
     scaled: npt.NDArray[np.bool_]
+    #: :meth:`ops` for calls without and with a scale array, worked out once.
+    plain_ops: npt.NDArray[np.int64] = field(init=False)
+    weighted_ops: npt.NDArray[np.int64] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plain_ops", self.ops(False))
+        object.__setattr__(self, "weighted_ops", self.ops(True))
 
     def ops(self, weighted: bool) -> npt.NDArray[np.int64]:
         """Each table's op for a call with (``weighted``) or without a scale array: sum

@@ -18,7 +18,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from models.collection import EmbeddingBagCollection, JaggedFeatures, stacked
+from models.collection import EmbeddingBagCollection, JaggedFeatures
 from service.errors import InvalidRequest, LoadFailed, ModelNotFound
 from service.inference import body_of, embed, embed_features, require_api_key, service_state
 from service.registry import ModelLoadError
@@ -332,50 +332,70 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
 
 def _features(tensors: dict[str, npt.NDArray[Any]], features: tuple[str, ...]
               ) -> JaggedFeatures:
-    """A collection's per-feature inputs as :class:`JaggedFeatures` (every feature, in the
-    order the model lists them; the model names what is missing)."""
-    sent = [f for f in features if f"{f}__values" in tensors]
-    missing = [f for f in features if f not in sent]
+    """A collection's per-feature inputs as :class:`JaggedFeatures`, features in the
+    model's order. Checked with a few whole-request array operations, not a handful per
+    feature (26 features: 0.26 ms of small NumPy calls per request otherwise)."""
+    missing = [f for f in features if f"{f}__values" not in tensors]
     if missing:
         raise InvalidRequest(f"input(s) {', '.join(f + '__values' for f in missing)} "
                              "missing: every feature of the collection must be sent")
-    ids, lengths, weights = [], [], {}
-    for feature in sent:
-        values = tensors[f"{feature}__values"].astype(np.int64, copy=False)
-        if values.ndim != 1:
+    values = [tensors[f"{f}__values"] for f in features]
+    for feature, array in zip(features, values, strict=True):
+        if array.ndim != 1:
             raise InvalidRequest(f"input {feature}__values must be 1-D; got shape "
-                                 f"{list(values.shape)}")
-        counts, starts = tensors.get(f"{feature}__lengths"), tensors.get(f"{feature}__offsets")
-        if (counts is None) == (starts is None):
-            raise InvalidRequest(f"feature {feature!r} needs exactly one of {feature}__lengths "
-                                 f"([B]) and {feature}__offsets ([B + 1])")
-        if counts is not None:
-            counts = counts.astype(np.int64, copy=False).reshape(-1)
-            if counts.size and int(counts.min()) < 0:
-                raise InvalidRequest(f"input {feature}__lengths holds a negative length")
-            if int(counts.sum()) != values.shape[0]:
-                raise InvalidRequest(f"input {feature}__lengths adds up to "
-                                     f"{int(counts.sum())} but {feature}__values holds "
-                                     f"{values.shape[0]} ids")
-        else:
-            assert starts is not None
-            starts = starts.astype(np.int64, copy=False).reshape(-1)
-            steps = np.diff(starts)
-            if (starts.size == 0 or starts[0] != 0 or starts[-1] != values.shape[0]
-                    or (steps.size and int(steps.min()) < 0)):
-                raise InvalidRequest(f"input {feature}__offsets must start at 0, not decrease "
-                                     f"and end at {values.shape[0]} (the ids in "
-                                     f"{feature}__values)")
-            counts = steps
-        ids.append(values)
-        lengths.append(counts)
-        if f"{feature}__weights" in tensors:
+                                 f"{list(array.shape)}")
+    counts = [_lengths(tensors, feature, array.shape[0])
+              for feature, array in zip(features, values, strict=True)]
+    samples = {c.shape[0] for c in counts}
+    if len(samples) > 1:
+        shown = ", ".join(f"{f!r}: {c.shape[0]}" for f, c in zip(features, counts, strict=True))
+        raise InvalidRequest(f"every feature needs the same number of samples; got {shown}")
+    lengths = np.stack(counts)
+    if lengths.size and int(lengths.min()) < 0:
+        feature = features[int(np.flatnonzero((lengths < 0).any(axis=1))[0])]
+        raise InvalidRequest(f"input {feature}__lengths holds a negative length")
+    sizes = np.fromiter((a.shape[0] for a in values), dtype=np.int64, count=len(values))
+    wrong = np.flatnonzero(lengths.sum(axis=1) != sizes)
+    if wrong.size:
+        f = int(wrong[0])
+        raise InvalidRequest(f"input {features[f]}__lengths adds up to "
+                             f"{int(lengths[f].sum())} but {features[f]}__values holds "
+                             f"{int(sizes[f])} ids")
+    weights = None
+    weighted = tuple(f"{f}__weights" in tensors for f in features)
+    if any(weighted):
+        parts = []
+        for feature, array, has in zip(features, values, weighted, strict=True):
+            if not has:
+                parts.append(np.ones(array.shape[0], np.float32))
+                continue
             floats = tensors[f"{feature}__weights"].reshape(-1)
-            if floats.shape[0] != values.shape[0]:
+            if floats.shape[0] != array.shape[0]:
                 raise InvalidRequest(f"input {feature}__weights holds {floats.shape[0]} "
-                                     f"weights for {values.shape[0]} ids")
-            weights[feature] = floats
-    return stacked(tuple(sent), ids, lengths, weights)
+                                     f"weights for {array.shape[0]} ids")
+            parts.append(floats)
+        weights = np.concatenate(parts)
+    return JaggedFeatures(features, np.concatenate(values, dtype=np.int64, casting="safe"),
+                          lengths, weights, weighted if any(weighted) else None)
+
+
+def _lengths(tensors: dict[str, npt.NDArray[Any]], feature: str, ids: int
+             ) -> npt.NDArray[np.int64]:
+    """A feature's bag lengths ``[B]``, from ``__lengths`` or ``__offsets``."""
+    counts, starts = tensors.get(f"{feature}__lengths"), tensors.get(f"{feature}__offsets")
+    if (counts is None) == (starts is None):
+        raise InvalidRequest(f"feature {feature!r} needs exactly one of {feature}__lengths "
+                             f"([B]) and {feature}__offsets ([B + 1])")
+    if counts is not None:
+        return counts.reshape(-1).astype(np.int64, copy=False)
+    assert starts is not None
+    starts = starts.reshape(-1).astype(np.int64, copy=False)
+    steps = np.diff(starts)
+    if (starts.size == 0 or starts[0] != 0 or starts[-1] != ids
+            or (steps.size and int(steps.min()) < 0)):
+        raise InvalidRequest(f"input {feature}__offsets must start at 0, not decrease "
+                             f"and end at {ids} (the ids in {feature}__values)")
+    return steps
 
 
 def _wants_binary(header: dict[str, Any], parameters: dict[str, Any]) -> bool:
@@ -404,7 +424,9 @@ def _respond(header: dict[str, Any], binary: bool, rows: npt.NDArray[Any],
         output["parameters"] = {"binary_data_size": data.nbytes}
         head = orjson.dumps(payload)
         headers = {**headers, "Inference-Header-Content-Length": str(len(head))}
-        return Response(head + data.tobytes(), headers=headers,
+        # One copy of the rows, not two (``head + data.tobytes()``): 0.4 MB for 64
+        # samples of a 26-feature collection.
+        return Response(b"".join((head, data.data)), headers=headers,
                         media_type="application/octet-stream")
     output["data"] = data.reshape(-1)
     return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), headers=headers,
