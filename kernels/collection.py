@@ -353,25 +353,25 @@ def select_bags(indices: npt.NDArray[Any], offsets: IndexArray, lengths: IndexAr
 def make_collection_kernel(spec: CollectionSpec, backend: str = "auto", *,
                            device: str = "auto", num_threads: int | None = None) -> Any:
     """The kernel for a collection on ``backend`` (see :func:`kernels.make_kernel`):
-    ``"numpy"`` and ``"auto"`` use the fused numba pass when numba imports (``"auto"``
-    moves to ONNX Runtime when CUDA works here and every table is float32), else one
-    NumPy call per table; ``"onnx"`` runs one ONNX Runtime session per table.
+    ``"numpy"`` and ``"auto"`` run the fused numba pass when numba imports, else (for
+    ``"auto"``, also without numba) ONNX Runtime's CPU EP or one NumPy call per table;
+    ``"onnx"`` runs each table's graph on ONNX Runtime (CUDA when it works), one run per
+    table. ``auto`` never picks CUDA for a collection: one table's run of 256 bags took 0.27-0.43
+    ms on the lent H100 (BENCHMARKS.md, GPU), mostly copies and launches; 22 tables' runs
+    take longer than the fused pass over 512 samples of all 26 features on two CPU cores
+    (1.2 ms).
 
     Raises:
         BackendError: unknown backend or one that cannot run here.
     """
-    from kernels.select import AUTO_CUDA_STORAGES, BACKENDS, BackendError, make_kernel
+    from kernels.select import BACKENDS, BackendError, make_kernel
 
     if backend not in BACKENDS:
         raise BackendError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "auto":
-        from kernels.onnx_kernel import cuda_status
-
-        usable, _ = cuda_status()
-        backend = ("onnx" if usable and all(t.table.storage in AUTO_CUDA_STORAGES
-                                            for t in spec.tables) else "numpy")
-    if backend == "numpy" and numba_kernel.available():
+    if backend in ("auto", "numpy") and numba_kernel.available():
         return FusedCollectionKernel(spec, num_threads=num_threads)
+    if backend == "auto":
+        backend = "numpy"
     kernels = [make_kernel(table, backend, device=device, num_threads=num_threads)
                for table in spec.tables]
     return TableByTableKernel(spec, kernels)

@@ -89,7 +89,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 #: A collection table's fields and their TOML types.
 _TABLE_TYPES: dict[str, tuple[type, ...]] = {
-    "name": (str,), "features": (list,), "pooling": (str,), "tensor": (str,),
+    "name": (str,), "features": (list,), "feature_names": (list,), "pooling": (str,),
+    "tensor": (str,),
     "padding_idx": (int,), "max_norm": (int, float), "norm_type": (int, float),
     "table_dtype": (str,), "quantized_format": (str,), "oov": (str,),
     "num_embeddings": (int,), "embedding_dim": (int,),
@@ -130,6 +131,10 @@ def _tables(entries: list[Any], where: str) -> tuple[EmbeddingBagConfig, ...]:
             raise ConfigError(f"{at}: quantized_format must be one of "
                               f"{', '.join(QUANTIZED_FORMATS)}; got "
                               f"{values['quantized_format']!r}")
+        if "feature_names" in values:  # TorchRec's name for it
+            if "features" in values:
+                raise ConfigError(f"{at}: give features or feature_names, not both")
+            values["features"] = values.pop("feature_names")
         if "features" not in values:
             raise ConfigError(f"{at} ({values.get('name')}): features is required (the "
                               "feature names pooled from this table)")

@@ -203,7 +203,7 @@ def test_table_route_refusals(client: TestClient) -> None:
 
 def test_limits_count_every_feature(make_client: Callable[..., TestClient],
                                     models: list[Any]) -> None:
-    client = make_client(models, max_bags_per_request=20, max_batch_bags=20)
+    client = make_client(list(models), max_bags_per_request=20, max_batch_bags=20)
     request, _ = CASE_DATA["ranker"]  # 9 samples x 5 features = 45 bags
     answer = client.post("/v1/models/ranker/embed", json=request)
     assert answer.status_code == 422 and "limit" in answer.json()["error"]["message"]
@@ -244,3 +244,33 @@ def test_load_refuses_missing_table_naming_model_and_key(tmp_path: Path) -> None
     with pytest.raises(ModelLoadError, match="model 'ranker'.*table 't_ghost' needs tensor "
                        "'embedding_bags.t_ghost.weight'.*holds embedding_bags.t_cat.weight"):
         load_model(load_config(path)[0])
+
+
+def test_zero_samples_answer_no_rows(client: TestClient) -> None:
+    request, _ = CASE_DATA["ranker"]
+    empty = {"features": {key: [] for key in request["features"]}}
+    answer = client.post("/v1/models/ranker/embed", json=empty)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["embeddings"] == []
+    kjt = {"kjt": {"keys": list(request["features"]), "values": [], "lengths": []}}
+    assert client.post("/v1/models/ranker/embed", json=kjt).json()["embeddings"] == []
+
+
+def test_torchrec_field_names_and_reload(tmp_path: Path,
+                                         make_client: Callable[..., TestClient]) -> None:
+    source = GOLDEN / "ranker"
+    text = (source / "config.toml").read_text().replace(
+        'checkpoint = "ebc.pt"', f'checkpoint = "{source / "ebc.pt"}"').replace(
+        "features = ", "feature_names = ").replace('pooling = "sum"', 'pooling = "SUM"')
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    specs = load_config(path)
+    assert specs[0].tables is not None
+    assert specs[0].tables[1].feature_names == ("history", "candidates")
+    client = make_client([load_model(specs[0])], config=path)
+    request, expected = CASE_DATA["ranker"]
+    # Reloading swaps in a new version that answers the same.
+    assert client.post("/v2/repository/models/ranker/load").status_code == 200
+    answer = client.post("/v1/models/ranker/embed", json=request)
+    assert answer.headers["x-model-version"] == "2"
+    _close(answer.json()["embeddings"], expected)
