@@ -100,15 +100,9 @@ class FusedCollectionKernel:
     provider = "numba-cpu"
 
     def __init__(self, spec: CollectionSpec, num_threads: int | None = None) -> None:
-        import numba
-
-        limit = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
-        if num_threads is not None and not 1 <= num_threads <= limit:
-            raise ValueError(f"num_threads must be in [1, {limit}]; got {num_threads}")
+        self._set_threads, self._get_threads = numba_kernel.thread_control(num_threads)
         self.spec = spec
         self.num_threads = num_threads
-        self._set_threads = numba.set_num_threads
-        self._get_threads = numba.get_num_threads
         self._loops = _compiled()
         tables = spec.tables
         self._dims = np.array([t.embedding_dim for t in tables], dtype=np.int64)

@@ -89,6 +89,21 @@ def _read_only(array: Any) -> Any:
     return view
 
 
+def thread_control(num_threads: int | None) -> tuple[Any, Any]:
+    """numba's ``(set_num_threads, get_num_threads)``, after checking ``num_threads``.
+
+    Raises:
+        ImportError: numba is not installed.
+        ValueError: ``num_threads`` is not in ``[1, numba.config.NUMBA_NUM_THREADS]``.
+    """
+    import numba
+
+    limit = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    if num_threads is not None and not 1 <= num_threads <= limit:
+        raise ValueError(f"num_threads must be in [1, {limit}]; got {num_threads}")
+    return numba.set_num_threads, numba.get_num_threads
+
+
 class NumbaKernel:
     """Fused, parallel CPU kernel (the default CPU path).
 
@@ -105,15 +120,9 @@ class NumbaKernel:
     provider = "numba-cpu"
 
     def __init__(self, spec: TableSpec, num_threads: int | None = None) -> None:
-        import numba
-
-        limit = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
-        if num_threads is not None and not 1 <= num_threads <= limit:
-            raise ValueError(f"num_threads must be in [1, {limit}]; got {num_threads}")
+        self._set_threads, self._get_threads = thread_control(num_threads)
         self.spec = spec
         self.num_threads = num_threads
-        self._set_threads = numba.set_num_threads
-        self._get_threads = numba.get_num_threads
         self._loops = _kernels()
         table = spec.table
         self._table = _read_only(table.data.view(VIEWS[table.storage]))

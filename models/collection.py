@@ -292,6 +292,26 @@ def _ragged(bags: Any, name: str, dtype: Any) -> tuple[npt.NDArray[Any], npt.NDA
         raise InvalidInputError(f"{name} holds an id beyond int64") from None
 
 
+def check_tables(tables: Sequence[EmbeddingBagConfig]) -> None:
+    """Refuse a table named twice and a feature named twice (a feature reads one table).
+
+    Raises:
+        ValueError: naming the table or the feature and both its tables.
+    """
+    owner: dict[str, str] = {}
+    names: set[str] = set()
+    for config in tables:
+        if config.name in names:
+            raise ValueError(f"table {config.name!r} is configured twice")
+        names.add(config.name)
+        for feature in config.feature_names:
+            if feature in owner:
+                raise ValueError(f"feature {feature!r} is named twice (tables "
+                                 f"{owner[feature]!r} and {config.name!r}); a feature reads "
+                                 "one table")
+            owner[feature] = config.name
+
+
 class EmbeddingBagCollection:
     """TorchRec's ``EmbeddingBagCollection`` for inference, without PyTorch.
 
@@ -313,18 +333,7 @@ class EmbeddingBagCollection:
         tables = list(tables)
         if not tables:
             raise ValueError("a collection needs at least one table")
-        seen: dict[str, str] = {}
-        names: set[str] = set()
-        for config in tables:
-            if config.name in names:
-                raise ValueError(f"table {config.name!r} is configured twice")
-            names.add(config.name)
-            for feature in config.feature_names:
-                if feature in seen:
-                    raise ValueError(f"feature {feature!r} is named twice (tables "
-                                     f"{seen[feature]!r} and {config.name!r}); a feature "
-                                     "reads one table")
-                seen[feature] = config.name
+        check_tables(tables)
         self.tables = tuple(tables)
         specs = []
         for config in tables:

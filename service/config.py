@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from kernels.storage import QUANTIZED_FORMATS, STORAGE_DTYPES
-from models.collection import EmbeddingBagConfig
+from models.collection import EmbeddingBagConfig, check_tables
 from service.settings import usable_cores
 
 if sys.version_info >= (3, 11):
@@ -117,7 +117,6 @@ def _tables(entries: list[Any], where: str) -> tuple[EmbeddingBagConfig, ...]:
     if not entries:
         raise ConfigError(f"{where}: tables is empty; list at least one [[models.tables]]")
     tables: list[EmbeddingBagConfig] = []
-    owner: dict[str, str] = {}
     for i, entry in enumerate(entries):
         at = f"{where}: tables[{i}]"
         if not isinstance(entry, dict):
@@ -146,15 +145,11 @@ def _tables(entries: list[Any], where: str) -> tuple[EmbeddingBagConfig, ...]:
             table = EmbeddingBagConfig(**values)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{at}: {exc}") from None
-        if any(t.name == table.name for t in tables):
-            raise ConfigError(f"{at}: table {table.name!r} is listed twice")
-        for feature in table.feature_names:
-            if feature in owner:
-                raise ConfigError(f"{at}: feature {feature!r} is named twice (tables "
-                                  f"{owner[feature]!r} and {table.name!r}); a feature reads "
-                                  "one table")
-            owner[feature] = table.name
         tables.append(table)
+        try:
+            check_tables(tables)
+        except ValueError as exc:
+            raise ConfigError(f"{at}: {exc}") from None
     return tuple(tables)
 
 
