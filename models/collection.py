@@ -45,8 +45,8 @@ OOV_POLICIES: tuple[Oov, ...] = ("error", "zero", "hash")
 def _pooling(value: Any) -> str:
     """TorchRec's ``PoolingType.SUM`` / ``"SUM"`` / ``"sum"`` -> ``"sum"``."""
     name = getattr(value, "name", value)
-    if not isinstance(name, str):
-        raise ValueError(f"pooling must be sum, mean or max; got {value!r}")
+    if not isinstance(name, str) or name.lower() not in ("sum", "mean", "max"):
+        raise ValueError(f"pooling must be one of sum, mean, max; got {value!r}")
     return _mode(name.lower())
 
 
@@ -90,8 +90,8 @@ class EmbeddingBagConfig:
                              f"non-empty names; got {features!r}")
         object.__setattr__(self, "feature_names", tuple(features))
         if not self.feature_names:
-            raise ValueError(f"table {self.name!r} has no features: list them in "
-                             "feature_names")
+            raise ValueError(f"table {self.name!r} has no features: name the features "
+                             "pooled from it")
         object.__setattr__(self, "pooling", _pooling(self.pooling))
         if self.oov not in OOV_POLICIES:
             raise ValueError(f"table {self.name!r}: oov must be one of "
@@ -183,6 +183,7 @@ def jagged(keys: Any, values: Any, lengths: Any = None, offsets: Any = None,
         counts = _integer_array("lengths", lengths)
         if counts.ndim != 1:
             raise InvalidInputError(f"lengths must be 1-D; got shape {counts.shape}")
+        _check_split(counts.shape[0], len(keys))
         if counts.size and int(counts.min()) < 0:
             at = int(np.flatnonzero(counts < 0)[0])
             raise InvalidInputError(f"lengths[{at}] = {int(counts[at])} is negative")
@@ -194,14 +195,19 @@ def jagged(keys: Any, values: Any, lengths: Any = None, offsets: Any = None,
         if starts.ndim != 1 or starts.shape[0] == 0:
             raise InvalidInputError(f"offsets must be 1-D with F * B + 1 entries; got shape "
                                     f"{starts.shape}")
+        _check_split(starts.shape[0] - 1, len(keys))
         counts = np.diff(_check_offsets(starts, ids.shape[0], True))
-    if counts.shape[0] % len(keys):
-        raise InvalidInputError(f"{counts.shape[0]} bag lengths do not split evenly into "
-                                f"{len(keys)} features (F * B entries, feature major)")
     floats = None
     if weights is not None:
         floats = _float_array("weights", weights, ids.shape[0])
     return JaggedFeatures(keys, ids, counts.reshape(len(keys), -1), floats)
+
+
+def _check_split(bags: int, features: int) -> None:
+    if bags % features:
+        raise InvalidInputError(f"{bags} bags do not split evenly into {features} features "
+                                "(lengths holds F * B entries, offsets F * B + 1, feature "
+                                "major)")
 
 
 def _float_array(name: str, value: Any, count: int) -> npt.NDArray[np.float32]:
@@ -400,13 +406,15 @@ class EmbeddingBagCollection:
         available = list_tensors(path)
         weights: dict[str, StoredTable] = {}
         for config in tables:
-            if config.key not in available:
+            key = _key_in(config, available)
+            if key is None:
                 shown = ", ".join(sorted(available)[:20]) or "none"
                 raise CheckpointError(f"{path}: table {config.name!r} needs tensor "
                                       f"{config.key!r}, which the file does not hold; it "
-                                      f"holds {shown}")
+                                      f"holds {shown} (name another with the table's "
+                                      "tensor)")
             try:
-                weights[config.name] = load_table(path, config.key,
+                weights[config.name] = load_table(path, key,
                                                   table_dtype=config.table_dtype,
                                                   quantized_format=config.quantized_format)
             except CheckpointError as exc:
@@ -662,6 +670,19 @@ class EmbeddingBagCollection:
         tables = ", ".join(f"{t.name}({t.pooling}: {', '.join(t.feature_names)})"
                            for t in self.tables)
         return f"EmbeddingBagCollection([{tables}], backend={self._kernel.name!r})"
+
+
+def _key_in(config: EmbeddingBagConfig, available: Mapping[str, Any]) -> str | None:
+    """The checkpoint key of a table: its ``tensor``, or ``embedding_bags.<name>.weight``
+    alone or under one module prefix (a whole model's state dict, e.g. DLRM's
+    ``sparse_arch.embedding_bag_collection.embedding_bags.<name>.weight``); ``None`` when
+    absent or when several prefixes hold it (the config then names one)."""
+    if config.key in available:
+        return config.key
+    if config.tensor is not None:
+        return None
+    nested = [key for key in available if key.endswith("." + config.key)]
+    return nested[0] if len(nested) == 1 else None
 
 
 def _compiled_layout() -> Any:

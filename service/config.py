@@ -167,7 +167,9 @@ def _spec(entry: Any, where: str, base: Path) -> ModelSpec:
     if "tables" in values:
         misplaced = [key for key in _TABLE_ONLY if key in values]
         if misplaced:
-            raise ConfigError(f"{where} ({name}): {', '.join(misplaced)} belong(s) to each "
+            shown = ", ".join("mode (there: pooling)" if key == "mode" else key
+                              for key in misplaced)
+            raise ConfigError(f"{where} ({name}): {shown} belong(s) to each "
                               "[[models.tables]] entry of a collection, not to the model")
         values["tables"] = _tables(values["tables"], f"{where} ({name})")
         return ModelSpec(**values)

@@ -155,6 +155,10 @@ class ServiceState:
                            "to reload")
             return
         load, unload = config_changes(specs, self.specs, self.stamps, set(self.batchers))
+        # A model whose last load failed is tried again even if nothing changed since:
+        # the fix may have been outside the config (a checkpoint put back as it was).
+        configured = {spec.name for spec in specs}
+        load += [name for name in self.last_error if name in configured and name not in load]
         for name in load:
             try:
                 await self._command({"op": "load", "name": name})

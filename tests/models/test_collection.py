@@ -182,7 +182,7 @@ def test_config_refusals() -> None:
         EmbeddingBagConfig("b", (), "sum")
     with pytest.raises(ValueError, match="oov must be"):
         EmbeddingBagConfig("b", ("x",), "sum", oov="clamp")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="mode must be|pooling"):
+    with pytest.raises(ValueError, match="pooling must be one of sum, mean, max"):
         EmbeddingBagConfig("b", ("x",), "median")
     tables = [EmbeddingBagConfig("a", ("x",)), EmbeddingBagConfig("b", ("x",))]
     table = np.zeros((3, 2), np.float32)
@@ -204,6 +204,20 @@ def test_checkpoint_missing_table_names_key_and_what_is_there(tmp_path: Path) ->
         path, [EmbeddingBagConfig("a", ("x",)), EmbeddingBagConfig(
             "b", ("y",), tensor="embedding_bags.a.weight")])
     assert ebc.dims == (2, 2)
+
+
+def test_whole_model_state_dict_keys_resolve_under_one_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "dlrm.safetensors"
+    prefix = "sparse_arch.embedding_bag_collection."
+    write_safetensors(path, {f"{prefix}embedding_bags.a.weight": np.ones((3, 2), np.float32),
+                             "dense_arch.weight": np.zeros((4, 4), np.float32)})
+    ebc = EmbeddingBagCollection.from_checkpoint(path, [EmbeddingBagConfig("a", ("x",))])
+    np.testing.assert_array_equal(ebc({"x": [[0, 1]]}).values(), [[2.0, 2.0]])
+    two = tmp_path / "two.safetensors"
+    write_safetensors(two, {f"{p}embedding_bags.a.weight": np.ones((3, 2), np.float32)
+                            for p in ("left.", "right.")})
+    with pytest.raises(CheckpointError, match="name another with the table's tensor"):
+        EmbeddingBagCollection.from_checkpoint(two, [EmbeddingBagConfig("a", ("x",))])
 
 
 @pytest.mark.parametrize("table_dtype", ["float16", "bfloat16", "int8", "int4"])

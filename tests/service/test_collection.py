@@ -226,9 +226,12 @@ def test_config_refusals(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="feature 'x' is named twice"):
         load_config(config(head + '[[models.tables]]\nname = "a"\nfeatures = ["x"]\n'
                            '[[models.tables]]\nname = "b"\nfeatures = ["x"]\n'))
-    with pytest.raises(ConfigError, match="mode belong"):
+    with pytest.raises(ConfigError, match=r"mode \(there: pooling\) belong"):
         load_config(config(head + 'mode = "sum"\n[[models.tables]]\nname = "a"\n'
                            'features = ["x"]\n'))
+    with pytest.raises(ConfigError, match="pooling must be one of sum, mean, max; got 'median'"):
+        load_config(config(head + '[[models.tables]]\nname = "a"\nfeatures = ["x"]\n'
+                           'pooling = "median"\n'))
     with pytest.raises(ConfigError, match="unknown field.*colour"):
         load_config(config(head + '[[models.tables]]\nname = "a"\nfeatures = ["x"]\n'
                            'colour = 1\n'))

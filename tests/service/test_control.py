@@ -201,3 +201,22 @@ def test_requests_admitted_before_a_swap_finish_on_the_old_table() -> None:
         del old, old_batcher
         gc.collect()
         assert table_ref() is None
+
+
+def test_a_reload_retries_a_model_whose_last_load_failed(
+        served: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = served()
+    state = client.app.state.service  # type: ignore[attr-defined]
+    config = tmp_path / "models.toml"
+    good = config.read_text()
+    config.write_text(good.replace("items.safetensors", "missing.safetensors"))
+    client.portal.call(state.reload_config)  # type: ignore[union-attr]
+    assert "missing.safetensors" in state.last_error["items"]
+    # The config back as it was: nothing differs from the serving version, yet the
+    # failed load is tried again, succeeds and clears its error.
+    config.write_text(good)
+    client.portal.call(state.reload_config)  # type: ignore[union-attr]
+    assert "items" not in state.last_error
+    rows, version = _embed(client)
+    assert version == "2"
+    np.testing.assert_array_equal(rows, _expected(0))
