@@ -63,6 +63,24 @@ SHAPES = {
 ID_SETS = 8
 
 
+def last_level_cache_bytes() -> int:
+    """The L3 (last-level) cache size Linux reports, or 32 MiB when it says nothing."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        return 32 << 20
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def cold_sets(ids_per_set: int, row_bytes: int, most: int = 512) -> int:
+    """How many id sets a cold cycle needs so that the rows it touches (``row_bytes``
+    each) add up to four times the last-level cache: with fewer, rows gathered by the set
+    before last are still cached when their set comes round again."""
+    need = 4 * last_level_cache_bytes()
+    return max(ID_SETS, min(most, -(-need // max(1, ids_per_set * row_bytes))))
+
+
 def _torch_call(weight: np.ndarray, batches: list[tuple[np.ndarray, np.ndarray]], mode: str,
                 threads: int) -> Callable[[int], Any] | None:
     try:

@@ -5,10 +5,13 @@
 
 Default: sum over the same Zipf-skewed ids (Poisson bag lengths, mean 20) from one table
 stored as float32, float16, bfloat16, int8 and int4, hot (the same ids every call) and
-cold (8 id sets cycled), next to torch's ``embedding_bag`` (float32) and its quantized ops
-``embedding_bag_byte_rowwise_offsets`` / ``embedding_bag_4bit_rowwise_offsets`` on the same
-rows, in one process, interleaved (``bench_kernels.measure``). Prints bags/s, bytes per row
-and the ratios the storage issue names.
+cold (id sets cycled, enough of them that a cycle's float32 rows are 4x the last-level
+cache: 49 sets at 256 bags of dim 128 here, 8 at 2,048; with 8 sets at 256 bags the
+float32 rows of a cycle, 20 MB, stayed in the 32 MB L3), next to torch's
+``embedding_bag`` (float32) and its quantized ops ``embedding_bag_byte_rowwise_offsets``
+/ ``embedding_bag_4bit_rowwise_offsets`` on the same rows, in one process, interleaved
+(``bench_kernels.measure``). Prints bags/s, bytes per row and the ratios the storage
+issue names.
 
 ``--memory``: starts ``bagserve serve`` on the table written as float32 safetensors with
 each ``table_dtype``, touches every row through the API, and reads the server's resident
@@ -35,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 from benchmarks import traffic  # noqa: E402
-from benchmarks.bench_kernels import measure  # noqa: E402
+from benchmarks.bench_kernels import ID_SETS, cold_sets, measure  # noqa: E402
 from kernels import TableSpec  # noqa: E402
 from kernels.numba_kernel import NumbaKernel  # noqa: E402
 from kernels.storage import STORAGE_DTYPES, row_bytes, store  # noqa: E402
@@ -98,9 +101,13 @@ def _run_table(args: argparse.Namespace, rows: int, dim: int) -> None:
         for hot in (True, False):
             source = traffic.IdSource(flow.ids, rows, bags)
             sets = []
-            for _ in range(1 if hot else 8):
+            count = 1 if hot else ID_SETS
+            while len(sets) < count:
                 ids, starts, _ = traffic.batch(source, flow, bags)
                 sets.append((ids, np.append(starts, ids.size)))
+                if not hot and len(sets) == 1:
+                    # Cold: enough sets that one cycle's float32 rows are 4x the L3.
+                    count = cold_sets(ids.size, 4 * dim)
             calls = _torch_calls(weight, sets)
             for storage, kernel in kernels.items():
                 calls[f"ours {storage}"] = (

@@ -108,13 +108,14 @@ class FusedCollectionKernel:
         self._dims = np.array([t.embedding_dim for t in tables], dtype=np.int64)
         self._padding = np.array([-1 if t.padding_idx is None else t.padding_idx
                                   for t in tables], dtype=np.int64)
-        self._prefetch = np.array([numba_kernel.prefetch_distance(t.table.nbytes,
-                                                                  t.table.row_bytes)
-                                   for t in tables], dtype=np.int64)
+        self._prefetch = np.array([numba_kernel.prefetch_distance(
+            t.table.nbytes, t.table.row_bytes, t.table.storage in ("int8", "int4"))
+            for t in tables], dtype=np.int64)
         self._cols = np.array(spec.cols, dtype=np.int64)
         self._feature_tables = np.array(spec.feature_tables, dtype=np.int64)
         #: Mean bytes an id gathers: sizes a call for the serial-or-parallel choice.
-        self._id_bytes = float(np.mean([tables[t].table.row_bytes
+        self._id_bytes = float(np.mean([max(tables[t].table.row_bytes,
+                                            numba_kernel.LINE_BYTES)
                                         for t in spec.feature_tables]))
         self._total_dim = spec.total_dim
         #: Each table's rows keyed in one id space, for max_norm's per-row factors.
