@@ -182,9 +182,8 @@ class FusedCollectionKernel:
                     step.tables, indices, offsets, scale, 0, samples, step.feature_table,
                     self._cols, step.dims, ops, step.padding, step.prefetch, out)
             else:
-                threads = self.num_threads or self._get_threads()
-                if self.num_threads is not None:
-                    self._set_threads(threads)  # thread-local in numba
+                threads = numba_kernel.call_threads(self.num_threads, self._get_threads,
+                                                    self._set_threads)
                 starts = numba_kernel._read_only(np.ascontiguousarray(offsets[::features]))
                 invalid += self._loops[1](
                     step.tables, indices, offsets, starts, scale, min(threads, samples),
