@@ -277,3 +277,55 @@ def test_torchrec_field_names_and_reload(tmp_path: Path,
     answer = client.post("/v1/models/ranker/embed", json=request)
     assert answer.headers["x-model-version"] == "2"
     _close(answer.json()["embeddings"], expected)
+
+
+class _SlowKernel:
+    """The collection's kernel behind a delay, named so the batcher never runs it on the
+    event loop: concurrent requests then share batches."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+        self.name, self.provider, self.spec = "wrapped", inner.provider, inner.spec
+
+    def __call__(self, *args: Any) -> Any:
+        import time
+
+        time.sleep(self.delay)
+        return self.inner(*args)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows(
+        make_client: Callable[..., TestClient]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from models.collection import EmbeddingBagCollection
+
+    reference = load_model(load_config(GOLDEN / "ranker" / "config.toml")[0]).bag
+    slow = load_model(load_config(GOLDEN / "ranker" / "config.toml")[0])
+    assert isinstance(reference, EmbeddingBagCollection)
+    assert isinstance(slow.bag, EmbeddingBagCollection)
+    slow.bag._kernel = _SlowKernel(slow.bag._kernel, 0.02)
+    client = make_client([slow])
+    rng = np.random.default_rng(7)
+    rows = {"user_id": 40, "history": 60, "candidates": 60, "category": 10, "tags": 30}
+    requests = []
+    for i in range(40):
+        samples = int(rng.integers(1, 4))
+        features = {f: [[int(x) for x in rng.integers(0, n, rng.integers(0, 4))]
+                        for _ in range(samples)] for f, n in rows.items()}
+        body: dict[str, Any] = {"features": features}
+        if i % 2:  # weighted and unweighted requests mixed in one batch
+            body["weights"] = {"tags": [[float(w) for w in rng.uniform(0.5, 2, len(b))]
+                                        for b in features["tags"]]}
+        requests.append(body)
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(
+            lambda body: client.post("/v1/models/ranker/embed", json=body), requests))
+    batch_bags = []
+    for body, response in zip(requests, responses, strict=True):
+        assert response.status_code == 200, response.text
+        expected = reference(body["features"], weights=body.get("weights")).values()
+        np.testing.assert_array_equal(np.array(response.json()["embeddings"], np.float32),
+                                      expected)
+        batch_bags.append(int(response.headers["x-batch-bags"]))
+    assert max(batch_bags) > 3 * 5  # several requests' samples in one batch
