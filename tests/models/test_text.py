@@ -1,0 +1,101 @@
+"""Static text models against model2vec 0.10's own answers (tests/golden/make_text.py):
+every tokenizer kind, table dtype, weights, mapping and normalize case, and the folders
+that are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.text import StaticModel, TextModelError
+
+GOLDEN = Path(__file__).parents[1] / "golden" / "text"
+CASES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
+#: DESIGN.md's tolerances: float32 bit-exact, int8 within 1e-6, float16 within its
+#: rounding (model2vec rounds the result to float16; we answer float32).
+TOLERANCE = {"f16": 2e-3, "int8": 1e-6}
+
+
+def _case(name: str) -> tuple[StaticModel, list[str], np.ndarray, list[list[int]]]:
+    folder = GOLDEN / name
+    return (StaticModel.from_pretrained(folder / "model"),
+            json.loads((folder / "texts.json").read_text()),
+            np.load(folder / "expected.npy"),
+            json.loads((folder / "tokens.json").read_text()))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_encode_equals_model2vec(case: str) -> None:
+    model, texts, expected, _ = _case(case)
+    out = model.encode(texts)
+    assert out.dtype == np.float32 and out.shape == expected.shape
+    tolerance = next((t for key, t in TOLERANCE.items() if key in case), None)
+    if tolerance is None:
+        np.testing.assert_array_equal(out, expected.astype(np.float32))
+    else:
+        np.testing.assert_allclose(out, expected.astype(np.float32), rtol=0, atol=tolerance)
+    np.testing.assert_array_equal(model.encode(texts[2]), out[2])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tokenize_equals_model2vec(case: str) -> None:
+    model, texts, _, tokens = _case(case)
+    assert model.tokenize(texts) == tokens
+    assert model.tokenize([]) == []
+
+
+def test_empty_and_unknown_only_texts_are_zeros() -> None:
+    model, texts, _, _ = _case("wordpiece_f32")
+    out = model.encode(["", "   "])
+    np.testing.assert_array_equal(out, np.zeros((2, model.dim), np.float32))
+
+
+def test_overrides_and_refusals(tmp_path: Path) -> None:
+    folder = GOLDEN / "wordpiece_f32" / "model"
+    normalized = StaticModel.from_pretrained(folder, normalize=True).encode(["hello world"])
+    np.testing.assert_allclose(np.linalg.norm(normalized, axis=1), 1.0, rtol=1e-6)
+    long = "tokens " * 300
+    full = StaticModel.from_pretrained(folder, max_length=None)
+    assert len(full.tokenize([long])[0]) > 16
+    with pytest.raises(TextModelError, match="not a static model folder"):
+        StaticModel.from_pretrained(tmp_path)
+    with pytest.raises(TextModelError, match="not a folder"):
+        StaticModel.from_pretrained(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (broken / name).write_bytes((folder / name).read_bytes())
+    (broken / "tokenizer.json").write_text("{}")
+    with pytest.raises(TextModelError, match="tokenizer.json: not a Hugging Face tokenizer"):
+        StaticModel.from_pretrained(broken)
+
+
+def test_table_and_vocabulary_must_agree(tmp_path: Path) -> None:
+    from models import write_safetensors
+
+    source = GOLDEN / "wordpiece_f32" / "model"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    write_safetensors(folder / "model.safetensors",
+                      {"embeddings": np.zeros((5, 4), np.float32)})
+    with pytest.raises(TextModelError, match="5 rows but the tokenizer"):
+        StaticModel.from_pretrained(folder)
+    write_safetensors(folder / "model.safetensors",
+                      {"vectors": np.zeros((5, 4), np.float32)})
+    with pytest.raises(TextModelError, match="no tensor 'embeddings'; it holds vectors"):
+        StaticModel.from_pretrained(folder)
+
+
+def test_concurrent_callers_share_one_model() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, texts, expected, _ = _case("bpe_f32_mapping_weights")
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: model.encode(texts[i % len(texts):]), range(64)))
+    for i, out in enumerate(results):
+        np.testing.assert_array_equal(out, expected[i % len(texts):].astype(np.float32))
