@@ -114,18 +114,12 @@ class StaticModel:
             raise TextModelError(f"{source}: the table has {table.rows} rows but the "
                                  f"tokenizer {size} tokens (and there is no mapping)")
         if mapping is not None:
-            mapping = np.asarray(mapping)
-            if mapping.shape != (size,) or not np.issubdtype(mapping.dtype, np.integer):
-                raise TextModelError(f"{source}: mapping must hold one integer row per token "
-                                     f"({size}); got {mapping.dtype} {list(mapping.shape)}")
+            mapping = _per_token("mapping", mapping, size, np.integer, source)
             if size and (int(mapping.min()) < 0 or int(mapping.max()) >= table.rows):
                 raise TextModelError(f"{source}: mapping points outside the table's "
                                      f"{table.rows} rows")
         if weights is not None:
-            weights = np.asarray(weights)
-            if weights.shape != (size,) or not np.issubdtype(weights.dtype, np.floating):
-                raise TextModelError(f"{source}: weights must hold one float per token "
-                                     f"({size}); got {weights.dtype} {list(weights.shape)}")
+            weights = _per_token("weights", weights, size, np.floating, source)
         if max_length is not None and max_length < 1:
             raise TextModelError(f"{source}: max_length must be a positive number of tokens "
                                  f"or None; got {max_length}")
@@ -261,6 +255,19 @@ class StaticModel:
             norm = np.linalg.norm(out, axis=1, keepdims=True) + 1e-32
             out = out / norm
         return out
+
+
+def _per_token(name: str, values: Any, size: int, kind: Any, source: str) -> npt.NDArray[Any]:
+    """``values`` checked to hold one number of ``kind`` per token of a ``size`` vocabulary.
+
+    Raises:
+        TextModelError: naming the array, what it holds and what was expected.
+    """
+    array = np.asarray(values)
+    if array.shape != (size,) or not np.issubdtype(array.dtype, kind):
+        raise TextModelError(f"{source}: {name} must hold one {kind.__name__} per token "
+                             f"({size}); got {array.dtype} {list(array.shape)}")
+    return array
 
 
 def _table(data: npt.NDArray[Any], path: Path) -> StoredTable:

@@ -99,3 +99,29 @@ def test_concurrent_callers_share_one_model() -> None:
         results = list(pool.map(lambda i: model.encode(texts[i % len(texts):]), range(64)))
     for i, out in enumerate(results):
         np.testing.assert_array_equal(out, expected[i % len(texts):].astype(np.float32))
+
+
+def test_weights_and_mapping_must_fit_the_vocabulary(tmp_path: Path) -> None:
+    from models import write_safetensors
+
+    source = GOLDEN / "wordpiece_f32" / "model"
+    vocab = StaticModel.from_pretrained(source).tokenizer.get_vocab_size()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    table = np.zeros((4, 3), np.float32)
+    write_safetensors(folder / "model.safetensors", {
+        "embeddings": table, "mapping": np.zeros(vocab - 1, np.int64)})
+    with pytest.raises(TextModelError, match=f"mapping must hold one integer per token "
+                       rf"\({vocab}\); got int64 \[{vocab - 1}\]"):
+        StaticModel.from_pretrained(folder)
+    write_safetensors(folder / "model.safetensors", {
+        "embeddings": table, "mapping": np.full(vocab, 4, np.int64)})
+    with pytest.raises(TextModelError, match="mapping points outside the table's 4 rows"):
+        StaticModel.from_pretrained(folder)
+    write_safetensors(folder / "model.safetensors", {
+        "embeddings": table, "mapping": np.zeros(vocab, np.int64),
+        "weights": np.ones(vocab, np.int64)})
+    with pytest.raises(TextModelError, match="weights must hold one floating per token"):
+        StaticModel.from_pretrained(folder)
