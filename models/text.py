@@ -141,6 +141,12 @@ class StaticModel:
         self.unk_token_id = unknown_token_id(self.tokenizer)
         tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
         self.median_token_length = int(np.median([len(token) for token in tokens]))
+        #: The compiled pooling (float32 and float64 tables, numba importable), else
+        #: NumPy's per-text means; ``_wide``: it adds in float64, as model2vec's NumPy
+        #: does for a float64 table or float64 weights.
+        self._mean_rows = _compiled_mean(table)
+        self._wide = table.storage == "float64" or (
+            weights is not None and weights.dtype == np.float64)
         #: Characters kept per text before tokenizing (``None``: all).
         self.max_chars = (None if max_length is None
                           else max_length * self.median_token_length)
@@ -238,6 +244,11 @@ class StaticModel:
         dim = self.table.dim
         out = np.zeros((counts.shape[0], dim), dtype=np.float32)
         rows = ids if self.mapping is None else self.mapping[ids]
+        if self._mean_rows is not None:
+            factors = (np.empty(0, np.float64) if self.weights is None
+                       else self.weights[ids].astype(np.float64))
+            self._mean_rows(self.table.data, rows, factors, counts, self._wide, out)
+            return self._normalized(out)
         gathered = self.table.gather(rows)  # float32 (float64 tables: float64)
         if self.table.storage == "int8":
             # model2vec averages int8 rows in float64 (NumPy's mean of integers).
@@ -251,10 +262,27 @@ class StaticModel:
             if weights is not None:
                 emb = emb * weights[starts[text] : starts[text] + count][:, None]
             out[text] = emb.mean(axis=0)
-        if self.normalize:
-            norm = np.linalg.norm(out, axis=1, keepdims=True) + 1e-32
-            out = out / norm
-        return out
+        return self._normalized(out)
+
+    def _normalized(self, out: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``out`` L2-normalised per row when the model normalises (model2vec's
+        arithmetic: float32 norms plus 1e-32)."""
+        if not self.normalize:
+            return out
+        norm = np.linalg.norm(out, axis=1, keepdims=True) + 1e-32
+        normalized: npt.NDArray[np.float32] = out / norm
+        return normalized
+
+
+def _compiled_mean(table: StoredTable) -> Any:
+    """:func:`kernels.numba_text.mean_rows` when it serves ``table`` and numba imports."""
+    from kernels import numba_kernel
+
+    if table.storage not in ("float32", "float64") or not numba_kernel.available():
+        return None
+    from kernels import numba_text
+
+    return numba_text.mean_rows
 
 
 def _per_token(name: str, values: Any, size: int, kind: Any, source: str) -> npt.NDArray[Any]:

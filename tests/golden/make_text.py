@@ -77,7 +77,7 @@ def _unigram() -> Tokenizer:
 TOKENIZERS = {"wordpiece": _wordpiece, "bpe": _bpe, "unigram": _unigram}
 
 
-def _case(name: str, kind: str, dtype: str, *, weights: bool = False, mapping: bool = False,
+def _case(name: str, kind: str, dtype: str, *, weights: str | None = None, mapping: bool = False,
           normalize: bool = False, max_length: int = 16, layout: str = "model2vec",
           seed: int = 0) -> None:
     from model2vec import StaticModel
@@ -92,7 +92,7 @@ def _case(name: str, kind: str, dtype: str, *, weights: bool = False, mapping: b
         vectors = np.clip(np.round(vectors * 40), -127, 127).astype(np.int8)
     else:
         vectors = vectors.astype(dtype)
-    token_weights = rng.uniform(0.1, 2.0, vocab) if weights else None
+    token_weights = rng.uniform(0.1, 2.0, vocab).astype(weights) if weights else None
     token_mapping = rng.integers(0, rows, vocab) if mapping else None
     model = StaticModel(vectors=vectors, tokenizer=tokenizer, weights=token_weights,
                         token_mapping=token_mapping, normalize=normalize,
@@ -144,11 +144,13 @@ def _as_sentence_transformers(folder: Path, normalize: bool) -> None:
 def main() -> None:
     shutil.rmtree(HERE, ignore_errors=True)
     _case("wordpiece_f32", "wordpiece", "float32")
-    _case("wordpiece_f32_norm_weights", "wordpiece", "float32", weights=True, normalize=True)
+    _case("wordpiece_f32_norm_weights", "wordpiece", "float32", weights="float64",
+          normalize=True)
+    _case("wordpiece_f32_weights32", "wordpiece", "float32", weights="float32", seed=7)
     _case("bpe_f16", "bpe", "float16", normalize=True)
-    _case("bpe_f32_mapping_weights", "bpe", "float32", weights=True, mapping=True)
+    _case("bpe_f32_mapping_weights", "bpe", "float32", weights="float64", mapping=True)
     _case("unigram_int8_norm", "unigram", "int8", normalize=True, seed=3)
-    _case("unigram_f64_weights", "unigram", "float64", weights=True, seed=4)
+    _case("unigram_f64_weights", "unigram", "float64", weights="float64", seed=4)
     _case("wordpiece_int8_mapping", "wordpiece", "int8", mapping=True, seed=5)
     _case("st_wordpiece_f32", "wordpiece", "float32", layout="st", seed=6)
 
