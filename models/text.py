@@ -55,6 +55,33 @@ LAYOUTS = (
 )
 
 
+@dataclass(frozen=True)
+class TextBatch:
+    """Texts waiting to be embedded together (the batcher's unit for text models): one
+    output row per text. ``work`` (characters) stands in for ids in queue accounting."""
+
+    texts: tuple[str, ...]
+
+    @property
+    def num_bags(self) -> int:
+        return len(self.texts)
+
+    num_rows = num_bags
+    bags_per_row = 1
+
+    @property
+    def work(self) -> int:
+        return sum(map(len, self.texts))
+
+
+@dataclass(frozen=True)
+class _Engine:
+    """What runs a text model's pooling, as a kernel reports it."""
+
+    name: str
+    provider: str
+
+
 class TextModelError(ValueError):
     """A folder that is no static model, or whose parts disagree; names file and problem."""
 
@@ -196,6 +223,33 @@ class StaticModel:
     @property
     def dim(self) -> int:
         return self.table.dim
+
+    embedding_dim = dim
+
+    @property
+    def compute_dtype(self) -> np.dtype[Any]:
+        """Vectors are float32 for every table dtype."""
+        return np.dtype(np.float32)
+
+    @property
+    def table_dtype(self) -> str:
+        return self.table.storage
+
+    @property
+    def kernel(self) -> _Engine:
+        """The pooling: compiled (``"numba"``) or NumPy's per-text means."""
+        return (_Engine("numba", "numba-cpu") if self._mean_rows is not None
+                else _Engine("numpy", "numpy-cpu"))
+
+    @property
+    def provider(self) -> str:
+        return self.kernel.provider
+
+    def encode_batch(self, texts: Sequence[str]
+                     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """``(vectors [T, dim] float32, tokens per text [T])`` for many texts at once."""
+        ids, counts = self.token_arrays(texts)
+        return self.pool(ids, counts), counts
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's token ids after the character and token cuts, without the unknown

@@ -25,6 +25,7 @@ from prometheus_client import Gauge
 from starlette.types import Receive
 
 from models import FlatBatch
+from models.text import StaticModel, TextBatch
 from service.errors import (
     ClientDisconnected,
     ComputeFailed,
@@ -47,20 +48,31 @@ INLINE_MAX_BYTES = 64 << 10
 IDLE_INLINE_MAX_BYTES = 4 << 20
 
 
+#: What a request queues: flat bags (tables, collections) or texts (text models).
+Work = FlatBatch | TextBatch
+
+
 @dataclass(frozen=True)
 class BatchResult:
-    """One request's rows and how it went. ``rows`` is ``(bags, D)``."""
+    """One request's rows and how it went. ``rows`` is ``(bags, D)``; ``tokens``: the
+    tokens a text request's texts became (0 otherwise)."""
 
     rows: npt.NDArray[np.floating]
     queue_s: float
     compute_s: float
     batch_bags: int
     batch_ids: int
+    tokens: int = 0
+
+
+def _ids(batch: Work) -> int:
+    """A batch's size in the queue's id budget: its ids, or a text batch's characters."""
+    return batch.work if isinstance(batch, TextBatch) else int(batch.indices.shape[0])
 
 
 @dataclass(eq=False)
 class _Pending:
-    batch: FlatBatch
+    batch: Work
     future: asyncio.Future[BatchResult]
     enqueued: float
     #: The client disconnected while queued: drop it before compute.
@@ -73,7 +85,7 @@ class _Pending:
     rows: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ids = int(self.batch.indices.shape[0])
+        self.ids = _ids(self.batch)
         self.bags = self.batch.num_bags
         self.rows = self.batch.num_rows
 
@@ -107,24 +119,29 @@ class _Watch:
             self._task.cancel()
 
 
-def _concat(items: list[_Pending], dtype: np.dtype[np.floating]) -> FlatBatch:
-    """One flat batch holding the items' bags in order."""
+def _concat(items: list[_Pending], dtype: np.dtype[np.floating]) -> Work:
+    """One batch holding the items' bags (or texts) in order."""
     if len(items) == 1:
         return items[0].batch
-    indices = np.concatenate([p.batch.indices for p in items])
+    if isinstance(items[0].batch, TextBatch):
+        return TextBatch(tuple(text for p in items if isinstance(p.batch, TextBatch)
+                               for text in p.batch.texts))
+    flat = [p.batch for p in items if isinstance(p.batch, FlatBatch)]
+    indices = np.concatenate([b.indices for b in flat])
     offsets = np.zeros(sum(p.bags for p in items) + 1, dtype=np.int64)
     start, base = 0, 0
-    for p in items:
-        offsets[start + 1 : start + p.bags + 1] = p.batch.offsets[1:] + base
-        start += p.bags
-        base += p.ids
+    for b in flat:
+        bags = b.num_bags
+        offsets[start + 1 : start + bags + 1] = b.offsets[1:] + base
+        start += bags
+        base += int(b.indices.shape[0])
     weights = None
-    if any(p.batch.per_sample_weights is not None for p in items):
+    if any(b.per_sample_weights is not None for b in flat):
         # A request without weights weighs every id 1: w * row == row exactly.
         weights = np.concatenate([
-            p.batch.per_sample_weights if p.batch.per_sample_weights is not None
-            else np.ones(p.ids, dtype=dtype) for p in items])
-    return FlatBatch(indices, offsets, weights, items[0].batch.bags_per_row)
+            b.per_sample_weights if b.per_sample_weights is not None
+            else np.ones(b.indices.shape[0], dtype=dtype) for b in flat])
+    return FlatBatch(indices, offsets, weights, flat[0].bags_per_row)
 
 
 class Batcher:
@@ -201,7 +218,7 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def submit(self, batch: FlatBatch, receive: Receive | None = None,
+    async def submit(self, batch: Work, receive: Receive | None = None,
                      timeout: float | None = None) -> BatchResult:
         """Queue one request's validated batch and wait for its rows.
 
@@ -352,24 +369,34 @@ class Batcher:
         if running is not None:
             await running
 
-    def _inline(self, batch: FlatBatch) -> bool:
+    def _inline(self, batch: Work) -> bool:
         """Whether to compute ``batch`` on the event loop: a CPU kernel's call under
         :data:`INLINE_MAX_BYTES` of rows (tens of microseconds) costs less than the
         hand-off to the compute thread and back (measured 0.3-0.4 ms on these VMs, ten
         times the kernel for one bag); so does one under :data:`IDLE_INLINE_MAX_BYTES`
         when no other request waits for this model (64-bag requests, one connection:
         1,080-1,160 -> 1,480-1,500 requests/s; 16 connections: +8%)."""
-        if not self._cpu_kernel:
-            return False
+        if not self._cpu_kernel or isinstance(batch, TextBatch):
+            return False  # texts are tokenized on the compute thread, never on the loop
         size = batch.indices.shape[0] * self._row_bytes
         return size <= INLINE_MAX_BYTES or (not self._queue and size <= IDLE_INLINE_MAX_BYTES)
 
-    def _run_kernel(self, batch: FlatBatch) -> npt.NDArray[np.floating]:
-        result: npt.NDArray[np.floating] = self.model.bag.kernel(
-            batch.indices, batch.offsets, batch.per_sample_weights)
-        return result
+    def _run_kernel(self, batch: Work
+                    ) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.int64] | None]:
+        """The batch's rows, and for texts each text's token count."""
+        bag = self.model.bag
+        if isinstance(batch, TextBatch):
+            if not isinstance(bag, StaticModel):
+                raise TypeError(f"model {self.model.name!r} takes no texts")
+            return bag.encode_batch(batch.texts)
+        if isinstance(bag, StaticModel):  # token ids sent as they are
+            counts = np.diff(batch.offsets)
+            return bag.pool(batch.indices, counts), counts
+        rows: npt.NDArray[np.floating] = bag.kernel(batch.indices, batch.offsets,
+                                                    batch.per_sample_weights)
+        return rows, None
 
-    async def _compute(self, items: list[_Pending], batch: FlatBatch) -> None:
+    async def _compute(self, items: list[_Pending], batch: Work) -> None:
         live = [p for p in items if not p.gone]
         for p in items:
             if p.gone:
@@ -381,12 +408,12 @@ class Batcher:
         name = self.model.name
         started = time.perf_counter()
         self._batch_bags.observe(batch.num_bags)
-        self._batch_ids.observe(batch.indices.shape[0])
+        self._batch_ids.observe(_ids(batch))
         try:
             if self._inline(batch):
-                rows = self._run_kernel(batch)
+                rows, tokens = self._run_kernel(batch)
             else:
-                rows = await asyncio.get_running_loop().run_in_executor(
+                rows, tokens = await asyncio.get_running_loop().run_in_executor(
                     self._executor, self._run_kernel, batch)
         except Exception as exc:  # noqa: BLE001 - every waiter gets the error
             logger.exception("batch failed", extra={"model": name, "requests": len(items)})
@@ -405,7 +432,8 @@ class Batcher:
             if p.abandoned:
                 p.future.cancel()
             elif not p.future.done():
+                used = 0 if tokens is None else int(tokens[start : start + p.rows].sum())
                 p.future.set_result(BatchResult(rows[start : start + p.rows],
                                                 started - p.enqueued, compute_s,
-                                                batch.num_bags, batch.indices.shape[0]))
+                                                batch.num_bags, _ids(batch), used))
             start += p.rows

@@ -25,6 +25,9 @@ pooling = "mean"                   # sum | mean | max; also padding_idx, max_nor
                                    # norm_type, table_dtype, quantized_format, tensor
 oov = "error"                      # error | zero (skip the id) | hash (id modulo rows)
 ```
+
+A ``checkpoint`` naming a folder (model2vec's layout, or sentence-transformers'
+StaticEmbedding) is a text model; ``normalize`` and ``max_length`` override its config.
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ class ModelSpec:
     num_threads: int | None = None
     #: A collection's tables (``None``: a single-table model).
     tables: tuple[EmbeddingBagConfig, ...] | None = None
+    #: Text models (``checkpoint`` a model2vec folder): override the folder's config.
+    normalize: bool | None = None
+    max_length: int | None = None
 
 
 DEMO = ModelSpec(name=DEMO_NAME, mode="mean", backend="auto")
@@ -85,7 +91,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "padding_idx": (int,), "max_norm": (int, float), "norm_type": (int, float),
     "include_last_offset": (bool,), "backend": (str,), "device": (str,),
     "table_dtype": (str,), "quantized_format": (str,), "num_threads": (int,),
-    "tables": (list,),
+    "tables": (list,), "normalize": (bool,), "max_length": (int,),
 }
 #: A collection table's fields and their TOML types.
 _TABLE_TYPES: dict[str, tuple[type, ...]] = {
@@ -164,6 +170,13 @@ def _spec(entry: Any, where: str, base: Path) -> ModelSpec:
         raise ConfigError(f"{where} ({name}): checkpoint is required")
     values = dict(entry)
     values["checkpoint"] = (base / entry["checkpoint"]).resolve()
+    if "normalize" in values or "max_length" in values:
+        if values["checkpoint"].is_file():
+            raise ConfigError(f"{where} ({name}): normalize and max_length apply to text "
+                              "models, whose checkpoint is a model2vec folder")
+        if values.get("max_length", 1) < 1:
+            raise ConfigError(f"{where} ({name}): max_length must be a positive number of "
+                              f"tokens; got {values['max_length']}")
     if "tables" in values:
         misplaced = [key for key in _TABLE_ONLY if key in values]
         if misplaced:

@@ -53,6 +53,12 @@ class BodyTooLarge(ServiceError):
     status, type = 413, "body_too_large"
 
 
+class TextTooLong(ServiceError):
+    """A text past ``max_text_chars``."""
+
+    status, type = 413, "text_too_long"
+
+
 class LoadFailed(ServiceError):
     """A model load failed; whatever served before keeps serving."""
 

@@ -14,8 +14,9 @@ from fastapi import Request
 
 from models import FlatBatch, InvalidInputError, flatten_inputs
 from models.collection import EmbeddingBagCollection, JaggedFeatures
+from models.text import StaticModel, TextBatch
 from service.batcher import Batcher, BatchResult
-from service.errors import Forbidden, InvalidRequest, ServiceError, Unauthorized
+from service.errors import Forbidden, InvalidRequest, ServiceError, TextTooLong, Unauthorized
 from service.registry import LoadedModel
 from service.state import ServiceState
 from service.wire import read_body
@@ -94,7 +95,7 @@ def _client_deadline(request: Request) -> float | None:
 
 
 #: Lays one request out for its model: ``(batch, oov counts)``.
-Build = Callable[[LoadedModel], tuple[FlatBatch, dict[str, int]]]
+Build = Callable[[LoadedModel], tuple[FlatBatch | TextBatch, dict[str, int]]]
 
 
 async def embed(request: Request, model_name: str, input: Any, offsets: Any = None,
@@ -108,8 +109,13 @@ async def embed(request: Request, model_name: str, input: Any, offsets: Any = No
         collection (which takes features), 429 overloaded, 503 not ready / deadline, 500
         if the batch failed.
     """
-    def build(model: LoadedModel) -> tuple[FlatBatch, dict[str, int]]:
+    def build(model: LoadedModel) -> tuple[FlatBatch | TextBatch, dict[str, int]]:
         bag = model.bag
+        if isinstance(bag, StaticModel):
+            # Token ids of the model's vocabulary, pooled as its texts' tokens are.
+            return flatten_inputs(
+                input, offsets, None, num_embeddings=bag.tokenizer.get_vocab_size(),
+                mode="mean", include_last_offset=bool(include_last_offset)), {}
         if isinstance(bag, EmbeddingBagCollection):
             raise InvalidRequest(
                 f"model {model.name!r} is a collection of features "
@@ -129,7 +135,7 @@ async def embed(request: Request, model_name: str, input: Any, offsets: Any = No
 async def embed_features(request: Request, model_name: str, features: JaggedFeatures
                          ) -> Answer:
     """As :func:`embed` for a collection's features: one row per sample."""
-    def build(model: LoadedModel) -> tuple[FlatBatch, dict[str, int]]:
+    def build(model: LoadedModel) -> tuple[FlatBatch | TextBatch, dict[str, int]]:
         bag = model.bag
         if not isinstance(bag, EmbeddingBagCollection):
             raise InvalidRequest(f"model {model.name!r} is a single table, not a collection "
@@ -138,6 +144,33 @@ async def embed_features(request: Request, model_name: str, features: JaggedFeat
         laid_out = bag.batch(features)
         return laid_out.batch, laid_out.oov
 
+    return await _submit(request, model_name, build)
+
+
+async def embed_texts(request: Request, model_name: str, texts: list[str]) -> Answer:
+    """As :func:`embed` for a text model's texts: one row per text; the texts are
+    tokenized with the rest of their batch on the compute thread.
+
+    Raises:
+        ServiceError subclasses: as :func:`embed`; 413 a text past ``max_text_chars``,
+        422 more texts than ``max_texts_per_request`` or a model without a tokenizer.
+    """
+    settings = service_state(request).settings
+
+    def build(model: LoadedModel) -> tuple[FlatBatch | TextBatch, dict[str, int]]:
+        if not isinstance(model.bag, StaticModel):
+            raise InvalidRequest(f"model {model.name!r} has no tokenizer: it embeds ids "
+                                 "(send token-id lists); text needs a text model")
+        if len(texts) > settings.max_texts_per_request:
+            raise InvalidRequest(f"request holds {len(texts)} texts; the limit is "
+                                 f"{settings.max_texts_per_request} (max_texts_per_request)")
+        return TextBatch(tuple(texts)), {}
+
+    longest = max(map(len, texts), default=0)
+    if longest > settings.max_text_chars:
+        at = next(i for i, text in enumerate(texts) if len(text) == longest)
+        raise TextTooLong(f"text {at} holds {longest} characters; the limit is "
+                          f"{settings.max_text_chars} (max_text_chars)")
     return await _submit(request, model_name, build)
 
 
@@ -158,13 +191,14 @@ async def _embed(request: Request, state: ServiceState, batcher: Batcher, build:
     settings = state.settings
     try:
         batch, oov = build(model)
-        lengths = np.diff(batch.offsets)
-        for what, value, limit in (
-                ("bags", batch.num_bags, settings.max_bags_per_request),
-                ("ids", int(batch.indices.shape[0]), settings.max_ids_per_request),
-                ("ids in one bag", int(lengths.max(initial=0)), settings.max_bag_length)):
-            if value > limit:
-                raise InvalidRequest(f"request holds {value} {what}; the limit is {limit}")
+        if isinstance(batch, FlatBatch):
+            lengths = np.diff(batch.offsets)
+            for what, value, limit in (
+                    ("bags", batch.num_bags, settings.max_bags_per_request),
+                    ("ids", int(batch.indices.shape[0]), settings.max_ids_per_request),
+                    ("ids in one bag", int(lengths.max(initial=0)), settings.max_bag_length)):
+                if value > limit:
+                    raise InvalidRequest(f"request holds {value} {what}; the limit is {limit}")
         deadline = _client_deadline(request)
     except (InvalidInputError, InvalidRequest) as exc:
         batcher.record("invalid")
@@ -185,4 +219,6 @@ async def _embed(request: Request, state: ServiceState, batcher: Batcher, build:
                              "beyond float32's range (+-3.4e38); scale its "
                              "weights or rows down")
     batcher.record("ok", result, time.perf_counter() - started, oov)
-    return Answer(model, result, int(batch.indices.shape[0]), oov)
+    tokens = (result.tokens if isinstance(batch, TextBatch)
+              else int(batch.indices.shape[0]))
+    return Answer(model, result, tokens, oov)

@@ -11,6 +11,7 @@ import numpy as np
 from kernels.storage import StoredTable, storage_dtype, store
 from models import EmbeddingBag, flatten_inputs, load_table
 from models.collection import EmbeddingBagCollection, jagged
+from models.text import StaticModel
 from service.config import DEMO_DIM, DEMO_ROWS, DEMO_SEED, ModelSpec
 from service.heap import release_freed_memory
 
@@ -27,7 +28,7 @@ class LoadedModel:
     of tables and features), and its version (1 at start-up, one more on every load)."""
 
     spec: ModelSpec
-    bag: EmbeddingBag | EmbeddingBagCollection
+    bag: EmbeddingBag | EmbeddingBagCollection | StaticModel
     version: int = 1
 
     @property
@@ -41,7 +42,10 @@ class LoadedModel:
 
     @property
     def kind(self) -> str:
-        return "collection" if isinstance(self.bag, EmbeddingBagCollection) else "table"
+        """``"table"``, ``"collection"`` or ``"text"``."""
+        bag = self.bag
+        return ("collection" if isinstance(bag, EmbeddingBagCollection)
+                else "text" if isinstance(bag, StaticModel) else "table")
 
     @property
     def row_bytes(self) -> int:
@@ -63,7 +67,12 @@ class LoadedModel:
             "version": self.version, "dim": self.dim, "dtype": str(bag.compute_dtype),
             "table_dtype": bag.table_dtype, "table_bytes": self.table_bytes,
             "backend": bag.kernel.name, "provider": bag.provider}
-        if isinstance(bag, EmbeddingBagCollection):
+        if isinstance(bag, StaticModel):
+            facts.update({"rows": bag.table.rows, "vocabulary": bag.tokenizer.get_vocab_size(),
+                          "normalize": bag.normalize, "max_length": bag.max_length,
+                          "weights": bag.weights is not None,
+                          "mapping": bag.mapping is not None})
+        elif isinstance(bag, EmbeddingBagCollection):
             facts.update({
                 "keys": list(bag.keys), "dims": list(bag.dims),
                 "offset_per_key": bag.offset_per_key,
@@ -97,6 +106,8 @@ def load_model(spec: ModelSpec, version: int = 1) -> LoadedModel:
     source = "built-in demo table" if spec.checkpoint is None else str(spec.checkpoint)
     if spec.tables is not None:
         return _load_collection(spec, version, source, started)
+    if spec.checkpoint is not None and spec.checkpoint.is_dir():
+        return _load_text(spec, version, source, started)
     try:
         # Read straight into the table's storage: no float32 copy of a table kept in
         # half precision or quantized.
@@ -145,6 +156,28 @@ def _load_collection(spec: ModelSpec, version: int, source: str, started: float
         "model": spec.name, "version": version, "source": source,
         "tables": len(bag.tables), "features": len(bag.keys), "dim": bag.embedding_dim,
         "provider": bag.provider, "seconds": round(time.perf_counter() - started, 3)})
+    return LoadedModel(spec, bag, version)
+
+
+def _load_text(spec: ModelSpec, version: int, source: str, started: float) -> LoadedModel:
+    """A static text model from its folder: table checked, pooling compiled and run once."""
+    assert spec.checkpoint is not None
+    options: dict[str, object] = {}
+    if spec.normalize is not None:
+        options["normalize"] = spec.normalize
+    if spec.max_length is not None:
+        options["max_length"] = spec.max_length
+    try:
+        bag = StaticModel.from_pretrained(spec.checkpoint, **options)  # type: ignore[arg-type]
+        _check_finite(bag.table)
+        bag.encode(["warm up", ""])
+        release_freed_memory()
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise ModelLoadError(f"model {spec.name!r} ({source}): {exc}") from exc
+    logger.info("text model loaded", extra={
+        "model": spec.name, "version": version, "source": source, "rows": bag.table.rows,
+        "dim": bag.dim, "vocabulary": bag.tokenizer.get_vocab_size(),
+        "seconds": round(time.perf_counter() - started, 3)})
     return LoadedModel(spec, bag, version)
 
 

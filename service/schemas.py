@@ -35,10 +35,13 @@ class EmbedResponse(BaseModel):
 
 class OpenAIEmbeddingRequest(BaseModel):
     model: str
-    input: list[list[int]] | list[int] = Field(..., description="token-id lists (one per "
-                                               "input) or one list of ids")
+    input: str | list[str] | list[list[int]] | list[int] = Field(
+        ..., description="a text or texts (text models), token-id lists (one per input) or "
+        "one list of ids")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, description="must equal the model's dim if given")
+    dimensions: int | None = Field(None, description="text models: keep the first n "
+                                   "components (re-normalised when the model normalises); "
+                                   "other models: must equal their dim")
     user: str | None = None
 
 

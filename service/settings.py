@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     max_bags_per_request: int = Field(4096, ge=1, description="bags in one request (422 above)")
     max_ids_per_request: int = Field(131_072, ge=1, description="ids in one request (422 above)")
     max_bag_length: int = Field(65_536, ge=1, description="ids in one bag (422 above)")
+    max_texts_per_request: int = Field(2048, ge=1, description="texts in one request to a "
+                                       "text model (422 above)")
+    max_text_chars: int = Field(100_000, ge=1, description="characters in one text (413 "
+                                "above); a model keeps at most max_length tokens anyway")
 
     max_batch_ids: int = Field(262_144, ge=1, description="ids per computed batch")
     max_batch_bags: int = Field(8192, ge=1, description="bags per computed batch")

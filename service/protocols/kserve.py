@@ -19,8 +19,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from models.collection import EmbeddingBagCollection, JaggedFeatures
+from models.text import StaticModel
 from service.errors import InvalidRequest, LoadFailed, ModelNotFound
-from service.inference import body_of, embed, embed_features, require_api_key, service_state
+from service.inference import (
+    body_of,
+    embed,
+    embed_features,
+    embed_texts,
+    require_api_key,
+    service_state,
+)
 from service.registry import ModelLoadError
 from service.schemas import (
     KSERVE_ERRORS,
@@ -96,6 +104,13 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     model = _model(request, name, version)
     index = "INT64"
     bag = model.bag
+    if isinstance(bag, StaticModel):
+        return _json({
+            "name": name, "versions": [str(model.version)], "platform": "bagserve",
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, model.dim]}],
+            "parameters": {"kind": "text", "table_dtype": bag.table_dtype,
+                           "table_bytes": model.table_bytes, "normalize": bag.normalize}})
     if isinstance(bag, EmbeddingBagCollection):
         inputs = []
         for feature, table in zip(bag.keys, bag.spec.feature_tables, strict=True):
@@ -288,6 +303,14 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequest("inputs must be a non-empty list")
     bag = model.bag
+    if isinstance(bag, StaticModel):
+        texts = _texts(inputs, tail)
+        options = header.get("parameters") or {}
+        if not isinstance(options, dict):
+            raise InvalidRequest("parameters must be an object")
+        answer = await embed_texts(request, model.name, texts)
+        return _respond(header, _wants_binary(header, options), answer.rows, name,
+                        str(answer.model.version), answer.headers())
     features = bag.keys if isinstance(bag, EmbeddingBagCollection) else None
     tensors: dict[str, npt.NDArray[Any]] = {}
     position = 0
@@ -328,6 +351,58 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
                          tensors.get("per_sample_weights"), include_last_offset=last)
     return _respond(header, binary, answer.rows, name, str(answer.model.version),
                     answer.headers())
+
+
+def _texts(inputs: list[Any], tail: bytes) -> list[str]:
+    """A text model's one input, ``text``: BYTES ``[B]``, as JSON strings or, in binary,
+    each element's 4-byte little-endian length then its UTF-8 bytes."""
+    if len(inputs) != 1 or not isinstance(inputs[0], dict) or inputs[0].get("name") != "text":
+        names = [i.get("name") if isinstance(i, dict) else i for i in inputs]
+        raise InvalidRequest(f"a text model takes one input, 'text' (BYTES [B]); got "
+                             f"{describe(names, 60)}")
+    spec = inputs[0]
+    if spec.get("datatype") != "BYTES":
+        raise InvalidRequest(f"input 'text' must be BYTES; got {spec.get('datatype')!r}")
+    shape = spec.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int
+            and 0 <= shape[0] <= MAX_DIMENSION):
+        raise InvalidRequest(f"input 'text' needs a shape [B]; got {describe(shape, 40)}")
+    parameters = spec.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if size is None:
+        data = spec.get("data")
+        if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
+            raise InvalidRequest("input 'text' needs data: a list of strings")
+        texts = data
+    else:
+        if type(size) is not int or size != len(tail):
+            raise InvalidRequest(f"input 'text': binary_data_size {size!r} does not match the "
+                                 f"{len(tail)} binary bytes sent")
+        texts = _bytes_elements(tail)
+    if len(texts) != shape[0]:
+        raise InvalidRequest(f"input 'text' holds {len(texts)} strings for shape {shape}")
+    if not texts:
+        raise InvalidRequest("input 'text' holds no strings")
+    return texts
+
+
+def _bytes_elements(data: bytes) -> list[str]:
+    """KServe's binary BYTES tensor: elements of a 4-byte little-endian length and that
+    many bytes, here UTF-8 text."""
+    texts, position = [], 0
+    while position < len(data):
+        if position + 4 > len(data):
+            raise InvalidRequest("input 'text': a BYTES element's 4-byte length is cut off")
+        length = int.from_bytes(data[position : position + 4], "little")
+        position += 4
+        if position + length > len(data):
+            raise InvalidRequest("input 'text': a BYTES element runs past the data sent")
+        try:
+            texts.append(data[position : position + length].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"input 'text': element {len(texts)} is not UTF-8") from None
+        position += length
+    return texts
 
 
 def _features(tensors: dict[str, npt.NDArray[Any]], features: tuple[str, ...]

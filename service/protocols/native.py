@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from itertools import chain
 from typing import Any
 
@@ -11,8 +12,17 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from models.collection import JaggedFeatures, jagged
-from service.errors import InvalidRequest
-from service.inference import Answer, body_of, embed, embed_features, require_api_key, service_state
+from models.text import StaticModel
+from service.errors import InvalidRequest, TextTooLong
+from service.inference import (
+    Answer,
+    body_of,
+    embed,
+    embed_features,
+    embed_texts,
+    require_api_key,
+    service_state,
+)
 from service.schemas import ERRORS, EmbedRequest, EmbedResponse, json_body
 from service.wire import (
     base64_rows,
@@ -180,6 +190,14 @@ async def embed_native(name: str, request: Request) -> Response:
     state = service_state(request)
     state.batcher(name).refuse_if_full()
     body = await json_object_of(await body_of(request), state.settings)
+    if "texts" in body:
+        unknown = sorted(set(body) - {"texts", "encoding"})
+        if unknown:
+            raise InvalidRequest(f"unknown field(s) {', '.join(unknown)} in a text request; "
+                                 "expected texts and encoding")
+        encoding = _encoding(body)
+        answer = await embed_texts(request, name, _text_list(body["texts"]))
+        return _respond(request, answer, encoding, {"model": name, "dim": answer.model.dim})
     if "features" in body or "kjt" in body:
         encoding = _encoding(body)
         answer = await embed_features(request, name, _features(body, state.settings))
@@ -192,6 +210,44 @@ async def embed_native(name: str, request: Request) -> Response:
     ids, offsets, weights, last, encoding = _parse(body)
     answer = await embed(request, name, ids, offsets, weights, include_last_offset=last)
     return _respond(request, answer, encoding, {"model": name, "dim": answer.model.dim})
+
+
+def _text_list(value: Any) -> list[str]:
+    """``texts``: a non-empty list of strings."""
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest(f"texts must be a non-empty list of strings; got "
+                             f"{describe(value, 40)}")
+    for position, text in enumerate(value):
+        if not isinstance(text, str):
+            raise InvalidRequest(f"texts[{position}] must be a string; got "
+                                 f"{describe(text, 40)}")
+    return value
+
+
+@router.post("/v1/models/{name}/tokenize", responses=ERRORS,
+             summary="The token ids a text model makes of each text (after its cuts, "
+             "without the unknown token, before its mapping)")
+async def tokenize(name: str, request: Request) -> Response:
+    state = service_state(request)
+    body = await json_object_of(await body_of(request), state.settings)
+    unknown = sorted(set(body) - {"texts"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {', '.join(unknown)}; expected texts")
+    texts = _text_list(body.get("texts"))
+    model = state.batcher(name).model
+    if not isinstance(model.bag, StaticModel):
+        raise InvalidRequest(f"model {name!r} has no tokenizer: it embeds ids")
+    if len(texts) > state.settings.max_texts_per_request:
+        raise InvalidRequest(f"request holds {len(texts)} texts; the limit is "
+                             f"{state.settings.max_texts_per_request} (max_texts_per_request)")
+    longest = max(map(len, texts))
+    if longest > state.settings.max_text_chars:
+        raise TextTooLong(f"a text holds {longest} characters; the limit is "
+                          f"{state.settings.max_text_chars} (max_text_chars)")
+    # Off the event loop: a thousand texts take milliseconds to tokenize.
+    ids = await asyncio.get_running_loop().run_in_executor(None, model.bag.tokenize, texts)
+    return Response(orjson.dumps({"model": name, "ids": ids}), media_type="application/json",
+                    headers={"X-Model-Version": str(model.version)})
 
 
 @router.get("/v1/models", summary="List served models")

@@ -44,8 +44,8 @@ def test_openai_single_id_list_is_one_input(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("request_body", "status", "message"),
     [
-        ({"model": "items", "input": "hello"}, 422, "has no tokenizer for text"),
-        ({"model": "items", "input": ["a", "b"]}, 422, "has no tokenizer for text"),
+        ({"model": "items", "input": "hello"}, 422, "has no tokenizer: it embeds ids"),
+        ({"model": "items", "input": ["a", "b"]}, 422, "has no tokenizer: it embeds ids"),
         ({"model": "items", "input": []}, 422, "non-empty list"),
         ({"model": "items"}, 422, "input is required"),
         ({"input": [1]}, 422, "model must be the name of a served model"),
