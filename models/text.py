@@ -82,6 +82,11 @@ class _Engine:
     provider: str
 
 
+#: The NumPy dtype of each storage's values as a model folder holds them.
+_STORED: dict[str, Any] = {"float32": np.float32, "float64": np.float64,
+                           "float16": np.float16, "int8": np.int8}
+
+
 class TextModelError(ValueError):
     """A folder that is no static model, or whose parts disagree; names file and problem."""
 
@@ -303,10 +308,11 @@ class StaticModel:
                        else self.weights[ids].astype(np.float64))
             self._mean_rows(self.table.data, rows, factors, counts, self._wide, out)
             return self._normalized(out)
-        gathered = self.table.gather(rows)  # float32 (float64 tables: float64)
-        if self.table.storage == "int8":
-            # model2vec averages int8 rows in float64 (NumPy's mean of integers).
-            gathered = gathered.astype(np.float64)
+        # The rows as the folder stores them (int8 integers and float16 values are exact
+        # in their decoded floats), so NumPy promotes and averages them exactly as
+        # model2vec does: int8 rows in float64 alone but in float32 times float32
+        # weights, float16 rows rounded to float16, ...
+        gathered = self.table.gather(rows).astype(_STORED[self.table.storage])
         starts = np.concatenate(([0], np.cumsum(counts)))
         weights = None if self.weights is None else self.weights[ids]
         for text, count in enumerate(counts.tolist()):

@@ -141,6 +141,23 @@ def _as_sentence_transformers(folder: Path, normalize: bool) -> None:
          "default_prompt_name": None, "similarity_fn_name": "cosine"}))
 
 
+def _tokenlearn() -> None:
+    """What model2vec 0.10 answers for the real model inside the
+    ``tokenlearn-static-model`` wheel (10,000 x 64 int8, vocabulary-quantized, a 276k-piece
+    Unigram tokenizer), which the test extra installs."""
+    import importlib.util
+
+    from model2vec import StaticModel
+
+    spec = importlib.util.find_spec("static_model")
+    assert spec is not None and spec.submodule_search_locations
+    model = StaticModel.from_pretrained(Path(spec.submodule_search_locations[0]) / "model")
+    folder = HERE / "tokenlearn"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "texts.json").write_text(json.dumps(TEXTS, ensure_ascii=False))
+    np.save(folder / "expected.npy", model.encode(TEXTS))
+
+
 def main() -> None:
     shutil.rmtree(HERE, ignore_errors=True)
     _case("wordpiece_f32", "wordpiece", "float32")
@@ -153,6 +170,7 @@ def main() -> None:
     _case("unigram_f64_weights", "unigram", "float64", weights="float64", seed=4)
     _case("wordpiece_int8_mapping", "wordpiece", "int8", mapping=True, seed=5)
     _case("st_wordpiece_f32", "wordpiece", "float32", layout="st", seed=6)
+    _tokenlearn()
 
 
 if __name__ == "__main__":
