@@ -173,12 +173,15 @@ class StaticModel:
         self.unk_token_id = unknown_token_id(self.tokenizer)
         tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
         self.median_token_length = int(np.median([len(token) for token in tokens]))
-        #: The compiled pooling (float32 and float64 tables, numba importable), else
-        #: NumPy's per-text means; ``_wide``: it adds in float64, as model2vec's NumPy
-        #: does for a float64 table or float64 weights.
+        #: The compiled pooling (float32, float64 and int8 tables, numba importable),
+        #: else NumPy's per-text means.
         self._mean_rows = _compiled_mean(table)
-        self._wide = table.storage == "float64" or (
-            weights is not None and weights.dtype == np.float64)
+        # NumPy's dtypes for the products and the sum: float64 for float64 tables or
+        # weights, and for int8 rows without weights (the mean of integers).
+        self._wide = (table.storage == "float64"
+                      or (weights is not None and weights.dtype == np.float64)
+                      or (table.storage == "int8" and weights is None))
+        self._pooled_arrays = _pooled_arrays(table)
         #: Characters kept per text before tokenizing (``None``: all).
         self.max_chars = (None if max_length is None
                           else max_length * self.median_token_length)
@@ -306,7 +309,9 @@ class StaticModel:
         if self._mean_rows is not None:
             factors = (np.empty(0, np.float64) if self.weights is None
                        else self.weights[ids].astype(np.float64))
-            self._mean_rows(self.table.data, rows, factors, counts, self._wide, out)
+            codes, scales, biases = self._pooled_arrays
+            self._mean_rows(codes, scales, biases, dim, rows, factors, counts, self._wide,
+                            out)
             return self._normalized(out)
         # The rows as the folder stores them (int8 integers and float16 values are exact
         # in their decoded floats), so NumPy promotes and averages them exactly as
@@ -338,11 +343,23 @@ def _compiled_mean(table: StoredTable) -> Any:
     """:func:`kernels.numba_text.mean_rows` when it serves ``table`` and numba imports."""
     from kernels import numba_kernel
 
-    if table.storage not in ("float32", "float64") or not numba_kernel.available():
+    if table.storage not in ("float32", "float64", "int8") or not numba_kernel.available():
         return None
     from kernels import numba_text
 
     return numba_text.mean_rows
+
+
+def _pooled_arrays(table: StoredTable) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32],
+                                                npt.NDArray[np.float32]]:
+    """What the compiled pooling reads: float rows as they are, or int8 codes (a view of
+    the stored rows) with each row's scale and bias (8 bytes a row)."""
+    empty = np.empty(0, np.float32)
+    if table.storage != "int8":
+        return table.data, empty, empty
+    _, pair = table.split(table.data)
+    return (table.data, np.ascontiguousarray(pair[:, 0], np.float32),
+            np.ascontiguousarray(pair[:, 1], np.float32))
 
 
 def _per_token(name: str, values: Any, size: int, kind: Any, source: str) -> npt.NDArray[Any]:
