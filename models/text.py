@@ -175,7 +175,9 @@ class StaticModel:
         self.median_token_length = int(np.median([len(token) for token in tokens]))
         #: The compiled pooling (float32, float64 and int8 tables, numba importable),
         #: else NumPy's per-text means.
-        self._mean_rows = _compiled_mean(table)
+        # (int8 rows times float16 weights multiply in float16 in NumPy: left to NumPy.)
+        self._mean_rows = (None if table.storage == "int8" and weights is not None
+                           and weights.dtype == np.float16 else _compiled_mean(table))
         # NumPy's dtypes for the products and the sum: float64 for float64 tables or
         # weights, and for int8 rows without weights (the mean of integers).
         self._wide = (table.storage == "float64"

@@ -133,3 +133,35 @@ def test_compiled_pooling_equals_numpy_pooling(case: str) -> None:
     compiled = model.encode(texts)
     model._mean_rows = None
     np.testing.assert_array_equal(model.encode(texts), compiled)
+
+
+def test_sentence_transformers_top_level_layout(tmp_path: Path) -> None:
+    """``config_sentence_transformers.json`` with ``model.safetensors`` (key
+    ``embedding.weight``) and ``tokenizer.json`` beside it."""
+    source = GOLDEN / "st_wordpiece_f32" / "model"
+    folder = tmp_path / "st"
+    folder.mkdir()
+    (folder / "config_sentence_transformers.json").write_bytes(
+        (source / "config_sentence_transformers.json").read_bytes())
+    for name in ("model.safetensors", "tokenizer.json"):
+        (folder / name).write_bytes((source / "0_StaticEmbedding" / name).read_bytes())
+    texts = json.loads((GOLDEN / "st_wordpiece_f32" / "texts.json").read_text())
+    expected = np.load(GOLDEN / "st_wordpiece_f32" / "expected.npy")
+    np.testing.assert_array_equal(StaticModel.from_pretrained(folder).encode(texts), expected)
+
+
+def test_int8_rows_times_float16_weights_multiply_in_float16() -> None:
+    """NumPy (so model2vec) multiplies int8 rows by float16 weights in float16; the model
+    then leaves pooling to NumPy rather than its compiled float32 pass."""
+    base, texts, _, _ = _case("wordpiece_int8_mapping")
+    vocab = base.tokenizer.get_vocab_size()
+    weights = np.random.default_rng(1).uniform(0.1, 2, vocab).astype(np.float16)
+    model = StaticModel(base.table, base.tokenizer, weights=weights, mapping=base.mapping,
+                        max_length=base.max_length)
+    assert model._mean_rows is None
+    table = base.table.to_float().astype(np.int8)
+    expected = np.zeros((len(texts), model.dim), np.float32)
+    for i, ids in enumerate(model.tokenize(texts)):
+        if ids:
+            expected[i] = (table[base.mapping[ids]] * weights[ids][:, None]).mean(axis=0)
+    np.testing.assert_array_equal(model.encode(texts), expected)
