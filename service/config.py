@@ -170,6 +170,12 @@ def _spec(entry: Any, where: str, base: Path) -> ModelSpec:
         raise ConfigError(f"{where} ({name}): checkpoint is required")
     values = dict(entry)
     values["checkpoint"] = (base / entry["checkpoint"]).resolve()
+    if values["checkpoint"].is_dir():
+        misplaced = [key for key in _TABLE_ONLY if key in values]
+        if misplaced:
+            raise ConfigError(f"{where} ({name}): {', '.join(misplaced)} apply to tables, "
+                              "not to a text model (its checkpoint is a model folder; it "
+                              "mean-pools its stored table as the folder says)")
     if "normalize" in values or "max_length" in values:
         if values["checkpoint"].is_file():
             raise ConfigError(f"{where} ({name}): normalize and max_length apply to text "

@@ -158,20 +158,42 @@ async def embed_texts(request: Request, model_name: str, texts: list[str]) -> An
     settings = service_state(request).settings
 
     def build(model: LoadedModel) -> tuple[FlatBatch | TextBatch, dict[str, int]]:
-        if not isinstance(model.bag, StaticModel):
-            raise InvalidRequest(f"model {model.name!r} has no tokenizer: it embeds ids "
-                                 "(send token-id lists); text needs a text model")
-        if len(texts) > settings.max_texts_per_request:
-            raise InvalidRequest(f"request holds {len(texts)} texts; the limit is "
-                                 f"{settings.max_texts_per_request} (max_texts_per_request)")
+        text_model(model)
+        check_texts(texts, settings, count_only=True)
         return TextBatch(tuple(texts)), {}
 
-    longest = max(map(len, texts), default=0)
+    check_texts(texts, settings, length_only=True)
+    return await _submit(request, model_name, build)
+
+
+def text_model(model: LoadedModel) -> StaticModel:
+    """The model's text module.
+
+    Raises:
+        InvalidRequest: the model has no tokenizer.
+    """
+    if not isinstance(model.bag, StaticModel):
+        raise InvalidRequest(f"model {model.name!r} has no tokenizer: it embeds ids "
+                             "(send token-id lists); text needs a text model")
+    return model.bag
+
+
+def check_texts(texts: list[str], settings: Any, *, count_only: bool = False,
+                length_only: bool = False) -> None:
+    """The text limits (both unless told otherwise).
+
+    Raises:
+        InvalidRequest: more texts than ``max_texts_per_request`` (422).
+        TextTooLong: a text past ``max_text_chars`` (413), named by its position.
+    """
+    if not length_only and len(texts) > settings.max_texts_per_request:
+        raise InvalidRequest(f"request holds {len(texts)} texts; the limit is "
+                             f"{settings.max_texts_per_request} (max_texts_per_request)")
+    longest = 0 if count_only else max(map(len, texts), default=0)
     if longest > settings.max_text_chars:
         at = next(i for i, text in enumerate(texts) if len(text) == longest)
         raise TextTooLong(f"text {at} holds {longest} characters; the limit is "
                           f"{settings.max_text_chars} (max_text_chars)")
-    return await _submit(request, model_name, build)
 
 
 async def _submit(request: Request, model_name: str, build: Build) -> Answer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,8 @@ class LoadedModel:
     spec: ModelSpec
     bag: EmbeddingBag | EmbeddingBagCollection | StaticModel
     version: int = 1
+    #: When this version was loaded (seconds since the epoch; OpenAI's ``created``).
+    loaded_at: float = field(default_factory=time.time)
 
     @property
     def name(self) -> str:
@@ -63,7 +65,8 @@ class LoadedModel:
         """The public facts about the model (``GET /v1/models``)."""
         bag = self.bag
         facts: dict[str, object] = {
-            "id": self.name, "object": "model", "owned_by": "bagserve", "kind": self.kind,
+            "id": self.name, "object": "model", "created": int(self.loaded_at),
+            "owned_by": "bagserve", "kind": self.kind,
             "version": self.version, "dim": self.dim, "dtype": str(bag.compute_dtype),
             "table_dtype": bag.table_dtype, "table_bytes": self.table_bytes,
             "backend": bag.kernel.name, "provider": bag.provider}
@@ -123,7 +126,12 @@ def load_model(spec: ModelSpec, version: int = 1) -> LoadedModel:
         warm_up(bag)
         release_freed_memory()
     except (ValueError, OSError, RuntimeError) as exc:
-        raise ModelLoadError(f"model {spec.name!r} ({source}): {exc}") from exc
+        hint = ""
+        folder = None if spec.checkpoint is None else spec.checkpoint.parent
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            hint = (f" (the file sits in a text model's folder: set checkpoint to the folder "
+                    f"{str(folder)!r} to serve it as a text model)")
+        raise ModelLoadError(f"model {spec.name!r} ({source}): {exc}{hint}") from exc
     logger.info("model loaded", extra={"model": spec.name, "version": version,
                                        "source": source,
                                        "rows": bag.num_embeddings, "dim": bag.embedding_dim,

@@ -364,9 +364,12 @@ def _texts(inputs: list[Any], tail: bytes) -> list[str]:
     if spec.get("datatype") != "BYTES":
         raise InvalidRequest(f"input 'text' must be BYTES; got {spec.get('datatype')!r}")
     shape = spec.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int
-            and 0 <= shape[0] <= MAX_DIMENSION):
-        raise InvalidRequest(f"input 'text' needs a shape [B]; got {describe(shape, 40)}")
+    # [B], or Triton's habitual [B, 1].
+    if not (isinstance(shape, list) and len(shape) in (1, 2) and all(
+            type(d) is int and 0 <= d <= MAX_DIMENSION for d in shape)
+            and (len(shape) == 1 or shape[1] == 1)):
+        raise InvalidRequest(f"input 'text' needs a shape [B] or [B, 1]; got "
+                             f"{describe(shape, 40)}")
     parameters = spec.get("parameters") or {}
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is None:

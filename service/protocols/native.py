@@ -12,16 +12,17 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from models.collection import JaggedFeatures, jagged
-from models.text import StaticModel
-from service.errors import InvalidRequest, TextTooLong
+from service.errors import InvalidRequest
 from service.inference import (
     Answer,
     body_of,
+    check_texts,
     embed,
     embed_features,
     embed_texts,
     require_api_key,
     service_state,
+    text_model,
 )
 from service.schemas import ERRORS, EmbedRequest, EmbedResponse, json_body
 from service.wire import (
@@ -235,19 +236,19 @@ async def tokenize(name: str, request: Request) -> Response:
         raise InvalidRequest(f"unknown field(s) {', '.join(unknown)}; expected texts")
     texts = _text_list(body.get("texts"))
     model = state.batcher(name).model
-    if not isinstance(model.bag, StaticModel):
-        raise InvalidRequest(f"model {name!r} has no tokenizer: it embeds ids")
-    if len(texts) > state.settings.max_texts_per_request:
-        raise InvalidRequest(f"request holds {len(texts)} texts; the limit is "
-                             f"{state.settings.max_texts_per_request} (max_texts_per_request)")
-    longest = max(map(len, texts))
-    if longest > state.settings.max_text_chars:
-        raise TextTooLong(f"a text holds {longest} characters; the limit is "
-                          f"{state.settings.max_text_chars} (max_text_chars)")
+    bag = text_model(model)
+    check_texts(texts, state.settings)
     # Off the event loop: a thousand texts take milliseconds to tokenize.
-    ids = await asyncio.get_running_loop().run_in_executor(None, model.bag.tokenize, texts)
+    ids = await asyncio.get_running_loop().run_in_executor(None, bag.tokenize, texts)
     return Response(orjson.dumps({"model": name, "ids": ids}), media_type="application/json",
                     headers={"X-Model-Version": str(model.version)})
+
+
+@router.get("/v1/models/{name}", summary="One served model (OpenAI's models.retrieve)",
+            responses=ERRORS)
+async def get_model(name: str, request: Request) -> Response:
+    model = service_state(request).batcher(name).model
+    return Response(orjson.dumps(model.describe()), media_type="application/json")
 
 
 @router.get("/v1/models", summary="List served models")

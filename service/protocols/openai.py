@@ -47,8 +47,8 @@ def _texts(value: Any) -> list[str] | None:
 
 def _ids(value: Any) -> tuple[Any, Any]:
     if not isinstance(value, list) or not value:
-        raise InvalidRequest("input must be a non-empty list of token ids or of token-id "
-                             "lists")
+        raise InvalidRequest("input must be a string, a non-empty list of strings, or a "
+                             "non-empty list of token ids or of token-id lists")
     if isinstance(value[0], list):
         return ragged_ints(value, "input")
     ids = int_array(value, "input")

@@ -54,6 +54,7 @@ def test_openai_client_in_strings(served: Server, encoding: str) -> None:
     vectors = np.array([d.embedding for d in response.data], np.float32)
     np.testing.assert_array_equal(vectors, expected)
     assert response.usage.prompt_tokens > 0
+    assert client.models.retrieve("potion").id == "potion"
     one = client.embeddings.create(model="potion", input=texts[2], dimensions=16)
     first = expected[2, :16]
     np.testing.assert_allclose(one.data[0].embedding, first / np.linalg.norm(first),

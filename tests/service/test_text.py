@@ -182,3 +182,30 @@ def test_config(tmp_path: Path) -> None:
     config.write_text(f'[[models]]\nname = "t"\ncheckpoint = "{folder}"\nmax_length = 0\n')
     with pytest.raises(ConfigError, match="max_length must be a positive"):
         load_config(config)
+
+
+def test_user_slips(client: TestClient, tmp_path: Path) -> None:
+    """What the new-user walkthrough tripped on: table options on a text model, a
+    Triton-style [B, 1] shape, one model's facts, a model folder's file as a checkpoint."""
+    folder = GOLDEN / "wordpiece_f32" / "model"
+    config = tmp_path / "models.toml"
+    config.write_text(f'[[models]]\nname = "t"\ncheckpoint = "{folder}"\nmode = "sum"\n')
+    with pytest.raises(ConfigError, match="mode apply to tables, not to a text model"):
+        load_config(config)
+    texts, expected, _ = _golden("wordpiece_f32")
+    spec = {"name": "text", "datatype": "BYTES", "shape": [3, 1], "data": texts[2:5]}
+    answer = client.post("/v2/models/m2v/infer", json={"inputs": [spec]})
+    assert answer.status_code == 200, answer.text
+    rows = np.array(answer.json()["outputs"][0]["data"], np.float32).reshape(3, -1)
+    np.testing.assert_array_equal(rows, expected[2:5])
+    facts = client.get("/v1/models/m2v").json()
+    assert facts["id"] == "m2v" and facts["kind"] == "text" and facts["object"] == "model"
+    assert client.get("/v1/models/ghost").status_code == 404
+    answer = client.post("/v1/models/m2v/tokenize", json={"texts": ["a", "b" * 5001]})
+    assert answer.status_code == 413
+    assert answer.json()["error"]["message"].startswith("text 1 holds 5001 characters")
+    from service.registry import ModelLoadError
+
+    int8 = GOLDEN / "wordpiece_int8_mapping" / "model"  # no float table to serve as one
+    with pytest.raises(ModelLoadError, match="set checkpoint to the folder"):
+        load_model(ModelSpec(name="x", checkpoint=int8 / "model.safetensors"))
