@@ -105,28 +105,25 @@ class FusedCollectionKernel:
         self.num_threads = num_threads
         self._loops = _compiled()
         tables = spec.tables
-        self._dims = np.array([t.embedding_dim for t in tables], dtype=np.int64)
-        self._padding = np.array([-1 if t.padding_idx is None else t.padding_idx
-                                  for t in tables], dtype=np.int64)
-        self._prefetch = np.array([numba_kernel.prefetch_distance(
-            t.table.nbytes, t.table.row_bytes, t.table.storage in ("int8", "int4"))
-            for t in tables], dtype=np.int64)
+        dims = np.array([t.embedding_dim for t in tables], dtype=np.int64)
+        padding = np.array([-1 if t.padding_idx is None else t.padding_idx for t in tables],
+                           dtype=np.int64)
+        prefetch = np.array([numba_kernel.table_prefetch(t.table) for t in tables],
+                            dtype=np.int64)
         self._cols = np.array(spec.cols, dtype=np.int64)
         self._feature_tables = np.array(spec.feature_tables, dtype=np.int64)
         #: Mean bytes an id gathers: sizes a call for the serial-or-parallel choice.
-        self._id_bytes = float(np.mean([max(tables[t].table.row_bytes,
-                                            numba_kernel.LINE_BYTES)
+        self._id_bytes = float(np.mean([numba_kernel.id_bytes(tables[t].table)
                                         for t in spec.feature_tables]))
         self._total_dim = spec.total_dim
         #: Each table's rows keyed in one id space, for max_norm's per-row factors.
-        scaled = [t.table.row_scale is not None for t in tables]
+        scaled = np.array([t.table.row_scale is not None for t in tables])
         self._row_scale: npt.NDArray[np.float32] | None = None
-        if any(scaled):
+        if scaled.any():
             self._row_base = np.cumsum([0] + [t.num_embeddings for t in tables])[:-1]
             self._row_scale = np.concatenate([
                 t.table.row_scale if t.table.row_scale is not None
                 else np.ones(t.num_embeddings, np.float32) for t in tables])
-        self._scaled = np.array(scaled)
         modes = np.array([t.mode for t in tables])
         self._passes = []
         for storage in dict.fromkeys(t.table.storage for t in tables):
@@ -142,9 +139,9 @@ class FusedCollectionKernel:
                                      dtype=np.int64)
             # Positions in this pass's tuple -> per-table facts.
             lookup = np.array(members + [members[0]] * (len(arrays) - len(members)))
-            self._passes.append(_Pass(tuple(arrays), feature_table, self._dims[lookup],
-                                      self._padding[lookup], self._prefetch[lookup],
-                                      modes[lookup], self._scaled[lookup]))
+            self._passes.append(_Pass(tuple(arrays), feature_table, dims[lookup],
+                                      padding[lookup], prefetch[lookup], modes[lookup],
+                                      scaled[lookup]))
 
     def __call__(self, indices: IndexArray, offsets: IndexArray,
                  per_sample_weights: FloatArray | None = None) -> FloatArray:

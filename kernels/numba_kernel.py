@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from kernels.base import FloatArray, IndexArray, TableSpec
+from kernels.storage import StoredTable
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,17 @@ def prefetch_distance(table_bytes: int, row_bytes: int, quantized: bool = False)
     return 2 * PREFETCH_AHEAD if row_bytes <= lines * LINE_BYTES else PREFETCH_AHEAD
 
 
+def table_prefetch(table: StoredTable) -> int:
+    """:func:`prefetch_distance` for a stored table."""
+    return prefetch_distance(table.nbytes, table.row_bytes, table.storage in ("int8", "int4"))
+
+
+def id_bytes(table: StoredTable) -> int:
+    """What one id of ``table`` costs in the serial-or-parallel choice (see
+    :data:`LINE_BYTES`)."""
+    return max(table.row_bytes, LINE_BYTES)
+
+
 def _read_only(array: Any) -> Any:
     """A read-only view: numba compiles one specialisation per mix of writable and
     read-only arguments (~1 s each), so every input reaches the loops read-only. (Always
@@ -162,9 +174,8 @@ class NumbaKernel:
         self._table = _read_only(table.data.view(VIEWS[table.storage]))
         self._dtype = table.compute_dtype
         self._row_bytes = table.row_bytes
-        self._id_bytes = max(self._row_bytes, LINE_BYTES)  # what an id costs (see LINE_BYTES)
-        self._prefetch = prefetch_distance(table.nbytes, self._row_bytes,
-                                           table.storage in ("int8", "int4"))
+        self._id_bytes = id_bytes(table)
+        self._prefetch = table_prefetch(table)
         # -1 never matches a validated id, so the loops need no Optional.
         self._padding = -1 if spec.padding_idx is None else spec.padding_idx
         #: max_norm's factor per row (float16/bfloat16/int4 tables): pooled as weights.

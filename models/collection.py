@@ -253,6 +253,18 @@ def keyed(features: Mapping[str, Any], weights: Mapping[str, Any] | None = None
     return stacked(tuple(features), ids, lengths, floats if weights else None)
 
 
+def same_samples(keys: Sequence[str], samples: Sequence[int]) -> None:
+    """Refuse features with different sample counts (``samples[i]`` of ``keys[i]``).
+
+    Raises:
+        InvalidInputError: naming each feature's count.
+    """
+    if len(set(samples)) > 1:
+        shown = ", ".join(f"{key!r}: {n}" for key, n in zip(keys, samples, strict=True))
+        raise InvalidInputError(f"every feature needs the same number of samples; got "
+                                f"{shown}")
+
+
 def stacked(keys: tuple[str, ...], ids: Sequence[npt.NDArray[np.int64]],
             lengths: Sequence[npt.NDArray[np.int64]],
             weights: Mapping[str, npt.NDArray[np.float32]] | None = None) -> JaggedFeatures:
@@ -268,11 +280,7 @@ def stacked(keys: tuple[str, ...], ids: Sequence[npt.NDArray[np.int64]],
     if unknown:
         raise InvalidInputError(f"weights name feature(s) {', '.join(map(repr, unknown))} "
                                 "that are not in features")
-    if len({counts.shape[0] for counts in lengths}) > 1:
-        shown = ", ".join(f"{name!r}: {c.shape[0]}" for name, c in zip(keys, lengths,
-                                                                       strict=True))
-        raise InvalidInputError(f"every feature needs the same number of samples; got "
-                                f"{shown}")
+    same_samples(keys, [counts.shape[0] for counts in lengths])
     floats = None
     if weights:
         floats = np.concatenate([weights[name] if name in weights

@@ -159,10 +159,10 @@ async def embed_texts(request: Request, model_name: str, texts: list[str]) -> An
 
     def build(model: LoadedModel) -> tuple[FlatBatch | TextBatch, dict[str, int]]:
         text_model(model)
-        check_texts(texts, settings, count_only=True)
+        check_text_count(texts, settings)
         return TextBatch(tuple(texts)), {}
 
-    check_texts(texts, settings, length_only=True)
+    check_text_lengths(texts, settings)
     return await _submit(request, model_name, build)
 
 
@@ -178,18 +178,16 @@ def text_model(model: LoadedModel) -> StaticModel:
     return model.bag
 
 
-def check_texts(texts: list[str], settings: Any, *, count_only: bool = False,
-                length_only: bool = False) -> None:
-    """The text limits (both unless told otherwise).
-
-    Raises:
-        InvalidRequest: more texts than ``max_texts_per_request`` (422).
-        TextTooLong: a text past ``max_text_chars`` (413), named by its position.
-    """
-    if not length_only and len(texts) > settings.max_texts_per_request:
+def check_text_count(texts: list[str], settings: Any) -> None:
+    """Raises InvalidRequest (422) for more texts than ``max_texts_per_request``."""
+    if len(texts) > settings.max_texts_per_request:
         raise InvalidRequest(f"request holds {len(texts)} texts; the limit is "
                              f"{settings.max_texts_per_request} (max_texts_per_request)")
-    longest = 0 if count_only else max(map(len, texts), default=0)
+
+
+def check_text_lengths(texts: list[str], settings: Any) -> None:
+    """Raises TextTooLong (413) for a text past ``max_text_chars``, named by position."""
+    longest = max(map(len, texts), default=0)
     if longest > settings.max_text_chars:
         at = next(i for i, text in enumerate(texts) if len(text) == longest)
         raise TextTooLong(f"text {at} holds {longest} characters; the limit is "

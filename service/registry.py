@@ -170,13 +170,10 @@ def _load_collection(spec: ModelSpec, version: int, source: str, started: float
 def _load_text(spec: ModelSpec, version: int, source: str, started: float) -> LoadedModel:
     """A static text model from its folder: table checked, pooling compiled and run once."""
     assert spec.checkpoint is not None
-    options: dict[str, object] = {}
-    if spec.normalize is not None:
-        options["normalize"] = spec.normalize
-    if spec.max_length is not None:
-        options["max_length"] = spec.max_length
     try:
-        bag = StaticModel.from_pretrained(spec.checkpoint, **options)  # type: ignore[arg-type]
+        bag = StaticModel.from_pretrained(
+            spec.checkpoint, normalize=spec.normalize,
+            max_length="config" if spec.max_length is None else spec.max_length)
         _check_finite(bag.table)
         bag.encode(["warm up", ""])
         release_freed_memory()

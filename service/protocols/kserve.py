@@ -18,7 +18,7 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from models.collection import EmbeddingBagCollection, JaggedFeatures
+from models.collection import EmbeddingBagCollection, JaggedFeatures, same_samples
 from models.text import StaticModel
 from service.errors import InvalidRequest, LoadFailed, ModelNotFound
 from service.inference import (
@@ -104,14 +104,12 @@ async def model_metadata(request: Request, name: str, version: str | None = None
     model = _model(request, name, version)
     index = "INT64"
     bag = model.bag
+    parameters: dict[str, Any] = {"table_dtype": bag.table_dtype,
+                                  "table_bytes": model.table_bytes}
     if isinstance(bag, StaticModel):
-        return _json({
-            "name": name, "versions": [str(model.version)], "platform": "bagserve",
-            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, model.dim]}],
-            "parameters": {"kind": "text", "table_dtype": bag.table_dtype,
-                           "table_bytes": model.table_bytes, "normalize": bag.normalize}})
-    if isinstance(bag, EmbeddingBagCollection):
+        inputs = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+        parameters = {"kind": "text", **parameters, "normalize": bag.normalize}
+    elif isinstance(bag, EmbeddingBagCollection):
         inputs = []
         for feature, table in zip(bag.keys, bag.spec.feature_tables, strict=True):
             inputs += [{"name": f"{feature}__values", "datatype": index, "shape": [-1]},
@@ -120,21 +118,17 @@ async def model_metadata(request: Request, name: str, version: str | None = None
             if bag.tables[table].pooling == "sum":
                 inputs.append({"name": f"{feature}__weights", "datatype": "FP32",
                                "shape": [-1]})
-        return _json({
-            "name": name, "versions": [str(model.version)], "platform": "bagserve",
-            "inputs": inputs,
-            "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, model.dim]}],
-            "parameters": {"kind": "collection", "keys": list(bag.keys),
-                           "dims": list(bag.dims), "offset_per_key": bag.offset_per_key,
-                           "table_dtype": bag.table_dtype, "table_bytes": model.table_bytes}})
+        parameters = {"kind": "collection", "keys": list(bag.keys), "dims": list(bag.dims),
+                      "offset_per_key": bag.offset_per_key, **parameters}
+    else:
+        inputs = [{"name": "indices", "datatype": index, "shape": [-1]},
+                  {"name": "offsets", "datatype": index, "shape": [-1]},
+                  {"name": "per_sample_weights", "datatype": "FP32", "shape": [-1]}]
     return _json({
         "name": name, "versions": [str(model.version)], "platform": "bagserve",
-        "inputs": [{"name": "indices", "datatype": index, "shape": [-1]},
-                   {"name": "offsets", "datatype": index, "shape": [-1]},
-                   {"name": "per_sample_weights", "datatype": "FP32", "shape": [-1]}],
+        "inputs": inputs,
         "outputs": [{"name": "embeddings", "datatype": "FP32", "shape": [-1, model.dim]}],
-        "parameters": {"table_dtype": bag.table_dtype,
-                       "table_bytes": model.table_bytes}})
+        "parameters": parameters})
 
 
 async def _control_body(request: Request, allowed: frozenset[str]) -> dict[str, Any]:
@@ -424,10 +418,7 @@ def _features(tensors: dict[str, npt.NDArray[Any]], features: tuple[str, ...]
                                  f"{list(array.shape)}")
     counts = [_lengths(tensors, feature, array.shape[0])
               for feature, array in zip(features, values, strict=True)]
-    samples = {c.shape[0] for c in counts}
-    if len(samples) > 1:
-        shown = ", ".join(f"{f!r}: {c.shape[0]}" for f, c in zip(features, counts, strict=True))
-        raise InvalidRequest(f"every feature needs the same number of samples; got {shown}")
+    same_samples(features, [c.shape[0] for c in counts])
     lengths = np.stack(counts)
     if lengths.size and int(lengths.min()) < 0:
         feature = features[int(np.flatnonzero((lengths < 0).any(axis=1))[0])]

@@ -11,12 +11,13 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from models.collection import JaggedFeatures, jagged
+from models.collection import JaggedFeatures, jagged, same_samples
 from service.errors import InvalidRequest
 from service.inference import (
     Answer,
     body_of,
-    check_texts,
+    check_text_count,
+    check_text_lengths,
     embed,
     embed_features,
     embed_texts,
@@ -111,11 +112,9 @@ def _features(body: dict[str, Any], limits: Any) -> JaggedFeatures:
         for key, value in zip(keys, columns, strict=True):
             ragged_ints(value, f"features.{key}")  # names feature, bag and item
         raise
-    per_feature = np.fromiter(map(len, columns), dtype=np.int64, count=len(columns))
-    if len(set(per_feature.tolist())) > 1:
-        shown = ", ".join(f"{k!r}: {n}" for k, n in zip(keys, per_feature.tolist(), strict=True))
-        raise InvalidRequest(f"every feature needs the same number of samples; got {shown}")
-    samples = int(per_feature[0])
+    per_feature = [len(column) for column in columns]
+    same_samples(keys, per_feature)
+    samples = per_feature[0]
     lengths = counts.reshape(len(keys), samples)
     ends = np.cumsum(lengths.sum(axis=1))
     floats = {}
@@ -237,7 +236,8 @@ async def tokenize(name: str, request: Request) -> Response:
     texts = _text_list(body.get("texts"))
     model = state.batcher(name).model
     bag = text_model(model)
-    check_texts(texts, state.settings)
+    check_text_count(texts, state.settings)
+    check_text_lengths(texts, state.settings)
     # Off the event loop: a thousand texts take milliseconds to tokenize.
     ids = await asyncio.get_running_loop().run_in_executor(None, bag.tokenize, texts)
     return Response(orjson.dumps({"model": name, "ids": ids}), media_type="application/json",
