@@ -25,10 +25,13 @@ from service.inference import (
     service_state,
     text_model,
 )
+from service.jsonbags import parse_bags
 from service.schemas import ERRORS, EmbedRequest, EmbedResponse, json_body
 from service.wire import (
+    OFF_LOOP_BYTES,
     base64_rows,
     check_lengths,
+    check_structure,
     describe,
     float_array,
     int_array,
@@ -189,7 +192,16 @@ def _parse(body: dict[str, Any]) -> tuple[Any, Any, Any, bool | None, str]:
 async def embed_native(name: str, request: Request) -> Response:
     state = service_state(request)
     state.batcher(name).refuse_if_full()
-    body = await json_object_of(await body_of(request), state.settings)
+    raw = await body_of(request)
+    if len(raw) < OFF_LOOP_BYTES:
+        bags = parse_bags(raw)
+    else:  # bounded first, then read off the event loop (the pass releases the GIL)
+        check_structure(raw, state.settings)
+        bags = await asyncio.get_running_loop().run_in_executor(None, parse_bags, raw)
+    if bags is not None:  # {"bags": [[id, ...], ...]}, read in one compiled pass
+        answer = await embed(request, name, bags[0], bags[1], include_last_offset=True)
+        return _respond(request, answer, "float", {"model": name, "dim": answer.model.dim})
+    body = await json_object_of(raw, state.settings)
     if "texts" in body:
         unknown = sorted(set(body) - {"texts", "encoding"})
         if unknown:

@@ -85,3 +85,21 @@ def test_models_listing_reports_backend_and_provider(client: TestClient) -> None
     assert data["items"]["dim"] == DIM and data["items"]["rows"] == 50
     assert data["items"]["mode"] == "mean" and data["padded"]["padding_idx"] == 0
     assert data["items"]["provider"] in ("numba-cpu", "numpy-cpu")
+
+
+def test_the_compiled_bags_reader_and_the_general_parser_answer_alike(
+        client: TestClient) -> None:
+    # {"bags": ...} alone takes the compiled reader; an explicit encoding, the general path.
+    fast = client.post("/v1/models/items/embed", content=b'{"bags": [[1,2,3],[4],[],[5,5,49]]}')
+    general = client.post("/v1/models/items/embed", json={"bags": BAGS, "encoding": "float"})
+    assert fast.status_code == general.status_code == 200
+    assert fast.content == general.content
+
+
+def test_errors_in_a_bags_body_are_worded_by_the_general_parser(client: TestClient) -> None:
+    for body, words in ((b'{"bags": [[1, 2.5]]}', "bags[0][1] must be an integer"),
+                        (b'{"bags": [[1, 99999]]}', "99999"),
+                        (b'{"bags": [[-1]]}', "-1")):
+        response = client.post("/v1/models/items/embed", content=body)
+        assert response.status_code == 422, response.text
+        assert words in response.json()["error"]["message"], response.text

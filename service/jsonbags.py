@@ -1,0 +1,152 @@
+"""The common native body, ``{"bags": [[id, ...], ...]}``, read straight into arrays.
+
+orjson builds a Python int per id and the ragged list is then flattened and converted:
+for 64 bags of 32 ids that cost the event loop ~110 us of a ~700 us request. This one
+compiled pass reads the bytes into int64 ids and ``[B + 1]`` offsets, releasing the GIL.
+
+It accepts only what it can prove the general path would accept with the same result:
+an object whose only key is ``"bags"`` (spelt without escapes), a list of lists of JSON
+integers (``-?(0|[1-9][0-9]*)``, at most 18 digits), JSON whitespace. Anything else (a
+float, a string, ``true``, another key, a duplicate key, an exponent, a huge integer,
+trailing bytes, a BOM) returns ``None`` and the caller parses the body with orjson, which
+words the error or accepts the rarer forms.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+#: Bodies past this size size their arrays by counting separators first.
+_COUNT_PAST = 64 << 10
+_lock = threading.Lock()
+_compiled: Any = None
+
+
+def _build() -> Any:
+    import numba
+
+    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+    key = np.frombuffer(b'"bags"', dtype=np.uint8)
+
+    @jit
+    def skip(body: Any, at: int) -> int:
+        while at < body.shape[0]:
+            c = body[at]
+            if c != 32 and c != 10 and c != 13 and c != 9:
+                break
+            at += 1
+        return at
+
+    @jit
+    def parse(body: Any, ids: Any, offsets: Any) -> tuple[int, int]:
+        """(bags, ids) read, or (-1, 0) when the body is not in the fast form."""
+        n = body.shape[0]
+        at = skip(body, 0)
+        if at >= n or body[at] != 123:  # {
+            return -1, 0
+        at = skip(body, at + 1)
+        if at + key.shape[0] > n:
+            return -1, 0
+        for i in range(key.shape[0]):
+            if body[at + i] != key[i]:
+                return -1, 0
+        at = skip(body, at + key.shape[0])
+        if at >= n or body[at] != 58:  # :
+            return -1, 0
+        at = skip(body, at + 1)
+        if at >= n or body[at] != 91:  # [
+            return -1, 0
+        at = skip(body, at + 1)
+        bags = 0
+        count = 0
+        offsets[0] = 0
+        if at < n and body[at] == 93:  # ] : no bags
+            at += 1
+        else:
+            while True:
+                if at >= n or body[at] != 91:
+                    return -1, 0
+                at = skip(body, at + 1)
+                if at < n and body[at] == 93:
+                    at += 1
+                else:
+                    while True:
+                        negative = at < n and body[at] == 45  # -
+                        at += int(negative)
+                        start = at
+                        value = 0
+                        while at < n and 48 <= body[at] <= 57:
+                            value = value * 10 + (body[at] - 48)
+                            at += 1
+                        digits = at - start
+                        if digits == 0 or digits > 18 or (digits > 1 and body[start] == 48):
+                            return -1, 0
+                        if at < n and (body[at] == 46 or body[at] == 101 or body[at] == 69):
+                            return -1, 0  # . e E: a float, the general path's error
+                        ids[count] = -value if negative else value
+                        count += 1
+                        at = skip(body, at)
+                        if at >= n:
+                            return -1, 0
+                        if body[at] == 44:  # ,
+                            at = skip(body, at + 1)
+                            continue
+                        if body[at] != 93:
+                            return -1, 0
+                        at += 1
+                        break
+                bags += 1
+                offsets[bags] = count
+                at = skip(body, at)
+                if at >= n:
+                    return -1, 0
+                if body[at] == 44:
+                    at = skip(body, at + 1)
+                    continue
+                if body[at] != 93:
+                    return -1, 0
+                at += 1
+                break
+        at = skip(body, at)
+        if at >= n or body[at] != 125:  # }
+            return -1, 0
+        if skip(body, at + 1) != n:
+            return -1, 0
+        return bags, count
+
+    return parse
+
+
+def _compiled_parser() -> Any:
+    global _compiled
+    with _lock:
+        if _compiled is None:
+            try:
+                _compiled = _build()
+            except ImportError:  # pragma: no cover - numba is a dependency
+                _compiled = False
+        return _compiled
+
+
+def parse_bags(body: bytes) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
+    """``(ids [N], offsets [B + 1])``, int64, for a body of exactly the form
+    ``{"bags": [[id, ...], ...]}``; ``None`` for any other body (never raises for bad
+    input: the caller's general parser words the error)."""
+    parser = _compiled_parser()
+    if not parser or not body:
+        return None
+    data = np.frombuffer(body, dtype=np.uint8)
+    if len(body) <= _COUNT_PAST:  # every id takes a digit and a separator
+        most_ids = most_bags = len(body) // 2 + 1
+    else:  # a large body: the exact bounds (memchr speed) keep the arrays small
+        most_ids, most_bags = body.count(b",") + 1, body.count(b"[")
+    ids = np.empty(most_ids, dtype=np.int64)
+    offsets = np.empty(most_bags + 1, dtype=np.int64)
+    bags, count = parser(data, ids, offsets)
+    if bags < 0:
+        return None
+    return ids[:count], offsets[: bags + 1]
