@@ -1,4 +1,4 @@
-"""The serving process's glibc heap policy.
+"""The serving process's heap policy: glibc's, and the cyclic garbage collector's.
 
 glibc's default heap hands freed memory back to the OS eagerly: a batch's arrays of a
 few hundred KB are unmapped or trimmed when freed and the next batch faults fresh pages
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 from typing import Any
 
 _M_TRIM_THRESHOLD = -1
@@ -49,3 +50,19 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def freeze_long_lived() -> None:
+    """Collect once, then take every object alive now (modules, the app, models, compiled
+    kernels: ~175,000 objects, 43 ms to walk) out of the cyclic collector's sight until
+    the next call.
+
+    Requests allocate containers fast enough to trigger collections every few hundred
+    requests, and each full one walked all of them: ~50 ms stalls that set the p99 of
+    one-bag requests at 64 connections (hey: 54 -> 17 ms with the collector off). Frozen
+    objects are still freed by reference counting; only cycles among them wait for the
+    next call, which is why a model swap calls this again after the old version is gone.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

@@ -18,7 +18,7 @@ from service.config import (
     served_config,
 )
 from service.errors import ModelNotFound, NotReady
-from service.heap import release_freed_memory
+from service.heap import freeze_long_lived, release_freed_memory
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelLoadError, load_model
 from service.settings import Settings
@@ -64,6 +64,7 @@ class ServiceState:
             loaded.append(await loop.run_in_executor(None, load_model, spec, version))
         for model in loaded:
             self._serve(model)
+        freeze_long_lived()
         self.ready = True
         logger.info("ready", extra={"models": sorted(self.batchers)})
 
@@ -249,7 +250,9 @@ class ServiceState:
         self.unavailable.pop(name, None)
         self.last_error.pop(name, None)
         if old is not None:
-            self._retire(old)
+            self._retire(old)  # which freezes the heap again once the old one is gone
+        elif self.ready:
+            freeze_long_lived()  # a model loaded while serving: its objects too
 
     def _unserve(self, name: str, reason: str) -> None:
         old = self.batchers.pop(name, None)
@@ -264,6 +267,7 @@ class ServiceState:
             # This was the last reference to the old table: hand its memory back now
             # rather than at the allocator's leisure.
             del batcher
+            freeze_long_lived()  # the old version's cycles are collectable only now
             await asyncio.get_running_loop().run_in_executor(None, release_freed_memory)
             logger.info("old version released", extra={"model": name, "version": version})
 

@@ -49,3 +49,39 @@ def test_batch_buffers_are_reused_without_page_faults() -> None:
     assert kept < 1, kept
     # The check has teeth: glibc's defaults fault the pages in again on every batch.
     assert default > 100, default
+
+
+def test_a_started_app_hides_its_long_lived_objects_from_the_collector() -> None:
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    gc.unfreeze()
+    with TestClient(create_app(Settings())) as client:
+        assert client.post("/v1/models/demo/embed", json={"bags": [[1]]}).status_code == 200
+        assert gc.get_freeze_count() > 10_000
+    gc.unfreeze()
+
+
+def test_frozen_objects_in_a_cycle_are_collected_by_the_next_freeze() -> None:
+    import gc
+    import weakref
+
+    from service.heap import freeze_long_lived
+
+    class Node:
+        pass
+
+    node = Node()
+    node.self = node  # type: ignore[attr-defined]
+    ref = weakref.ref(node)
+    freeze_long_lived()
+    del node
+    gc.collect()
+    assert ref() is not None  # frozen: a full collection does not see it
+    freeze_long_lived()
+    assert ref() is None
+    gc.unfreeze()
