@@ -48,6 +48,12 @@ INLINE_MAX_BYTES = 64 << 10
 IDLE_INLINE_MAX_BYTES = 4 << 20
 
 
+#: How often :class:`LoopLoad` looks, and how late its timer may fire on a loop with time
+#: to spare (one request's work is ~0.3 ms; a saturated loop runs a timer many ms late).
+LOAD_PERIOD_S = 0.005
+BUSY_LAG_S = 0.001
+
+
 #: What a request queues: flat bags (tables, collections) or texts (text models).
 Work = FlatBatch | TextBatch
 
@@ -119,6 +125,39 @@ class _Watch:
             self._task.cancel()
 
 
+class LoopLoad:
+    """Whether the event loop is saturated, from how late a timer it runs every
+    :data:`LOAD_PERIOD_S` fires (only while requests come: an idle server sleeps).
+
+    A request alone may be pooled in its own task (:meth:`Batcher._compute_now`), but
+    only while the loop has time to spare: under load, requests that wait one turn of the
+    loop in the queue batch together and go to the compute thread, which frees the loop
+    (one-bag requests at 64 connections: 4,600 req/s queued, 4,080 each in its own task).
+    """
+
+    def __init__(self) -> None:
+        #: The last tick was more than :data:`BUSY_LAG_S` late.
+        self.busy = False
+        self._ticking = False
+        self._requests = 0
+
+    def saw_request(self) -> None:
+        self._requests += 1
+        if not self._ticking:
+            self._ticking = True
+            loop = asyncio.get_running_loop()
+            loop.call_at(loop.time() + LOAD_PERIOD_S, self._tick, loop.time() + LOAD_PERIOD_S)
+
+    def _tick(self, due: float) -> None:
+        loop = asyncio.get_running_loop()
+        self.busy = loop.time() - due > BUSY_LAG_S
+        if self._requests == 0:  # nothing since the last tick: stop until the next one
+            self._ticking = self.busy = False
+            return
+        self._requests = 0
+        loop.call_at(loop.time() + LOAD_PERIOD_S, self._tick, loop.time() + LOAD_PERIOD_S)
+
+
 def _concat(items: list[_Pending], dtype: np.dtype[np.floating]) -> Work:
     """One batch holding the items' bags (or texts) in order."""
     if len(items) == 1:
@@ -160,6 +199,9 @@ class Batcher:
         self._released: asyncio.Event | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{model.name}")
         self._task: asyncio.Task[None] | None = None
+        #: The batch computing now, if any.
+        self._running: asyncio.Task[None] | None = None
+        self._load = LoopLoad()
         self._dtype = np.dtype(model.bag.compute_dtype)
         self._cpu_kernel = model.bag.kernel.name in ("numba", "numpy")
         self._row_bytes = model.row_bytes
@@ -249,6 +291,10 @@ class Batcher:
             raise Overloaded(f"model {name!r} is at capacity ({self.queued_ids} ids and "
                              f"{self.queued_bags} bags queued); retry later",
                              headers=self._retry())
+        self._load.saw_request()
+        if (not self._queue and (self._running is None or self._running.done())
+                and not self._load.busy and self._inline(batch)):
+            return self._compute_now(batch, pending.enqueued)
         self._queue.append(pending)
         self._account(pending, +1)
         self._wake.set()
@@ -344,7 +390,6 @@ class Batcher:
 
     async def _loop(self) -> None:
         settings = self._settings
-        running: asyncio.Task[None] | None = None
         while True:
             if not self._queue:
                 if self._closing:
@@ -355,6 +400,7 @@ class Batcher:
             items = self._take(settings.max_batch_ids, settings.max_batch_bags)
             if not items:
                 continue
+            running = self._running
             if running is not None and not running.done():
                 prepared = _concat(items, self._dtype)  # overlaps the running batch
                 await running
@@ -365,9 +411,10 @@ class Batcher:
                     prepared = _concat(items, self._dtype)
             else:
                 prepared = _concat(items, self._dtype)
-            running = asyncio.get_running_loop().create_task(self._compute(items, prepared))
-        if running is not None:
-            await running
+            self._running = asyncio.get_running_loop().create_task(
+                self._compute(items, prepared))
+        if self._running is not None:
+            await self._running
 
     def _inline(self, batch: Work) -> bool:
         """Whether to compute ``batch`` on the event loop: a CPU kernel's call under
@@ -396,6 +443,30 @@ class Batcher:
                                                     batch.per_sample_weights)
         return rows, None
 
+    def _compute_now(self, batch: Work, enqueued: float) -> BatchResult:
+        """A request small enough for the event loop, with nothing queued or computing:
+        pooled in its own task. The queue's round trip (the batching task woken, a
+        future, two timers, two more turns of the loop) cost more than the kernel."""
+        started = time.perf_counter()
+        self._batch_bags.observe(batch.num_bags)
+        self._batch_ids.observe(_ids(batch))
+        try:
+            rows, tokens = self._run_kernel(batch)
+        except Exception as exc:  # noqa: BLE001 - answered as any failed batch is
+            raise self._failed(exc, 1) from None
+        compute_s = time.perf_counter() - started
+        self._compute_seconds.observe(compute_s)
+        return BatchResult(rows, started - enqueued, compute_s, batch.num_bags, _ids(batch),
+                           0 if tokens is None else int(tokens.sum()))
+
+    def _failed(self, exc: Exception, requests: int) -> ComputeFailed:
+        """Log a failed batch; the error each of its requests gets."""
+        name = self.model.name
+        logger.exception("batch failed", exc_info=exc,
+                         extra={"model": name, "requests": requests})
+        return ComputeFailed(f"computing the batch for model {name!r} failed: "
+                             f"{type(exc).__name__}")
+
     async def _compute(self, items: list[_Pending], batch: Work) -> None:
         live = [p for p in items if not p.gone]
         for p in items:
@@ -405,7 +476,6 @@ class Batcher:
             return
         if len(live) != len(items):
             items, batch = live, _concat(live, self._dtype)
-        name = self.model.name
         started = time.perf_counter()
         self._batch_bags.observe(batch.num_bags)
         self._batch_ids.observe(_ids(batch))
@@ -416,9 +486,7 @@ class Batcher:
                 rows, tokens = await asyncio.get_running_loop().run_in_executor(
                     self._executor, self._run_kernel, batch)
         except Exception as exc:  # noqa: BLE001 - every waiter gets the error
-            logger.exception("batch failed", extra={"model": name, "requests": len(items)})
-            error = ComputeFailed(f"computing the batch for model {name!r} failed: "
-                                  f"{type(exc).__name__}")
+            error = self._failed(exc, len(items))
             for p in items:
                 if p.abandoned:
                     p.future.cancel()

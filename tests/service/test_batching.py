@@ -241,3 +241,41 @@ def test_small_batches_run_on_the_loop_and_larger_ones_on_the_compute_thread(
     # Small: on the loop; large with nothing else queued: on the loop too; past the idle
     # bound: the compute thread.
     assert [name.startswith("compute-") for name in threads] == [False, False, True], threads
+
+
+@pytest.mark.anyio
+async def test_loop_load_says_busy_only_while_the_loop_runs_its_timer_late() -> None:
+    import time
+
+    from service.batcher import LOAD_PERIOD_S, LoopLoad
+
+    load = LoopLoad()
+    load.saw_request()
+    await asyncio.sleep(3 * LOAD_PERIOD_S)  # on time, then idle: the timer stops
+    assert not load.busy and not load._ticking
+    load.saw_request()
+    time.sleep(4 * LOAD_PERIOD_S)  # the loop blocked past the next tick
+    await asyncio.sleep(0.001)  # the late tick runs
+    assert load.busy
+    await asyncio.sleep(3 * LOAD_PERIOD_S)
+    assert not load.busy  # no request since: idle again
+
+
+@pytest.mark.anyio
+async def test_a_request_alone_skips_the_queue_and_one_under_load_joins_it() -> None:
+    model = wrapped("items", mode="sum")
+    model.bag.wrapped.name = "numba"  # a CPU kernel: small calls may run on the loop
+    app = create_app(Settings(), models=[model])
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=transport, base_url="http://test") as client:
+        batcher = app.state.service.batchers["items"]
+        alone = await client.post(EMBED.format("items"), json={"bags": [[1, 2]]})
+        assert alone.status_code == 200
+        assert batcher._running is None  # never went through the batching task
+        batcher._load.busy = True
+        batcher._load._ticking = True  # hold the verdict: no timer resets it here
+        queued = await client.post(EMBED.format("items"), json={"bags": [[1, 2]]})
+        assert queued.status_code == 200
+        assert batcher._running is not None
+        np.testing.assert_array_equal(alone.json()["embeddings"], queued.json()["embeddings"])
