@@ -202,6 +202,13 @@ class Batcher:
         #: The batch computing now, if any.
         self._running: asyncio.Task[None] | None = None
         self._load = LoopLoad()
+        #: Seconds the queue takes per id (moving average over batches that others waited
+        #: for; None before the first) and the ids of the batch computing now: with the
+        #: queued ids, the wait a request arriving now implies.
+        self._per_id_s: float | None = None
+        self._running_ids = 0
+        self._dispatched_at = 0.0
+        self._dispatched_ids = 0
         self._dtype = np.dtype(model.bag.compute_dtype)
         self._cpu_kernel = model.bag.kernel.name in ("numba", "numpy")
         self._row_bytes = model.row_bytes
@@ -291,6 +298,7 @@ class Batcher:
             raise Overloaded(f"model {name!r} is at capacity ({self.queued_ids} ids and "
                              f"{self.queued_bags} bags queued); retry later",
                              headers=self._retry())
+        self._refuse_if_late()
         self._load.saw_request()
         if (not self._queue and (self._running is None or self._running.done())
                 and not self._load.busy and self._inline(batch)):
@@ -337,6 +345,30 @@ class Batcher:
             self._count["overloaded"].inc()
             raise Overloaded(f"model {self.model.name!r} is at capacity ({self.queued_ids} "
                              f"ids and {self.queued_bags} bags queued); retry later",
+                             headers=self._retry())
+        self._load.saw_request()
+        self._refuse_if_late()
+
+    def expected_wait(self) -> float:
+        """Seconds a request queued now would wait before its batch computes: the queued
+        and computing ids at the rate the queue drained them while backed up (compute
+        plus the answers' encoding on the loop: 64-bag requests ~3x the kernel alone)."""
+        return (self.queued_ids + self._running_ids) * (self._per_id_s or 0.0)
+
+    def _refuse_if_late(self) -> None:
+        """429 when :meth:`expected_wait` is past ``max_queue_wait_ms`` (a request finding
+        the queue empty is always admitted): admitted requests keep a latency near the
+        unloaded one, the rest hear at once. The event loop's own lag is not counted: in
+        a flood it is mostly the refusals' own cost, and counting it refused everything."""
+        bound = self._settings.max_queue_wait_ms / 1e3
+        if not bound:
+            return
+        wait = self.expected_wait()
+        if wait > bound and self._queue:
+            self._count["overloaded"].inc()
+            raise Overloaded(f"model {self.model.name!r} is at capacity: a request now would "
+                             f"wait ~{wait * 1e3:.0f} ms, past max_queue_wait_ms="
+                             f"{self._settings.max_queue_wait_ms:g}; retry later",
                              headers=self._retry())
 
     def record(self, outcome: str, result: BatchResult | None = None,
@@ -401,7 +433,8 @@ class Batcher:
             if not items:
                 continue
             running = self._running
-            if running is not None and not running.done():
+            backlogged = running is not None and not running.done()
+            if running is not None and backlogged:
                 prepared = _concat(items, self._dtype)  # overlaps the running batch
                 await running
                 more = self._take(settings.max_batch_ids - sum(p.ids for p in items),
@@ -411,6 +444,12 @@ class Batcher:
                     prepared = _concat(items, self._dtype)
             else:
                 prepared = _concat(items, self._dtype)
+            now = time.perf_counter()
+            if backlogged and self._dispatched_ids:
+                # Requests waited for the last batch: from its start to this one's is what
+                # its ids cost the queue, its answers' encoding on the loop included.
+                self._drained(now - self._dispatched_at, self._dispatched_ids)
+            self._dispatched_at, self._dispatched_ids = now, sum(p.ids for p in items)
             self._running = asyncio.get_running_loop().create_task(
                 self._compute(items, prepared))
         if self._running is not None:
@@ -459,6 +498,13 @@ class Batcher:
         return BatchResult(rows, started - enqueued, compute_s, batch.num_bags, _ids(batch),
                            0 if tokens is None else int(tokens.sum()))
 
+    def _drained(self, seconds: float, ids: int) -> None:
+        """A batch of ``ids`` held the queue for ``seconds``: the rate admission reads."""
+        if ids:
+            per_id = seconds / ids
+            self._per_id_s = (per_id if self._per_id_s is None
+                              else 0.8 * self._per_id_s + 0.2 * per_id)
+
     def _failed(self, exc: Exception, requests: int) -> ComputeFailed:
         """Log a failed batch; the error each of its requests gets."""
         name = self.model.name
@@ -479,6 +525,7 @@ class Batcher:
         started = time.perf_counter()
         self._batch_bags.observe(batch.num_bags)
         self._batch_ids.observe(_ids(batch))
+        self._running_ids = _ids(batch)
         try:
             if self._inline(batch):
                 rows, tokens = self._run_kernel(batch)
@@ -493,8 +540,12 @@ class Batcher:
                 elif not p.future.done():
                     p.future.set_exception(error)
             return
+        finally:
+            self._running_ids = 0
         compute_s = time.perf_counter() - started
         self._compute_seconds.observe(compute_s)
+        if self._per_id_s is None and _ids(batch):
+            self._per_id_s = compute_s / _ids(batch)  # a floor until the queue backs up
         start = 0
         for p in items:
             if p.abandoned:

@@ -279,3 +279,37 @@ async def test_a_request_alone_skips_the_queue_and_one_under_load_joins_it() -> 
         assert queued.status_code == 200
         assert batcher._running is not None
         np.testing.assert_array_equal(alone.json()["embeddings"], queued.json()["embeddings"])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("bound_ms", [150.0, 0.0])
+async def test_the_queue_is_bounded_by_the_wait_it_implies(bound_ms: float) -> None:
+    # One bag a batch, 0.1 s a batch: once the queue has drained a batch while others
+    # waited, each queued bag means ~0.1 s; past 150 ms of them a request is refused at
+    # once (0: only the size bounds apply). Every admitted answer is right.
+    settings = Settings(max_batch_bags=1, max_bags_per_request=1, max_queue_wait_ms=bound_ms)
+    app = create_app(settings, models=[wrapped("slow", mode="sum", delay=0.1)])
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            first = [http.post(EMBED.format("slow"), json={"bags": [[i]]}) for i in range(3)]
+            warm = asyncio.gather(*first)  # three queued: the rate is measured on them
+            await asyncio.sleep(0.25)
+            late = [http.post(EMBED.format("slow"), json={"bags": [[i]]}) for i in range(6)]
+            responses = list(await warm) + list(await asyncio.gather(*late))
+            batcher = app.state.service.batchers["slow"]
+            assert batcher._per_id_s is not None and batcher._per_id_s > 0.05
+    statuses = [r.status_code for r in responses]
+    assert statuses[:3] == [200] * 3
+    if bound_ms:
+        # With the queue empty the first of the six is admitted; at most two more fit the
+        # 150 ms (as the last warm batch ends); the rest hear at once.
+        assert 1 <= statuses.count(200) - 3 <= 3 and statuses.count(429) >= 3, statuses
+        refused = next(r for r in responses if r.status_code == 429)
+        assert "max_queue_wait_ms=150" in refused.json()["error"]["message"]
+    else:
+        assert statuses == [200] * 9
+    for i, response in enumerate(responses):
+        if response.status_code == 200:
+            np.testing.assert_allclose(response.json()["embeddings"], [table()[i % 3 if i < 3
+                                       else i - 3]], rtol=1e-6)
