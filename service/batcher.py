@@ -202,13 +202,12 @@ class Batcher:
         #: The batch computing now, if any.
         self._running: asyncio.Task[None] | None = None
         self._load = LoopLoad()
-        #: Seconds the queue takes per id (moving average over batches that others waited
-        #: for; None before the first) and the ids of the batch computing now: with the
-        #: queued ids, the wait a request arriving now implies.
-        self._per_id_s: float | None = None
-        self._running_ids = 0
+        #: Seconds a batch holds the queue (moving average over batches that others
+        #: waited for, from one's start to the next's; None before the first) and whether
+        #: one computes now: with the batches the queue makes, the wait it implies.
+        self._batch_s: float | None = None
+        self._computing = False
         self._dispatched_at = 0.0
-        self._dispatched_ids = 0
         self._dtype = np.dtype(model.bag.compute_dtype)
         self._cpu_kernel = model.bag.kernel.name in ("numba", "numpy")
         self._row_bytes = model.row_bytes
@@ -350,10 +349,16 @@ class Batcher:
         self._refuse_if_late()
 
     def expected_wait(self) -> float:
-        """Seconds a request queued now would wait before its batch computes: the queued
-        and computing ids at the rate the queue drained them while backed up (compute
-        plus the answers' encoding on the loop: 64-bag requests ~3x the kernel alone)."""
-        return (self.queued_ids + self._running_ids) * (self._per_id_s or 0.0)
+        """Seconds a request queued now would wait before its batch computes: the batch
+        computing now and the batches the queued requests make (each takes what the batch
+        budgets allow), each as long as batches held the queue lately while backed up
+        (compute plus the answers' encoding on the loop: for 64-bag requests ~3x the
+        kernel alone). Counted in batches, not ids: many small queued requests are one
+        batch, not many."""
+        settings = self._settings
+        batches = max(-(-self.queued_ids // settings.max_batch_ids),
+                      -(-self.queued_bags // settings.max_batch_bags))
+        return (batches + self._computing) * (self._batch_s or 0.0)
 
     def _refuse_if_late(self) -> None:
         """429 when :meth:`expected_wait` is past ``max_queue_wait_ms`` (a request finding
@@ -445,11 +450,11 @@ class Batcher:
             else:
                 prepared = _concat(items, self._dtype)
             now = time.perf_counter()
-            if backlogged and self._dispatched_ids:
-                # Requests waited for the last batch: from its start to this one's is what
-                # its ids cost the queue, its answers' encoding on the loop included.
-                self._drained(now - self._dispatched_at, self._dispatched_ids)
-            self._dispatched_at, self._dispatched_ids = now, sum(p.ids for p in items)
+            if backlogged:
+                # Requests waited for the last batch: from its start to this one's is how
+                # long it held the queue, its answers' encoding on the loop included.
+                self._held(now - self._dispatched_at)
+            self._dispatched_at = now
             self._running = asyncio.get_running_loop().create_task(
                 self._compute(items, prepared))
         if self._running is not None:
@@ -498,12 +503,9 @@ class Batcher:
         return BatchResult(rows, started - enqueued, compute_s, batch.num_bags, _ids(batch),
                            0 if tokens is None else int(tokens.sum()))
 
-    def _drained(self, seconds: float, ids: int) -> None:
-        """A batch of ``ids`` held the queue for ``seconds``: the rate admission reads."""
-        if ids:
-            per_id = seconds / ids
-            self._per_id_s = (per_id if self._per_id_s is None
-                              else 0.8 * self._per_id_s + 0.2 * per_id)
+    def _held(self, seconds: float) -> None:
+        """A batch held the queue ``seconds``: the moving average admission reads."""
+        self._batch_s = seconds if self._batch_s is None else 0.8 * self._batch_s + 0.2 * seconds
 
     def _failed(self, exc: Exception, requests: int) -> ComputeFailed:
         """Log a failed batch; the error each of its requests gets."""
@@ -525,7 +527,7 @@ class Batcher:
         started = time.perf_counter()
         self._batch_bags.observe(batch.num_bags)
         self._batch_ids.observe(_ids(batch))
-        self._running_ids = _ids(batch)
+        self._computing = True
         try:
             if self._inline(batch):
                 rows, tokens = self._run_kernel(batch)
@@ -541,11 +543,11 @@ class Batcher:
                     p.future.set_exception(error)
             return
         finally:
-            self._running_ids = 0
+            self._computing = False
         compute_s = time.perf_counter() - started
         self._compute_seconds.observe(compute_s)
-        if self._per_id_s is None and _ids(batch):
-            self._per_id_s = compute_s / _ids(batch)  # a floor until the queue backs up
+        if self._batch_s is None:
+            self._batch_s = compute_s  # a floor until the queue backs up
         start = 0
         for p in items:
             if p.abandoned:

@@ -212,11 +212,14 @@ async def _embed(request: Request, state: ServiceState, batcher: Batcher, build:
     try:
         batch, oov = build(model)
         if isinstance(batch, FlatBatch):
-            lengths = np.diff(batch.offsets)
+            ids = int(batch.indices.shape[0])
             for what, value, limit in (
                     ("bags", batch.num_bags, settings.max_bags_per_request),
-                    ("ids", int(batch.indices.shape[0]), settings.max_ids_per_request),
-                    ("ids in one bag", int(lengths.max(initial=0)), settings.max_bag_length)):
+                    ("ids", ids, settings.max_ids_per_request),
+                    # No bag is longer than the request (the usual case: no pass at all).
+                    ("ids in one bag", ids if ids <= settings.max_bag_length
+                     else int(np.diff(batch.offsets).max(initial=0)),
+                     settings.max_bag_length)):
                 if value > limit:
                     raise InvalidRequest(f"request holds {value} {what}; the limit is {limit}")
         deadline = _client_deadline(request)
@@ -229,8 +232,8 @@ async def _embed(request: Request, state: ServiceState, batcher: Batcher, build:
         if exc.status == 500:
             batcher.record("failed")
         raise
-    finite = np.isfinite(result.rows).all(axis=1)
-    if not finite.all():
+    if not np.isfinite(result.rows).all():
+        finite = np.isfinite(result.rows).all(axis=1)
         # Finite inputs can still pool past float32 (huge weights, huge rows): JSON would
         # carry null, binary clients an infinity. Name the first such bag instead.
         what = "sample" if batch.bags_per_row > 1 else "bag"

@@ -284,9 +284,10 @@ async def test_a_request_alone_skips_the_queue_and_one_under_load_joins_it() -> 
 @pytest.mark.anyio
 @pytest.mark.parametrize("bound_ms", [150.0, 0.0])
 async def test_the_queue_is_bounded_by_the_wait_it_implies(bound_ms: float) -> None:
-    # One bag a batch, 0.1 s a batch: once the queue has drained a batch while others
-    # waited, each queued bag means ~0.1 s; past 150 ms of them a request is refused at
-    # once (0: only the size bounds apply). Every admitted answer is right.
+    # One bag a batch, 0.1 s a batch: once a batch has held the queue while others waited,
+    # each queued bag is a batch of ~0.1 s; past 150 ms of them (with the one computing)
+    # a request is refused at once (0: only the size bounds apply). Every admitted answer
+    # is right.
     settings = Settings(max_batch_bags=1, max_bags_per_request=1, max_queue_wait_ms=bound_ms)
     app = create_app(settings, models=[wrapped("slow", mode="sum", delay=0.1)])
     async with app.router.lifespan_context(app):
@@ -298,7 +299,7 @@ async def test_the_queue_is_bounded_by_the_wait_it_implies(bound_ms: float) -> N
             late = [http.post(EMBED.format("slow"), json={"bags": [[i]]}) for i in range(6)]
             responses = list(await warm) + list(await asyncio.gather(*late))
             batcher = app.state.service.batchers["slow"]
-            assert batcher._per_id_s is not None and batcher._per_id_s > 0.05
+            assert batcher._batch_s is not None and batcher._batch_s > 0.05
     statuses = [r.status_code for r in responses]
     assert statuses[:3] == [200] * 3
     if bound_ms:
