@@ -288,11 +288,10 @@ class Batcher:
         name = self.model.name
         if self._closing:
             raise NotReady("server is shutting down", headers=self._retry())
-        loop = asyncio.get_running_loop()
-        pending = _Pending(batch, loop.create_future(), time.perf_counter())
+        enqueued = time.perf_counter()
         settings = self._settings
-        if (self.queued_ids + pending.ids > settings.max_queue_ids
-                or self.queued_bags + pending.bags > settings.max_queue_bags):
+        if (self.queued_ids + _ids(batch) > settings.max_queue_ids
+                or self.queued_bags + batch.num_bags > settings.max_queue_bags):
             self._count["overloaded"].inc()
             raise Overloaded(f"model {name!r} is at capacity ({self.queued_ids} ids and "
                              f"{self.queued_bags} bags queued); retry later",
@@ -301,7 +300,9 @@ class Batcher:
         self._load.saw_request()
         if (not self._queue and (self._running is None or self._running.done())
                 and not self._load.busy and self._inline(batch)):
-            return self._compute_now(batch, pending.enqueued)
+            return self._compute_now(batch, enqueued)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(batch, loop.create_future(), enqueued)
         self._queue.append(pending)
         self._account(pending, +1)
         self._wake.set()

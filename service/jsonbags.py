@@ -42,6 +42,18 @@ def _build() -> Any:
         return at
 
     @jit
+    def separator(body: Any, at: int) -> tuple[int, int]:
+        """After a list's element: past a comma (and whitespace) ``(at, 0)``, past the
+        closing bracket ``(at, 1)``, anything else ``(-1, -1)``."""
+        at = skip(body, at)
+        if at < body.shape[0]:
+            if body[at] == 44:  # ,
+                return skip(body, at + 1), 0
+            if body[at] == 93:  # ]
+                return at + 1, 1
+        return -1, -1
+
+    @jit
     def parse(body: Any, ids: Any, offsets: Any) -> tuple[int, int]:
         """(bags, ids) read, or (-1, 0) when the body is not in the fast form."""
         n = body.shape[0]
@@ -89,28 +101,18 @@ def _build() -> Any:
                             return -1, 0  # . e E: a float, the general path's error
                         ids[count] = -value if negative else value
                         count += 1
-                        at = skip(body, at)
-                        if at >= n:
+                        at, closed = separator(body, at)
+                        if closed < 0:
                             return -1, 0
-                        if body[at] == 44:  # ,
-                            at = skip(body, at + 1)
-                            continue
-                        if body[at] != 93:
-                            return -1, 0
-                        at += 1
-                        break
+                        if closed:
+                            break
                 bags += 1
                 offsets[bags] = count
-                at = skip(body, at)
-                if at >= n:
+                at, closed = separator(body, at)
+                if closed < 0:
                     return -1, 0
-                if body[at] == 44:
-                    at = skip(body, at + 1)
-                    continue
-                if body[at] != 93:
-                    return -1, 0
-                at += 1
-                break
+                if closed:
+                    break
         at = skip(body, at)
         if at >= n or body[at] != 125:  # }
             return -1, 0
