@@ -12,7 +12,7 @@ batching) with one and with ``--workers`` uvicorn workers. Table 100,000 x 128 f
 mean. Workloads: 1 bag and 64 bags of 32 ids a request, JSON, at 1, 16 and 64
 connections. wrk rotates among 64 different bodies (no cache flatters anyone); hey sends
 one body. Every cell is measured twice, the second pass with the servers in reverse
-order. Prints Markdown: requests/s of both passes and the p99 (ms) of the first.
+order. Prints Markdown: requests/s of both passes and the p50 and p99 (ms) of the first.
 """
 
 from __future__ import annotations
@@ -52,29 +52,38 @@ end
 """
 
 
-def _wrk(url: str, script: Path, connections: int, duration: int) -> tuple[float, float]:
+def _wrk(url: str, script: Path, connections: int, duration: int
+         ) -> tuple[float, float, float]:
     output = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections),
                              "-d", f"{duration}s", "--latency", "-s", str(script), url],
                             capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    match = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
-    p99 = (float(match.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[match.group(2)]
-           if match else float("nan"))
+
+    def quantile(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+        return (float(match.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[match.group(2)]
+                if match else float("nan"))
+
     if re.search(r"Non-2xx or 3xx responses: (\d+)", output):
         raise SystemExit(f"non-2xx answers from {url}:\n{output}")
-    return rps, p99
+    return rps, quantile("50"), quantile("99")
 
 
-def _hey(url: str, body: Path, connections: int, duration: int) -> tuple[float, float]:
+def _hey(url: str, body: Path, connections: int, duration: int
+         ) -> tuple[float, float, float]:
     output = subprocess.run(["hey", "-z", f"{duration}s", "-c", str(connections), "-m",
                              "POST", "-T", "application/json", "-D", str(body), url],
                             capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    match = re.search(r"99% in ([\d.]+) secs", output)
     statuses = re.findall(r"\[(\d+)\]\s+\d+ responses", output)
     if set(statuses) - {"200"}:
         raise SystemExit(f"non-200 answers from {url}:\n{output}")
-    return rps, float(match.group(1)) * 1e3 if match else float("nan")
+
+    def quantile(label: str) -> float:
+        match = re.search(rf"{label}% in ([\d.]+) secs", output)
+        return float(match.group(1)) * 1e3 if match else float("nan")
+
+    return rps, quantile("50"), quantile("99")
 
 
 def main() -> None:
@@ -120,7 +129,7 @@ def main() -> None:
             f"{base}/docs", {"BAGSERVE_PEER_TABLE": str(table)}),
     }
     levels = [int(c) for c in args.concurrency.split(",")]
-    results: dict[tuple[str, str, int, int], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, str, int, int], list[tuple[float, float, float]]] = {}
     for order in (list(servers), list(reversed(servers))):
         for name in order:
             command, ready, env = servers[name]
@@ -137,7 +146,7 @@ def main() -> None:
             finally:
                 _stop(process)
     print(f"# {os.cpu_count()} cores, {args.duration} s a cell, {time.strftime('%Y-%m-%d')}; "
-          "req/s of both passes (p99 ms of the first)")
+          "req/s of both passes (p50 / p99 ms of the first)")
     for tool in ("wrk", "hey"):
         print(f"\n{tool}:\n")
         print("| workload | conc. | " + " | ".join(servers) + " | bagserve x bare | "
@@ -148,9 +157,9 @@ def main() -> None:
                 cells, mean = [], {}
                 for name in servers:
                     runs = results[(name, tool, bags, level)]
-                    mean[name] = sum(r for r, _ in runs) / len(runs)
-                    cells.append(" / ".join(f"{r:,.0f}" for r, _ in runs)
-                                 + f" ({runs[0][1]:.1f})")
+                    mean[name] = sum(r[0] for r in runs) / len(runs)
+                    cells.append(" / ".join(f"{r[0]:,.0f}" for r in runs)
+                                 + f" ({runs[0][1]:.2f} / {runs[0][2]:.1f})")
                 many = f"x{args.workers}"
                 ratios = [mean["bagserve"] / mean["bare"],
                           mean["bagserve"] / mean["torch + FastAPI"],
