@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import exception_response
-from service.inference import require_api_key
+from service.inference import count_refused, require_api_key
 
 Handler = Callable[..., Awaitable[Response]]
 
@@ -56,4 +56,5 @@ class FastPath:
             response = await handler(request=request, **arguments)
         except Exception as exc:  # noqa: BLE001 - the one error table answers everything
             response = exception_response(request, exc)
+            count_refused(request, arguments.get("name"), exc)
         await response(scope, receive, send)

@@ -44,6 +44,20 @@ async def require_api_key(request: Request) -> None:
         raise Forbidden("invalid API key")
 
 
+def count_refused(request: Request, model_name: str | None, exc: Exception) -> None:
+    """Count a request to a served model that was refused for what it sent (413, 422:
+    a body past the limits, a float id, an unknown field) as ``invalid`` in the model's
+    request metrics, unless counted already on its way out of :func:`embed`. Without
+    this only the errors found after parsing were counted."""
+    status = (exc.status if isinstance(exc, ServiceError)
+              else 422 if isinstance(exc, InvalidInputError) else 0)
+    if model_name is None or status not in (413, 422) or getattr(exc, "counted", False):
+        return
+    batcher = service_state(request).batchers.get(model_name)
+    if batcher is not None:
+        batcher.record("invalid")
+
+
 async def body_of(request: Request) -> bytes:
     """The request body within the configured size and time limits."""
     settings = service_state(request).settings
@@ -225,12 +239,15 @@ async def _embed(request: Request, state: ServiceState, batcher: Batcher, build:
         deadline = _client_deadline(request)
     except (InvalidInputError, InvalidRequest) as exc:
         batcher.record("invalid")
-        raise InvalidRequest(str(exc)) from None
+        error = InvalidRequest(str(exc))
+        error.counted = True
+        raise error from None
     try:
         result = await batcher.submit(batch, request.receive, deadline)
     except ServiceError as exc:
         if exc.status == 500:
             batcher.record("failed")
+        exc.counted = True  # the batcher counts refusals, deadlines and disconnects
         raise
     if not np.isfinite(result.rows).all():
         finite = np.isfinite(result.rows).all(axis=1)
@@ -238,9 +255,11 @@ async def _embed(request: Request, state: ServiceState, batcher: Batcher, build:
         # carry null, binary clients an infinity. Name the first such bag instead.
         what = "sample" if batch.bags_per_row > 1 else "bag"
         batcher.record("invalid")
-        raise InvalidRequest(f"{what} {int(np.flatnonzero(~finite)[0])} pools to values "
-                             "beyond float32's range (+-3.4e38); scale its "
-                             "weights or rows down")
+        error = InvalidRequest(f"{what} {int(np.flatnonzero(~finite)[0])} pools to values "
+                               "beyond float32's range (+-3.4e38); scale its "
+                               "weights or rows down")
+        error.counted = True
+        raise error
     batcher.record("ok", result, time.perf_counter() - started, oov)
     tokens = (result.tokens if isinstance(batch, TextBatch)
               else int(batch.indices.shape[0]))

@@ -179,3 +179,18 @@ def test_a_reload_loads_what_changed_and_unloads_what_left(tmp_path: Path) -> No
     staged.replace(tmp_path / "a.npy")  # rewritten: a new file under the same name
     assert config_changes([a, b], served, stamps, {"a", "b"}) == (["a"], [])
     assert config_changes([a, b], served, stamps, {"b"}) == (["a"], [])  # unloaded: loads
+
+
+def test_every_refused_input_counts_once_as_invalid(client: TestClient) -> None:
+    # Found while parsing (a float id, an unknown field, a KServe shape), while validating
+    # (an id past the table) or by the body limit: each one invalid request, never two.
+    client.post("/v1/models/items/embed", json={"bags": [[1, 2.5]]})
+    client.post("/v1/models/items/embed", json={"bags": [[1]], "colour": "red"})
+    client.post("/v1/models/items/embed", json={"bags": [[99]]})
+    client.post("/v2/models/items/infer", json={"inputs": [{"name": "input", "shape": [1],
+                                                            "datatype": "FP32", "data": [1]}]})
+    client.post("/v1/models/items/embed", json={"bags": [[1]]})
+    client.post("/v1/models/nowhere/embed", json={"bags": [[1]]})  # 404: no model to count
+    text = client.get("/metrics").text
+    assert 'bagserve_requests_total{model="items",outcome="invalid"} 4.0' in text
+    assert 'bagserve_requests_total{model="items",outcome="ok"} 1.0' in text
