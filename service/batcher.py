@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,10 +49,11 @@ INLINE_MAX_BYTES = 64 << 10
 IDLE_INLINE_MAX_BYTES = 4 << 20
 
 
-#: How often :class:`LoopLoad` looks, and how late its timer may fire on a loop with time
-#: to spare (one request's work is ~0.3 ms; a saturated loop runs a timer many ms late).
+#: How often :class:`LoopLoad` looks, and how late its timer may fire, on average, on a
+#: loop with time to spare (one request's work is ~0.2-0.3 ms, so one connection averages
+#: ~0.1 ms; a saturated loop runs a timer milliseconds late).
 LOAD_PERIOD_S = 0.005
-BUSY_LAG_S = 0.001
+BUSY_LAG_S = 0.0005
 
 
 #: What a request queues: flat bags (tables, collections) or texts (text models).
@@ -136,8 +138,9 @@ class LoopLoad:
     """
 
     def __init__(self) -> None:
-        #: The last tick was more than :data:`BUSY_LAG_S` late.
+        #: The ticks' lateness, averaged over the last few, is past :data:`BUSY_LAG_S`.
         self.busy = False
+        self._lag = 0.0
         self._ticking = False
         self._requests = 0
 
@@ -150,12 +153,29 @@ class LoopLoad:
 
     def _tick(self, due: float) -> None:
         loop = asyncio.get_running_loop()
-        self.busy = loop.time() - due > BUSY_LAG_S
+        # Averaged: one tick lands anywhere in a step of the loop, early or late in it.
+        self._lag = 0.5 * self._lag + 0.5 * (loop.time() - due)
+        self.busy = self._lag > BUSY_LAG_S
         if self._requests == 0:  # nothing since the last tick: stop until the next one
             self._ticking = self.busy = False
+            self._lag = 0.0
             return
         self._requests = 0
         loop.call_at(loop.time() + LOAD_PERIOD_S, self._tick, loop.time() + LOAD_PERIOD_S)
+
+
+_LOADS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopLoad] = (
+    weakref.WeakKeyDictionary())
+
+
+def loop_load(loop: asyncio.AbstractEventLoop | None = None) -> LoopLoad:
+    """The one :class:`LoopLoad` of ``loop`` (default: the running loop), shared by its
+    batchers, which feed it, and its connections' transports, which read it."""
+    loop = loop or asyncio.get_running_loop()
+    load = _LOADS.get(loop)
+    if load is None:
+        load = _LOADS[loop] = LoopLoad()
+    return load
 
 
 def _concat(items: list[_Pending], dtype: np.dtype[np.floating]) -> Work:
@@ -201,7 +221,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         #: The batch computing now, if any.
         self._running: asyncio.Task[None] | None = None
-        self._load = LoopLoad()
+        self._load = loop_load()
         #: Seconds a batch holds the queue (moving average over batches that others
         #: waited for, from one's start to the next's; None before the first) and whether
         #: one computes now: with the batches the queue makes, the wait it implies.

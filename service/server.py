@@ -28,6 +28,7 @@ import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from service.app import create_app
+from service.batcher import loop_load
 from service.config import ModelSpec, share_threads
 from service.control import ParentLink
 from service.registry import LoadedModel
@@ -52,6 +53,58 @@ class DrainingServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
+class CoalescingTransport:
+    """A transport that sends a response's head with its body in one system call, and,
+    while the event loop is saturated, every connection's answers at the end of the
+    loop's step instead of one by one.
+
+    uvicorn writes a head and its body separately: two ``send`` calls an answer, each
+    tens of microseconds on these VMs (the loopback delivery runs inside them). A write
+    is held until the next (both leave at once, in one ``writev``) or the end of this
+    step of the loop. Under load (:func:`service.batcher.loop_load`) writes wait for the
+    end of the step even in pairs: the loop reads every ready request, then answers them
+    in a burst (one-bag requests at 64 connections: 4,770-4,970 -> 5,660-6,240 req/s,
+    and the client's own CPU halved); alone, that wait is one more turn of the loop
+    (one connection: -12%), so an idle loop sends at once. Every other attribute is the
+    wrapped transport's; ``close`` and ``abort`` flush or drop what is pending first."""
+
+    def __init__(self, transport: Any, loop: Any) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._load = loop_load(loop)
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        if len(self._pending) == 1:
+            self._loop.call_soon(self._flush)  # leaves at the end of this step at latest
+        elif not self._load.busy:
+            self._flush()  # a head and its body: both now, in one writev
+
+    def writelines(self, data: Any) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.writelines(pending)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return int(self._transport.get_write_buffer_size()) + sum(map(len, self._pending))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class IdleClosingProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     """uvicorn's HTTP protocol with two guards against idle sockets (20,000 of them once
     made every request fail):
@@ -67,7 +120,7 @@ class IdleClosingProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     max_connections = 4096
 
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
+        super().connection_made(CoalescingTransport(transport, self.loop))
         self.opened_at = self.loop.time()
         if getattr(self, "timeout_keep_alive_task", None) is None:
             self.timeout_keep_alive_task = self.loop.call_later(
