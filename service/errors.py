@@ -26,9 +26,6 @@ class ServiceError(Exception):
 
     status = 500
     type = "internal_error"
-    #: The model's request metrics already counted this one (see
-    #: :func:`service.inference.count_refused`).
-    counted = False
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)

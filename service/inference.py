@@ -44,16 +44,22 @@ async def require_api_key(request: Request) -> None:
         raise Forbidden("invalid API key")
 
 
+#: Where a request's scope names the model it was submitted to (see :func:`_submit`).
+_MODEL = "bagserve.model"
+
+
 def count_refused(request: Request, model_name: str | None, exc: Exception) -> None:
-    """Count a request to a served model that was refused for what it sent (413, 422:
-    a body past the limits, a float id, an unknown field) as ``invalid`` in the model's
-    request metrics, unless counted already on its way out of :func:`embed`. Without
-    this only the errors found after parsing were counted."""
+    """The one place that counts a request refused for what it sent (413, 422: a body
+    past the limits, a float id, an id past the table, a row pooled past float32) as
+    ``invalid`` in its model's request metrics, found while parsing or after. The model
+    is the one it was submitted to, else ``model_name`` (from the path). Refusals the
+    batcher counts itself (429, 503, 499) and failures (500) are not 413/422."""
     status = (exc.status if isinstance(exc, ServiceError)
               else 422 if isinstance(exc, InvalidInputError) else 0)
-    if model_name is None or status not in (413, 422) or getattr(exc, "counted", False):
+    name = request.scope.get(_MODEL, model_name)
+    if name is None or status not in (413, 422):
         return
-    batcher = service_state(request).batchers.get(model_name)
+    batcher = service_state(request).batchers.get(name)
     if batcher is not None:
         batcher.record("invalid")
 
@@ -209,6 +215,7 @@ def check_text_lengths(texts: list[str], settings: Any) -> None:
 
 
 async def _submit(request: Request, model_name: str, build: Build) -> Answer:
+    request.scope[_MODEL] = model_name  # whose metrics count it if it is refused
     state = service_state(request)
     batcher = state.batcher(model_name)
     batcher.hold()  # a swap now lets this request finish on this version
@@ -238,28 +245,21 @@ async def _embed(request: Request, state: ServiceState, batcher: Batcher, build:
                     raise InvalidRequest(f"request holds {value} {what}; the limit is {limit}")
         deadline = _client_deadline(request)
     except (InvalidInputError, InvalidRequest) as exc:
-        batcher.record("invalid")
-        error = InvalidRequest(str(exc))
-        error.counted = True
-        raise error from None
+        raise InvalidRequest(str(exc)) from None  # counted by count_refused
     try:
         result = await batcher.submit(batch, request.receive, deadline)
     except ServiceError as exc:
         if exc.status == 500:
             batcher.record("failed")
-        exc.counted = True  # the batcher counts refusals, deadlines and disconnects
         raise
     if not np.isfinite(result.rows).all():
         finite = np.isfinite(result.rows).all(axis=1)
         # Finite inputs can still pool past float32 (huge weights, huge rows): JSON would
         # carry null, binary clients an infinity. Name the first such bag instead.
         what = "sample" if batch.bags_per_row > 1 else "bag"
-        batcher.record("invalid")
-        error = InvalidRequest(f"{what} {int(np.flatnonzero(~finite)[0])} pools to values "
-                               "beyond float32's range (+-3.4e38); scale its "
-                               "weights or rows down")
-        error.counted = True
-        raise error
+        raise InvalidRequest(f"{what} {int(np.flatnonzero(~finite)[0])} pools to values "
+                             "beyond float32's range (+-3.4e38); scale its "
+                             "weights or rows down")
     batcher.record("ok", result, time.perf_counter() - started, oov)
     tokens = (result.tokens if isinstance(batch, TextBatch)
               else int(batch.indices.shape[0]))

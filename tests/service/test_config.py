@@ -182,15 +182,17 @@ def test_a_reload_loads_what_changed_and_unloads_what_left(tmp_path: Path) -> No
 
 
 def test_every_refused_input_counts_once_as_invalid(client: TestClient) -> None:
-    # Found while parsing (a float id, an unknown field, a KServe shape), while validating
-    # (an id past the table) or by the body limit: each one invalid request, never two.
+    # Found while parsing (a float id, an unknown field, a KServe shape) or while
+    # validating (an id past the table): each one invalid request, never two.
     client.post("/v1/models/items/embed", json={"bags": [[1, 2.5]]})
     client.post("/v1/models/items/embed", json={"bags": [[1]], "colour": "red"})
     client.post("/v1/models/items/embed", json={"bags": [[99]]})
     client.post("/v2/models/items/infer", json={"inputs": [{"name": "input", "shape": [1],
                                                             "datatype": "FP32", "data": [1]}]})
+    # The OpenAI route names its model in the body: counted once it is submitted to it.
+    client.post("/v1/embeddings", json={"model": "items", "input": [[99]]})
     client.post("/v1/models/items/embed", json={"bags": [[1]]})
     client.post("/v1/models/nowhere/embed", json={"bags": [[1]]})  # 404: no model to count
     text = client.get("/metrics").text
-    assert 'bagserve_requests_total{model="items",outcome="invalid"} 4.0' in text
+    assert 'bagserve_requests_total{model="items",outcome="invalid"} 5.0' in text
     assert 'bagserve_requests_total{model="items",outcome="ok"} 1.0' in text
