@@ -223,10 +223,9 @@ class Batcher:
         self._running: asyncio.Task[None] | None = None
         self._load = loop_load()
         #: Seconds a batch holds the queue (moving average over batches that others
-        #: waited for, from one's start to the next's; None before the first) and whether
-        #: one computes now: with the batches the queue makes, the wait it implies.
+        #: waited for, from one's start to the next's; None before the first): with the
+        #: batches the queue makes, the wait it implies.
         self._batch_s: float | None = None
-        self._computing = False
         self._dispatched_at = 0.0
         self._dtype = np.dtype(model.bag.compute_dtype)
         self._cpu_kernel = model.bag.kernel.name in ("numba", "numpy")
@@ -318,8 +317,8 @@ class Batcher:
                              headers=self._retry())
         self._refuse_if_late()
         self._load.saw_request()
-        if (not self._queue and (self._running is None or self._running.done())
-                and not self._load.busy and self._inline(batch)):
+        if (not self._queue and not self._computing and not self._load.busy
+                and self._inline(batch)):
             return self._compute_now(batch, enqueued)
         loop = asyncio.get_running_loop()
         pending = _Pending(batch, loop.create_future(), enqueued)
@@ -380,6 +379,11 @@ class Batcher:
         batches = max(-(-self.queued_ids // settings.max_batch_ids),
                       -(-self.queued_bags // settings.max_batch_bags))
         return (batches + self._computing) * (self._batch_s or 0.0)
+
+    @property
+    def _computing(self) -> bool:
+        """Whether a batch computes now (its task runs until its answers are handed out)."""
+        return self._running is not None and not self._running.done()
 
     def _refuse_if_late(self) -> None:
         """429 when :meth:`expected_wait` is past ``max_queue_wait_ms`` (a request finding
@@ -459,7 +463,7 @@ class Batcher:
             if not items:
                 continue
             running = self._running
-            backlogged = running is not None and not running.done()
+            backlogged = self._computing
             if running is not None and backlogged:
                 prepared = _concat(items, self._dtype)  # overlaps the running batch
                 await running
@@ -548,7 +552,6 @@ class Batcher:
         started = time.perf_counter()
         self._batch_bags.observe(batch.num_bags)
         self._batch_ids.observe(_ids(batch))
-        self._computing = True
         try:
             if self._inline(batch):
                 rows, tokens = self._run_kernel(batch)
@@ -563,8 +566,6 @@ class Batcher:
                 elif not p.future.done():
                     p.future.set_exception(error)
             return
-        finally:
-            self._computing = False
         compute_s = time.perf_counter() - started
         self._compute_seconds.observe(compute_s)
         if self._batch_s is None:
