@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 from array import array as std_array
+from collections.abc import Callable
 from itertools import chain
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +22,8 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 
 from service.errors import BodyTooLarge, ClientDisconnected, InvalidRequest, RequestTimeout
+
+T = TypeVar("T")
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
@@ -94,13 +97,19 @@ def json_object(body: bytes) -> dict[str, Any]:
 OFF_LOOP_BYTES = 256 << 10
 
 
+async def parse_off_loop(body: bytes, limits: Any, parse: Callable[[bytes], T]) -> T:
+    """``parse(body)``: on the event loop below :data:`OFF_LOOP_BYTES`, else after
+    :func:`check_structure` on a worker thread."""
+    if len(body) < OFF_LOOP_BYTES:
+        return parse(body)
+    check_structure(body, limits)
+    return await asyncio.get_running_loop().run_in_executor(None, parse, body)
+
+
 async def json_object_of(body: bytes, limits: Any) -> dict[str, Any]:
     """:func:`json_object`, for bodies past :data:`OFF_LOOP_BYTES` after
     :func:`check_structure` and on a worker thread."""
-    if len(body) < OFF_LOOP_BYTES:
-        return json_object(body)
-    check_structure(body, limits)
-    return await asyncio.get_running_loop().run_in_executor(None, json_object, body)
+    return await parse_off_loop(body, limits, json_object)
 
 
 def check_structure(body: bytes, limits: Any) -> None:

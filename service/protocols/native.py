@@ -7,6 +7,7 @@ from itertools import chain
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -28,15 +29,15 @@ from service.inference import (
 from service.jsonbags import parse_bags
 from service.schemas import ERRORS, EmbedRequest, EmbedResponse, json_body
 from service.wire import (
-    OFF_LOOP_BYTES,
     base64_rows,
     check_lengths,
-    check_structure,
     describe,
     float_array,
     int_array,
+    json_object,
     json_object_of,
     little_endian_f32,
+    parse_off_loop,
     ragged_floats,
     ragged_ints,
 )
@@ -192,16 +193,10 @@ def _parse(body: dict[str, Any]) -> tuple[Any, Any, Any, bool | None, str]:
 async def embed_native(name: str, request: Request) -> Response:
     state = service_state(request)
     state.batcher(name).refuse_if_full()
-    raw = await body_of(request)
-    if len(raw) < OFF_LOOP_BYTES:
-        bags = parse_bags(raw)
-    else:  # bounded first, then read off the event loop (the pass releases the GIL)
-        check_structure(raw, state.settings)
-        bags = await asyncio.get_running_loop().run_in_executor(None, parse_bags, raw)
-    if bags is not None:  # {"bags": [[id, ...], ...]}, read in one compiled pass
-        answer = await embed(request, name, bags[0], bags[1], include_last_offset=True)
+    body = await parse_off_loop(await body_of(request), state.settings, _bags_or_object)
+    if isinstance(body, tuple):  # {"bags": [[id, ...], ...]}, read in one compiled pass
+        answer = await embed(request, name, body[0], body[1], include_last_offset=True)
         return _respond(request, answer, "float", {"model": name, "dim": answer.model.dim})
-    body = await json_object_of(raw, state.settings)
     if "texts" in body:
         unknown = sorted(set(body) - {"texts", "encoding"})
         if unknown:
@@ -222,6 +217,14 @@ async def embed_native(name: str, request: Request) -> Response:
     ids, offsets, weights, last, encoding = _parse(body)
     answer = await embed(request, name, ids, offsets, weights, include_last_offset=last)
     return _respond(request, answer, encoding, {"model": name, "dim": answer.model.dim})
+
+
+def _bags_or_object(raw: bytes
+                    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | dict[str, Any]:
+    """A native body: ``(ids, offsets)`` when it is ``{"bags": ...}`` alone (one compiled
+    pass), else the JSON object (orjson; raises InvalidRequest)."""
+    bags = parse_bags(raw)
+    return json_object(raw) if bags is None else bags
 
 
 def _text_list(value: Any) -> list[str]:
