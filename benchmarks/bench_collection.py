@@ -214,8 +214,7 @@ def http_rows(scale: float, samples: int, rounds: int) -> None:
                 _http_cell(client, bodies, batches, ebc.keys, form, encoding, rounds,
                            samples)
         _triton_cell(url, ebc, batches, rounds, samples)
-        if shutil.which("hey"):
-            _hey_cells(url, ebc, batches[0], samples)
+        _client_cells(url, ebc, batches[0], samples)
     finally:
         _stop(server)
 
@@ -303,7 +302,8 @@ def _triton_cell(url: str, ebc: EmbeddingBagCollection, batches: list[JaggedFeat
 
 
 def _hey(url: str, body: bytes, headers: list[str]) -> float:
-    """Median milliseconds of 1,000 requests of ``body`` from ``hey`` on one connection."""
+    """Median milliseconds of 1,000 requests of ``body`` from ``hey`` on one connection
+    (hey prints them to 0.1 ms)."""
     with tempfile.NamedTemporaryFile(suffix=".body") as file:
         file.write(body)
         file.flush()
@@ -312,8 +312,36 @@ def _hey(url: str, body: bytes, headers: list[str]) -> float:
                                  "application/json", *extra, "-D", file.name, url],
                                 capture_output=True, text=True, check=True).stdout
     match = re.search(r"50%+ in ([\d.]+)", output)
-    assert match is not None, output
+    assert match is not None and "[200]" in output and output.count("responses") == 1, output
     return float(match.group(1)) * 1e3
+
+
+WRK_SCRIPT = """
+local f = io.open("{body}", "rb")
+wrk.body = f:read("*all")
+f:close()
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+{headers}
+"""
+
+
+def _wrk(url: str, body: bytes, headers: list[str]) -> float:
+    """Median milliseconds of ``body`` sent for 2 s by ``wrk`` (C) on one connection (wrk
+    prints them to 0.01 ms)."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "body").write_bytes(body)
+        lines = [f'wrk.headers["{name}"] = "{value.strip()}"'
+                 for name, _, value in (h.partition(":") for h in headers)]
+        script = Path(folder) / "script.lua"
+        script.write_text(WRK_SCRIPT.format(body=Path(folder) / "body",
+                                            headers="\n".join(lines)))
+        output = subprocess.run(["wrk", "-t", "1", "-c", "1", "-d", "2s", "--latency", "-s",
+                                 str(script), url], capture_output=True, text=True,
+                                check=True).stdout
+    match = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+    assert match is not None and "Non-2xx" not in output, output
+    return float(match.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[match.group(2)]
 
 
 def _kserve_body(parts: list[tuple[str, np.ndarray, str]]) -> tuple[bytes, list[str]]:
@@ -327,11 +355,12 @@ def _kserve_body(parts: list[tuple[str, np.ndarray, str]]) -> tuple[bytes, list[
     return head + tail, [f"Inference-Header-Content-Length: {len(head)}"]
 
 
-def _hey_cells(url: str, ebc: EmbeddingBagCollection, batch: JaggedFeatures,
-               samples: int) -> None:
-    """Server and wire time without a Python client: ``hey`` (Go) sends one collection
-    request, then each single-table request, 1,000 times each; the sum of the 26 medians
-    against the collection's. Binary KServe tensors, and KJT JSON answered in raw bytes."""
+def _client_cells(url: str, ebc: EmbeddingBagCollection, batch: JaggedFeatures,
+                  samples: int) -> None:
+    """Server and wire time without a Python client: ``hey`` (Go) and ``wrk`` (C) send one
+    collection request, then each single-table request, on one connection; the sum of
+    the 26 medians against the collection's. Binary KServe tensors, and KJT JSON answered
+    in raw bytes."""
     parts, singles, start = [], [], 0
     for f, (key, table) in enumerate(zip(ebc.keys, ebc.spec.feature_tables, strict=True)):
         counts = batch.lengths[f].astype(np.int64)
@@ -344,19 +373,24 @@ def _hey_cells(url: str, ebc: EmbeddingBagCollection, batch: JaggedFeatures,
                         _kserve_body([("indices", ids, "INT64"), ("offsets", starts, "INT64")]),
                         orjson.dumps({"bags": [bag.tolist() for bag in bags]})))
     body, headers = _kserve_body(parts)
-    one = _hey(f"{url}/v2/models/ranker/infer", body, headers)
-    many = sum(_hey(f"{url}/v2/models/{name}/infer", *kserve) for name, kserve, _ in singles)
-    print(f"HTTP {samples:>4} samples, kserve binary (hey): one collection request "
-          f"{one:6.2f} ms, {len(singles)} single-table requests {many:6.2f} ms: "
-          f"{many / one:5.1f}x", flush=True)
     raw = ["Accept: application/octet-stream"]
     kjt = orjson.dumps({"kjt": {"keys": list(ebc.keys), "values": batch.values.tolist(),
                                 "lengths": batch.lengths.reshape(-1).tolist()}})
-    one = _hey(f"{url}/v1/models/ranker/embed", kjt, raw)
-    many = sum(_hey(f"{url}/v1/models/{name}/embed", bags, raw) for name, _, bags in singles)
-    print(f"HTTP {samples:>4} samples,   kjt  bytes (hey): one collection request "
-          f"{one:6.2f} ms, {len(singles)} single-table requests {many:6.2f} ms: "
-          f"{many / one:5.1f}x", flush=True)
+    for tool, median in (("hey", _hey), ("wrk", _wrk)):
+        if not shutil.which(tool):
+            continue
+        one = median(f"{url}/v2/models/ranker/infer", body, headers)
+        many = sum(median(f"{url}/v2/models/{name}/infer", *kserve)
+                   for name, kserve, _ in singles)
+        print(f"HTTP {samples:>4} samples, kserve binary ({tool}): one collection request "
+              f"{one:6.2f} ms, {len(singles)} single-table requests {many:6.2f} ms: "
+              f"{many / one:5.1f}x", flush=True)
+        one = median(f"{url}/v1/models/ranker/embed", kjt, raw)
+        many = sum(median(f"{url}/v1/models/{name}/embed", bags, raw)
+                   for name, _, bags in singles)
+        print(f"HTTP {samples:>4} samples,   kjt  bytes ({tool}): one collection request "
+              f"{one:6.2f} ms, {len(singles)} single-table requests {many:6.2f} ms: "
+              f"{many / one:5.1f}x", flush=True)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from models.text import StaticModel
 from service.config import DEMO_DIM, DEMO_ROWS, DEMO_SEED, ModelSpec
 from service.heap import release_freed_memory
 from service.jsonbags import parse_bags
+from service.kserve_features import warm_up as warm_kserve_reader
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ def _load_collection(spec: ModelSpec, version: int, source: str, started: float
         features = len(bag.keys)
         bag.batch(jagged(list(bag.keys), np.zeros(features, np.int64),
                          np.ones(features, np.int64)))
+        warm_kserve_reader(bag.keys)
         release_freed_memory()
     except (ValueError, OSError, RuntimeError) as exc:
         raise ModelLoadError(f"model {spec.name!r} ({source}): {exc}") from exc

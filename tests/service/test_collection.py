@@ -87,11 +87,13 @@ def _kserve_inputs(request: dict[str, Any], binary: bool, offsets: bool = False
     return header, {"Content-Type": "application/json"}
 
 
-@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize(("binary", "offsets"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("case", CASES)
-def test_kserve(client: TestClient, case: str, binary: bool) -> None:
+def test_kserve(client: TestClient, case: str, binary: bool, offsets: bool) -> None:
+    # Binary lengths take the compiled reader (unless a case sends weights), the rest the
+    # general one.
     request, expected = CASE_DATA[case]
-    body, headers = _kserve_inputs(request, binary, offsets=binary)
+    body, headers = _kserve_inputs(request, binary, offsets=offsets)
     answer = client.post(f"/v2/models/{case}/infer", content=body, headers=headers)
     assert answer.status_code == 200, answer.text
     if binary:
