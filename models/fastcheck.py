@@ -5,76 +5,57 @@ returns the kernel's ``[B + 1]`` offsets after one pass over the ids (range) and
 the offsets (start, order, end), in compiled code; the NumPy checks it replaces took
 five to ten array passes and ~20 us of per-call overhead. For anything invalid it returns
 ``None`` and the caller runs the NumPy checks, which find the first problem and word the
-error. numba is compiled on first use; without numba the NumPy checks do everything.
+error. Compiled on first use (see :mod:`kernels.jit`); without numba the NumPy checks
+do everything.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-_lock = threading.Lock()
-_compiled: Any = None
+from kernels.jit import AVAILABLE, compiled
 
 
-def _build() -> Any:
-    import numba
+@compiled
+def _in_range(ids: Any, num_embeddings: int) -> bool:
+    # One branch-free pass (an OR of unsigned compares vectorises; an early exit would
+    # not): a negative id is a huge unsigned one.
+    limit = np.uint64(num_embeddings)
+    bad = False
+    for position in range(ids.shape[0]):
+        bad |= np.uint64(ids[position]) >= limit
+    return not bad
 
-    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
 
-    @jit
-    def in_range(ids: Any, num_embeddings: int) -> bool:
-        # One branch-free pass (an OR of unsigned compares vectorises; an early exit
-        # would not): a negative id is a huge unsigned one.
-        limit = np.uint64(num_embeddings)
-        bad = False
-        for position in range(ids.shape[0]):
-            bad |= np.uint64(ids[position]) >= limit
-        return not bad
-
-    @jit
-    def check(ids: Any, offsets: Any, num_embeddings: int, include_last_offset: bool,
-              csr: Any) -> bool:
-        if not in_range(ids, num_embeddings):
+@compiled
+def _check(ids: Any, offsets: Any, num_embeddings: int, include_last_offset: bool,
+           csr: Any) -> bool:
+    if not _in_range(ids, num_embeddings):
+        return False
+    count = offsets.shape[0]
+    if count == 0 or offsets[0] != 0:
+        return False
+    previous = 0
+    for bag in range(count):
+        start = offsets[bag]
+        if start < previous:
             return False
-        count = offsets.shape[0]
-        if count == 0 or offsets[0] != 0:
-            return False
-        previous = 0
-        for bag in range(count):
-            start = offsets[bag]
-            if start < previous:
-                return False
-            csr[bag] = start
-            previous = start
-        if include_last_offset:
-            return bool(previous == ids.shape[0])
-        if previous > ids.shape[0]:
-            return False
-        csr[count] = ids.shape[0]
-        return True
-
-    return check, in_range
-
-
-def _compiled_checks() -> Any:
-    global _compiled
-    with _lock:
-        if _compiled is None:
-            _compiled = _build()
-        return _compiled
+        csr[bag] = start
+        previous = start
+    if include_last_offset:
+        return bool(previous == ids.shape[0])
+    if previous > ids.shape[0]:
+        return False
+    csr[count] = ids.shape[0]
+    return True
 
 
 def available() -> bool:
     """Whether the compiled check can run here (numba imports)."""
-    try:
-        import numba  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the platform
-        return False
-    return True
+    return AVAILABLE
 
 
 def valid_csr(ids: npt.NDArray[np.int64], offsets: npt.NDArray[np.int64],
@@ -95,11 +76,11 @@ def valid_csr(ids: npt.NDArray[np.int64], offsets: npt.NDArray[np.int64],
         return None
     size = offsets.shape[0] if include_last_offset else offsets.shape[0] + 1
     csr = np.empty(max(size, 1), dtype=np.int64)
-    if not _compiled_checks()[0](ids, offsets, num_embeddings, include_last_offset, csr):
+    if not _check(ids, offsets, num_embeddings, include_last_offset, csr):
         return None
     return offsets if include_last_offset else csr
 
 
 def ids_in_range(ids: npt.NDArray[np.int64], num_embeddings: int) -> bool:
     """Whether every id of the int64 array ``ids`` (any shape) is in ``[0, num_embeddings)``."""
-    return bool(_compiled_checks()[1](ids.reshape(-1), num_embeddings))
+    return bool(_in_range(ids.reshape(-1), num_embeddings))
