@@ -32,3 +32,13 @@ def compiled(function: F) -> F:
     if numba is None:  # pragma: no cover - numba is a dependency
         return function  # type: ignore[unreachable]
     return numba.njit(nogil=True, cache=True, boundscheck=False)(function)  # type: ignore[return-value]
+
+
+def inlined(function: F) -> F:
+    """As :func:`compiled`, inlined into each compiled caller (``inline="always"``): for
+    a helper called per list or per bag, where a call would cost its argument arrays'
+    reference counts every time."""
+    if numba is None:  # pragma: no cover - numba is a dependency
+        return function  # type: ignore[unreachable]
+    return numba.njit(nogil=True, cache=True, boundscheck=False,  # type: ignore[return-value]
+                      inline="always")(function)

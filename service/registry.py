@@ -14,7 +14,7 @@ from models.collection import EmbeddingBagCollection, jagged
 from models.text import StaticModel
 from service.config import DEMO_DIM, DEMO_ROWS, DEMO_SEED, ModelSpec
 from service.heap import release_freed_memory
-from service.jsonbags import parse_bags
+from service.jsonbags import parse_bags, parse_kjt
 from service.kserve_features import warm_up as warm_kserve_reader
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ def load_model(spec: ModelSpec, version: int = 1) -> LoadedModel:
     # or loaded it while a fresh server's first client waited 0.5 s).
     parse_bags(b'{"bags": [[0, 1], []]}')
     if spec.tables is not None:
+        parse_kjt(b'{"kjt": {"keys": ["a"], "values": [1], "lengths": [1]}}')
         return _load_collection(spec, version, source, started)
     if spec.checkpoint is not None and spec.checkpoint.is_dir():
         return _load_text(spec, version, source, started)

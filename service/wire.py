@@ -132,14 +132,15 @@ def check_lengths(limits: Any, *, bags: Any = None, ids: Any = None,
                   offsets: Any = None) -> None:
     """Refuse lists longer than the request limits before converting them: a body of
     3,000,000 empty bags is over the bag limit whatever they hold. ``limits`` is the
-    service's settings; ``bags``, ``ids`` and ``offsets`` the raw JSON values (anything
-    not a list is left to the parsers; offsets may hold one entry more than the bags)."""
+    service's settings; ``bags``, ``ids`` and ``offsets`` the raw JSON values or arrays
+    read from them (anything else is left to the parsers; offsets may hold one entry more
+    than the bags)."""
     most_bags = limits.max_bags_per_request
     for value, allowed, what, limit in (
             (bags, most_bags, "bags", str(most_bags)),
             (ids, limits.max_ids_per_request, "ids", str(limits.max_ids_per_request)),
             (offsets, most_bags + 1, "offsets", f"{most_bags} bags")):
-        if isinstance(value, list) and len(value) > allowed:
+        if isinstance(value, list | np.ndarray) and len(value) > allowed:
             raise InvalidRequest(f"request holds {len(value)} {what}; the limit is {limit}")
 
 

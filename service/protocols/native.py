@@ -26,7 +26,7 @@ from service.inference import (
     service_state,
     text_model,
 )
-from service.jsonbags import parse_bags
+from service.jsonbags import KjtBody, parse_bags, parse_kjt
 from service.schemas import ERRORS, EmbedRequest, EmbedResponse, json_body
 from service.wire import (
     base64_rows,
@@ -76,20 +76,8 @@ def _features(body: dict[str, Any], limits: Any) -> JaggedFeatures:
         if unknown:
             raise InvalidRequest(f"unknown field(s) {', '.join(unknown)} in kjt; expected "
                                  f"{', '.join(sorted(_KJT_FIELDS))}")
-        check_lengths(limits, ids=kjt.get("values"), bags=None)
-        for field in ("lengths", "offsets"):
-            value = kjt.get(field)
-            if isinstance(value, list) and len(value) > limits.max_bags_per_request + 1:
-                raise InvalidRequest(f"request holds {len(value)} {field}; the limit is "
-                                     f"{limits.max_bags_per_request} bags")
-        values = kjt.get("values")
-        if values is None:
-            raise InvalidRequest("kjt needs values: every feature's ids, feature major")
-        lengths, offsets, weights = kjt.get("lengths"), kjt.get("offsets"), kjt.get("weights")
-        return jagged(kjt.get("keys"), int_array(values, "kjt.values"),
-                      None if lengths is None else int_array(lengths, "kjt.lengths"),
-                      None if offsets is None else int_array(offsets, "kjt.offsets"),
-                      None if weights is None else float_array(weights, "kjt.weights"))
+        return _kjt(kjt.get("keys"), kjt.get("values"), kjt.get("lengths"),
+                    kjt.get("offsets"), kjt.get("weights"), limits)
     features, weights = body.get("features"), body.get("weights")
     if not isinstance(features, dict) or not features:
         raise InvalidRequest('features must be an object mapping each feature name to its '
@@ -197,6 +185,10 @@ async def embed_native(name: str, request: Request) -> Response:
     if isinstance(body, tuple):  # {"bags": [[id, ...], ...]}, read in one compiled pass
         answer = await embed(request, name, body[0], body[1], include_last_offset=True)
         return _respond(request, answer, "float", {"model": name, "dim": answer.model.dim})
+    if isinstance(body, KjtBody):  # {"kjt": {...}}, read in one compiled pass
+        encoding = _encoding({} if body.encoding is None else {"encoding": body.encoding})
+        features = _kjt(body.keys, body.values, body.lengths, None, None, state.settings)
+        return await _features_answer(request, name, features, encoding)
     if "texts" in body:
         unknown = sorted(set(body) - {"texts", "encoding"})
         if unknown:
@@ -207,11 +199,8 @@ async def embed_native(name: str, request: Request) -> Response:
         return _respond(request, answer, encoding, {"model": name, "dim": answer.model.dim})
     if "features" in body or "kjt" in body:
         encoding = _encoding(body)
-        answer = await embed_features(request, name, _features(body, state.settings))
-        bag: Any = answer.model.bag
-        return _respond(request, answer, encoding, {
-            "model": name, "keys": list(bag.keys), "dims": list(bag.dims),
-            "offset_per_key": bag.offset_per_key})
+        return await _features_answer(request, name, _features(body, state.settings),
+                                      encoding)
     check_lengths(state.settings, bags=body.get("bags"), ids=body.get("indices"),
                   offsets=body.get("offsets"))
     ids, offsets, weights, last, encoding = _parse(body)
@@ -219,12 +208,46 @@ async def embed_native(name: str, request: Request) -> Response:
     return _respond(request, answer, encoding, {"model": name, "dim": answer.model.dim})
 
 
-def _bags_or_object(raw: bytes
-                    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | dict[str, Any]:
-    """A native body: ``(ids, offsets)`` when it is ``{"bags": ...}`` alone (one compiled
-    pass), else the JSON object (orjson; raises InvalidRequest)."""
+async def _features_answer(request: Request, name: str, features: JaggedFeatures,
+                           encoding: str) -> Response:
+    answer = await embed_features(request, name, features)
+    bag: Any = answer.model.bag
+    return _respond(request, answer, encoding, {
+        "model": name, "keys": list(bag.keys), "dims": list(bag.dims),
+        "offset_per_key": bag.offset_per_key})
+
+
+def _bags_or_object(raw: bytes) -> (tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]
+                                    | KjtBody | dict[str, Any]):
+    """A native body: ``(ids, offsets)`` when it is ``{"bags": ...}`` alone, a
+    :class:`KjtBody` when it is a plain KJT (each one compiled pass), else the JSON object
+    (orjson; raises InvalidRequest)."""
     bags = parse_bags(raw)
-    return json_object(raw) if bags is None else bags
+    if bags is not None:
+        return bags
+    kjt = parse_kjt(raw)
+    return json_object(raw) if kjt is None else kjt
+
+
+def _kjt(keys: Any, values: Any, lengths: Any, offsets: Any, weights: Any, limits: Any
+         ) -> JaggedFeatures:
+    """A KJT's fields as JSON lists, or int64 arrays from :func:`parse_kjt`; the request
+    limits checked before anything is converted."""
+    check_lengths(limits, ids=values, bags=None)
+    for field, value in (("lengths", lengths), ("offsets", offsets)):
+        if isinstance(value, list | np.ndarray) and len(value) > limits.max_bags_per_request + 1:
+            raise InvalidRequest(f"request holds {len(value)} {field}; the limit is "
+                                 f"{limits.max_bags_per_request} bags")
+    if values is None:
+        raise InvalidRequest("kjt needs values: every feature's ids, feature major")
+
+    def ints(value: Any, field: str) -> Any:
+        return value if isinstance(value, np.ndarray) else int_array(value, field)
+
+    return jagged(keys, ints(values, "kjt.values"),
+                  None if lengths is None else ints(lengths, "kjt.lengths"),
+                  None if offsets is None else ints(offsets, "kjt.offsets"),
+                  None if weights is None else float_array(weights, "kjt.weights"))
 
 
 def _text_list(value: Any) -> list[str]:

@@ -59,6 +59,26 @@ def test_native_keyed_and_kjt(client: TestClient, case: str) -> None:
     _close(np.frombuffer(raw.content, "<f4").reshape(expected.shape), expected)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_plain_kjt_reads_as_the_general_parser_reads_it(client: TestClient, case: str) -> None:
+    # Keys, values and lengths alone take the compiled reader; the same KJT with offsets
+    # the general one: the same rows, bit for bit.
+    request, expected = CASE_DATA[case]
+    kjt = as_kjt(request, list(request["features"]))
+    plain = {"keys": kjt["keys"], "values": kjt["values"], "lengths": kjt["lengths"]}
+    general = {"keys": kjt["keys"], "values": kjt["values"],
+               "offsets": np.concatenate([[0], np.cumsum(kjt["lengths"])]).tolist()}
+    rows = []
+    for body in (plain, general):
+        answer = client.post(f"/v1/models/{case}/embed", content=orjson.dumps(
+            {"kjt": body, "encoding": "base64"}))
+        assert answer.status_code == 200, answer.text
+        rows.append([base64.b64decode(r) for r in answer.json()["embeddings"]])
+    assert rows[0] == rows[1]
+    if not request["weights"]:
+        _close([np.frombuffer(r, "<f4") for r in rows[0]], expected)
+
+
 def _kserve_inputs(request: dict[str, Any], binary: bool, offsets: bool = False
                    ) -> tuple[bytes, dict[str, str]]:
     inputs, tail = [], b""
@@ -212,6 +232,10 @@ def test_limits_count_every_feature(make_client: Callable[..., TestClient],
     kjt = as_kjt(request, list(request["features"]))
     answer = client.post("/v1/models/ranker/embed", json={"kjt": kjt})
     assert answer.status_code == 422 and "limit" in answer.json()["error"]["message"]
+    del kjt["weights"]  # the compiled reader's form: the same refusal
+    answer = client.post("/v1/models/ranker/embed", content=orjson.dumps({"kjt": kjt}))
+    assert answer.status_code == 422
+    assert answer.json()["error"]["message"] == "request holds 45 lengths; the limit is 20 bags"
 
 
 def test_config_refusals(tmp_path: Path) -> None:

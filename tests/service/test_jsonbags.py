@@ -4,6 +4,7 @@ path on every body it accepts, and declines every body it cannot prove."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import orjson
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.jsonbags import parse_bags
+from service.jsonbags import parse_bags, parse_kjt
 from service.wire import ragged_ints
 
 ids = st.integers(min_value=-(10**18) + 1, max_value=10**18 - 1)
@@ -71,3 +72,81 @@ def test_a_large_body_sizes_its_arrays_from_its_separators() -> None:
     assert parsed is not None
     np.testing.assert_array_equal(parsed[0], value.reshape(-1))
     np.testing.assert_array_equal(parsed[1], np.arange(0, 60_001, 30))
+
+
+# -- {"kjt": {"keys", "values", "lengths"}, "encoding"} -------------------------------------
+
+names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters='"\\',
+                              min_codepoint=32), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(names, max_size=4), st.lists(ids, max_size=12),
+       st.lists(st.integers(0, 10**6), max_size=8),
+       st.sampled_from([None, "float", "base64", "other"]), st.booleans(), st.booleans(),
+       spaces)
+def test_every_plain_kjt_reads_as_orjson_reads_it(
+        keys: list[str], values: list[int], lengths: list[int], encoding: str | None,
+        encoding_first: bool, reordered: bool, space: str) -> None:
+    fields = {"keys": keys, "values": values, "lengths": lengths}
+    if reordered:
+        fields = dict(reversed(fields.items()))
+    members: dict[str, Any] = {"kjt": fields}
+    if encoding is not None:
+        members = {"encoding": encoding, **members} if encoding_first else {
+            **members, "encoding": encoding}
+    body = json.dumps(members, ensure_ascii=False,
+                      separators=("," + space, space + ":" + space)).encode()
+    parsed = parse_kjt(body)
+    assert parsed is not None, body
+    expected = orjson.loads(body)
+    assert parsed.keys == expected["kjt"]["keys"]
+    assert parsed.encoding == expected.get("encoding")
+    np.testing.assert_array_equal(parsed.values, np.array(values, np.int64).reshape(-1))
+    np.testing.assert_array_equal(parsed.lengths, np.array(lengths, np.int64).reshape(-1))
+    assert parsed.values.dtype == np.int64 and parsed.lengths.dtype == np.int64
+
+
+KJT = b'"keys": ["a", "b"], "values": [1, 2], "lengths": [1, 1]'
+
+
+@pytest.mark.parametrize("body", [
+    b'{"kjt": {' + KJT + b', "offsets": [0, 1, 2]}}',
+    b'{"kjt": {' + KJT + b', "weights": [1.0, 2.0]}}',
+    b'{"kjt": {"keys": ["a"], "values": [1], "offsets": [0, 1]}}',
+    b'{"kjt": {"keys": ["a"], "values": [1]}}', b'{"kjt": {"keys": ["a"], "lengths": [0]}}',
+    b'{"kjt": {"values": [1], "lengths": [1]}}', b'{"kjt": {}}', b'{"kjt": null}',
+    b'{"kjt": {' + KJT + b', "keys": ["c"]}}', b'{"kjt": {' + KJT + b', "values": [3, 4]}}',
+    b'{"kjt": {' + KJT + b', "lengths": [2, 0]}}', b'{"kjt": {' + KJT + b'}, "kjt": {}}',
+    b'{"kjt": {' + KJT + b'}, "encoding": "float", "encoding": "base64"}',
+    b'{"kjt": {' + KJT + b'}, "encoding": null}', b'{"kjt": {' + KJT + b'}, "encoding": 1}',
+    b'{"kjt": {' + KJT + b'}, "features": {}}', b'{"kjt": {' + KJT + b'}, "x": 1}',
+    b'{"kjt": {"keys": ["a\\u0062"], "values": [1], "lengths": [1]}}',
+    b'{"kjt": {"keys": ["a\\"b"], "values": [1], "lengths": [1]}}',
+    b'{"kjt": {"keys": ["a\tb"], "values": [1], "lengths": [1]}}',
+    b'{"kjt": {"keys": ["\xff"], "values": [1], "lengths": [1]}}',
+    b'{"kjt": {"keys": [1], "values": [1], "lengths": [1]}}',
+    b'{"kjt": {"keys": "a", "values": [1], "lengths": [1]}}',
+    b'{"kjt": {"keys": ["a"], "values": [1.5], "lengths": [1]}}',
+    b'{"kjt": {"keys": ["a"], "values": [true], "lengths": [1]}}',
+    b'{"kjt": {"keys": ["a"], "values": [1], "lengths": [1e0]}}',
+    b'{"kjt": {"keys": ["a"], "values": [[1]], "lengths": [1]}}',
+    b'{"kjt": {"keys": ["a"], "values": [1234567890123456789], "lengths": [1]}}',
+    b'{"kjt": {"keys": ["a",], "values": [1], "lengths": [1]}}',
+    b'{"kjt": {"keys": ["a"], "values": [1], "lengths": [1],}}',
+    b'{"kjt": {' + KJT + b'}}x', b'{"kjt": {' + KJT + b'}', b'{"kjt": {' + KJT,
+    b'{"kj\\u0074": {' + KJT + b'}}', b'{"bags": [[1]]}', b"[]", b"", b"{}",
+])
+def test_any_other_kjt_is_left_to_the_general_parser(body: bytes) -> None:
+    assert parse_kjt(body) is None
+
+
+def test_a_large_kjt_sizes_its_arrays_from_its_separators() -> None:
+    values = np.arange(40_000) % 997
+    body = orjson.dumps({"kjt": {"keys": [f"f{i}" for i in range(100)],
+                                 "values": values.tolist(), "lengths": [400] * 100}})
+    assert len(body) > 64 << 10
+    parsed = parse_kjt(body)
+    assert parsed is not None and len(parsed.keys) == 100
+    np.testing.assert_array_equal(parsed.values, values)
+    np.testing.assert_array_equal(parsed.lengths, np.full(100, 400))
