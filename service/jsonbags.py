@@ -1,15 +1,19 @@
-"""The common native body, ``{"bags": [[id, ...], ...]}``, read straight into arrays.
+"""The common native bodies read straight into arrays: ``{"bags": [[id, ...], ...]}`` and
+a plain KeyedJaggedTensor, ``{"kjt": {"keys": [...], "values": [...], "lengths":
+[...]}}`` (with or without ``"encoding"``).
 
-orjson builds a Python int per id and the ragged list is then flattened and converted:
-for 64 bags of 32 ids that cost the event loop ~110 us of a ~700 us request. This one
-compiled pass reads the bytes into int64 ids and ``[B + 1]`` offsets, releasing the GIL.
+orjson builds a Python int per id and the lists are then flattened and converted: for 64
+bags of 32 ids that cost the event loop ~110 us of a ~700 us request, for a 64-sample
+KJT of 26 features (10,018 ids) ~680 us. These compiled passes read the bytes into int64
+arrays (~26 us and ~160 us), releasing the GIL.
 
-It accepts only what it can prove the general path would accept with the same result:
-an object whose only key is ``"bags"`` (spelt without escapes), a list of lists of JSON
-integers (``-?(0|[1-9][0-9]*)``, at most 18 digits), JSON whitespace. Anything else (a
-float, a string, ``true``, another key, a duplicate key, an exponent, a huge integer,
-trailing bytes, a BOM) returns ``None`` and the caller parses the body with orjson, which
-words the error or accepts the rarer forms.
+They accept only what they can prove the general path would accept with the same result:
+the members above (spelt without escapes, each once), lists of JSON integers
+(``-?(0|[1-9][0-9]*)``, at most 18 digits), keys and encoding as strings without escapes
+or control characters, JSON whitespace. Anything else (a float, ``true``, another or a
+duplicate member, offsets or weights, an exponent, a huge integer, trailing bytes, a BOM)
+returns ``None`` and the caller parses the body with orjson, which words the error or
+accepts the rarer forms.
 """
 
 from __future__ import annotations
