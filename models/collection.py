@@ -177,8 +177,9 @@ def jagged(keys: Any, values: Any, lengths: Any = None, offsets: Any = None,
     if ids.ndim != 1:
         raise InvalidInputError(f"values must be 1-D; got shape {ids.shape}")
     if (lengths is None) == (offsets is None):
-        raise InvalidInputError("send either lengths (F * B entries) or offsets "
-                                "(F * B + 1 entries)")
+        parts = "lengths (F * B entries) or offsets (F * B + 1 entries)"
+        raise InvalidInputError(f"send {parts}, not both" if lengths is not None
+                                else f"{parts} missing: a KJT needs one of them")
     if lengths is not None:
         counts = _integer_array("lengths", lengths)
         if counts.ndim != 1:

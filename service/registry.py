@@ -109,11 +109,12 @@ def load_model(spec: ModelSpec, version: int = 1) -> LoadedModel:
     """
     started = time.perf_counter()
     source = "built-in demo table" if spec.checkpoint is None else str(spec.checkpoint)
-    # The compiled reader of native bodies, whichever model kind (its first call compiled
-    # or loaded it while a fresh server's first client waited 0.5 s).
+    # The compiled readers of native bodies, whichever model kind: every body that is not
+    # a bags body is offered to the KJT reader (a first call compiled or loaded them while
+    # a fresh server's first client waited 0.5 s).
     parse_bags(b'{"bags": [[0, 1], []]}')
+    parse_kjt(b'{"kjt": {"keys": ["a"], "values": [1], "lengths": [1]}}')
     if spec.tables is not None:
-        parse_kjt(b'{"kjt": {"keys": ["a"], "values": [1], "lengths": [1]}}')
         return _load_collection(spec, version, source, started)
     if spec.checkpoint is not None and spec.checkpoint.is_dir():
         return _load_text(spec, version, source, started)

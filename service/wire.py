@@ -163,6 +163,15 @@ def _first_bad(values: list[Any], allowed: tuple[type, ...]) -> int:
     return next(i for i, v in enumerate(values) if type(v) not in allowed)
 
 
+def not_an_integer(where: str, value: Any) -> InvalidRequest:
+    """The refusal of a JSON value that should be an int64 integer. JSON integers past 64
+    bits reach us as floats (orjson's reading), so a huge one is named as out of range,
+    not as a float the client never sent."""
+    if type(value) is float and abs(value) >= 2.0**63:
+        return InvalidRequest(f"{where} is outside int64; got {describe(value)}")
+    return InvalidRequest(f"{where} must be an integer; got {describe(value)}")
+
+
 def int_array(values: Any, field: str) -> npt.NDArray[np.int64]:
     """A flat JSON list of integers as int64; raises InvalidRequest naming the field.
 
@@ -177,8 +186,7 @@ def int_array(values: Any, field: str) -> npt.NDArray[np.int64]:
         array = np.frombuffer(std_array("q", values), dtype=np.int64)
     except TypeError:
         bad = _first_bad(values, (int,))
-        raise InvalidRequest(f"{field}[{bad}] must be an integer; got "
-                             f"{describe(values[bad])}") from None
+        raise not_an_integer(f"{field}[{bad}]", values[bad]) from None
     except OverflowError:
         raise InvalidRequest(f"{field} holds an integer outside int64") from None
     candidates = np.flatnonzero(np.abs(array) <= 1)  # bools became 0 or 1
@@ -189,8 +197,7 @@ def int_array(values: Any, field: str) -> npt.NDArray[np.int64]:
         if (type(picked) is not int if candidates.size == 1
                 else bool(set(map(type, picked)) - {int})):
             bad = int(candidates[_first_bad([values[i] for i in candidates.tolist()], (int,))])
-            raise InvalidRequest(f"{field}[{bad}] must be an integer; got "
-                                 f"{describe(values[bad])}")
+            raise not_an_integer(f"{field}[{bad}]", values[bad])
     return array
 
 
@@ -247,8 +254,7 @@ def ragged_ints(values: Any, field: str) -> tuple[npt.NDArray[np.int64], npt.NDA
     except InvalidRequest:
         if set(map(type, flat)) - {int}:
             bag, item = _ragged_position(offsets, _first_bad(flat, (int,)))
-            raise InvalidRequest(f"{field}[{bag}][{item}] must be an integer; got "
-                                 f"{describe(values[bag][item])}") from None
+            raise not_an_integer(f"{field}[{bag}][{item}]", values[bag][item]) from None
         raise
 
 

@@ -168,7 +168,7 @@ def test_a_sample_never_depends_on_its_batch(client: TestClient) -> None:
     ({"features": {"ghost": [[1]]}}, "unknown feature.*'ghost'"),
     ({"features": [[1]]}, "features must be an object"),
     ({"features": {"user_id": [[1]]}, "extra": 1}, "unknown field"),
-    ({"kjt": {"keys": ["user_id"], "values": [1]}}, "either lengths"),
+    ({"kjt": {"keys": ["user_id"], "values": [1]}}, r"lengths \(F \* B .* offsets .* missing"),
     ({"kjt": {"keys": ["user_id"], "values": [1], "lengths": [1], "x": 1}}, "unknown field"),
     ({"kjt": [1]}, "kjt must be an object"),
     ({"kjt": {"keys": ["user_id"], "lengths": [1]}}, "kjt needs values"),
