@@ -102,7 +102,7 @@ def _integers(body: Any, at: int, out: Any, count: int) -> tuple[int, int]:
 @inlined
 def _name(body: Any, at: int, name: Any) -> int:
     """Past ``name`` (its bytes, quotes included) at ``at``, or -1."""
-    if at + name.shape[0] > body.shape[0]:
+    if at < 0 or at + name.shape[0] > body.shape[0]:
         return -1
     for i in range(name.shape[0]):
         if body[at + i] != name[i]:
@@ -194,14 +194,77 @@ def _next_member(body: Any, at: int) -> tuple[int, int]:
     return -1, -1
 
 
+@inlined
+def _strings(body: Any, at: int, spans: Any) -> tuple[int, int]:
+    """The JSON list of plain strings at ``at``, each one's byte span (without quotes)
+    written to ``spans``: (past its ``]``, how many), or (-1, 0)."""
+    n = body.shape[0]
+    if at >= n or body[at] != 91:  # [
+        return -1, 0
+    at = _skip(body, at + 1)
+    if at < n and body[at] == 93:  # ]
+        return at + 1, 0
+    count = 0
+    while True:
+        end = _string(body, at)
+        if end < 0:
+            return -1, 0
+        spans[2 * count] = at + 1
+        spans[2 * count + 1] = end - 1
+        count += 1
+        at, closed = _separator(body, end)
+        if closed < 0:
+            return -1, 0
+        if closed:
+            return at, count
+
+
+@inlined
+def _kjt_object(body: Any, at: int, values: Any, lengths: Any, spans: Any
+                ) -> tuple[int, int, int, int]:
+    """The object ``{"keys": [...], "values": [...], "lengths": [...]}`` at ``at``
+    (members in any order, each once, nothing else): (past its ``}``, ids, lengths,
+    keys), or at -1."""
+    n = body.shape[0]
+    ids = counts = keys = -1
+    if at >= n or body[at] != 123:  # {
+        return -1, 0, 0, 0
+    at = _skip(body, at + 1)
+    while True:
+        key, end = at, _string(body, at)
+        if end < 0:
+            return -1, 0, 0, 0
+        at = _colon(body, end)
+        if at < 0:
+            return -1, 0, 0, 0
+        if _name(body, key, _KEYS) == end and keys < 0:
+            at, keys = _strings(body, at, spans)
+        elif _name(body, key, _VALUES) == end and ids < 0:
+            at, ids = _integers(body, at, values, 0)
+        elif _name(body, key, _LENGTHS) == end and counts < 0:
+            at, counts = _integers(body, at, lengths, 0)
+        else:  # offsets, weights, another name, a name twice
+            return -1, 0, 0, 0
+        if at < 0:
+            return -1, 0, 0, 0
+        at, closed = _next_member(body, at)
+        if closed < 0:
+            return -1, 0, 0, 0
+        if closed:
+            break
+    if keys < 0 or ids < 0 or counts < 0:
+        return -1, 0, 0, 0
+    return at, ids, counts, keys
+
+
 @compiled
 def _parse_kjt(body: Any, values: Any, lengths: Any, spans: Any
                ) -> tuple[int, int, int, int, int]:
-    """Read ``{"kjt": {"keys": [...], "values": [...], "lengths": [...]}, "encoding":
-    "..."}`` (members in any order, each once, encoding optional): (ids, lengths, keys,
-    encoding start, encoding end), the ids and lengths written to ``values`` and
-    ``lengths``, each key's byte span (without quotes) to ``spans``, (-1, -1) for no
-    encoding. ids is -1 when the body is not in this form."""
+    """Read ``{"kjt": {...}, "encoding": "..."}`` (either order, each once, encoding
+    optional; the KJT as :func:`_kjt_object` reads it): (ids, lengths, keys, encoding
+    start, encoding end), the ids and lengths written to ``values`` and ``lengths``, each
+    key's byte span (without quotes) to ``spans``, (-1, -1) for no encoding. ids is -1
+    when the body is not in this form."""
     n = body.shape[0]
     ids = counts = keys = -1
     encoding_start = encoding_end = -1
@@ -210,72 +273,22 @@ def _parse_kjt(body: Any, values: Any, lengths: Any, spans: Any
         return -1, 0, 0, -1, -1
     at = _skip(body, at + 1)
     while True:
-        end = _string(body, at)
+        key, end = at, _string(body, at)
         if end < 0:
             return -1, 0, 0, -1, -1
-        if _name(body, at, _KJT) == end and keys < 0:
-            at = _colon(body, end)
-            if at < 0 or at >= n or body[at] != 123:  # {
-                return -1, 0, 0, -1, -1
-            at = _skip(body, at + 1)
-            keys = 0
-            listed = False
-            while True:
-                end = _string(body, at)
-                if end < 0:
-                    return -1, 0, 0, -1, -1
-                if _name(body, at, _KEYS) == end and not listed:
-                    listed = True
-                    at = _colon(body, end)
-                    if at < 0 or at >= n or body[at] != 91:  # [
-                        return -1, 0, 0, -1, -1
-                    at = _skip(body, at + 1)
-                    if at < n and body[at] == 93:  # ]
-                        at += 1
-                    else:
-                        while True:
-                            end = _string(body, at)
-                            if end < 0:
-                                return -1, 0, 0, -1, -1
-                            spans[2 * keys] = at + 1
-                            spans[2 * keys + 1] = end - 1
-                            keys += 1
-                            at, closed = _separator(body, end)
-                            if closed < 0:
-                                return -1, 0, 0, -1, -1
-                            if closed:
-                                break
-                elif _name(body, at, _VALUES) == end and ids < 0:
-                    at = _colon(body, end)
-                    if at < 0:
-                        return -1, 0, 0, -1, -1
-                    at, ids = _integers(body, at, values, 0)
-                elif _name(body, at, _LENGTHS) == end and counts < 0:
-                    at = _colon(body, end)
-                    if at < 0:
-                        return -1, 0, 0, -1, -1
-                    at, counts = _integers(body, at, lengths, 0)
-                else:  # offsets, weights, another name, a name twice
-                    return -1, 0, 0, -1, -1
-                if at < 0:
-                    return -1, 0, 0, -1, -1
-                at, closed = _next_member(body, at)
-                if closed < 0:
-                    return -1, 0, 0, -1, -1
-                if closed:
-                    break
-            if not listed or ids < 0 or counts < 0:
-                return -1, 0, 0, -1, -1
-        elif _name(body, at, _ENCODING) == end and encoding_start < 0:
-            at = _colon(body, end)
-            if at < 0:
-                return -1, 0, 0, -1, -1
+        at = _colon(body, end)
+        if at < 0:
+            return -1, 0, 0, -1, -1
+        if _name(body, key, _KJT) == end and keys < 0:
+            at, ids, counts, keys = _kjt_object(body, at, values, lengths, spans)
+        elif _name(body, key, _ENCODING) == end and encoding_start < 0:
             end = _string(body, at)
-            if end < 0:
-                return -1, 0, 0, -1, -1
-            encoding_start, encoding_end = at + 1, end - 1
+            if end >= 0:
+                encoding_start, encoding_end = at + 1, end - 1
             at = end
         else:
+            return -1, 0, 0, -1, -1
+        if at < 0:
             return -1, 0, 0, -1, -1
         at, closed = _next_member(body, at)
         if closed < 0:
