@@ -252,8 +252,14 @@ async def _embed(request: Request, state: ServiceState, batcher: Batcher, build:
         if exc.status == 500:
             batcher.record("failed")
         raise
-    if not np.isfinite(result.rows).all():
-        finite = np.isfinite(result.rows).all(axis=1)
+    # Checked as the rows go out, in float32: a float64 table's rows can be finite and
+    # still past float32's range (they became null in JSON, infinities in binary).
+    wire = result.rows
+    if wire.dtype != np.float32:
+        with np.errstate(over="ignore"):  # the overflow is what is checked for
+            wire = wire.astype(np.float32)
+    if not np.isfinite(wire).all():
+        finite = np.isfinite(wire).all(axis=1)
         # Finite inputs can still pool past float32 (huge weights, huge rows): JSON would
         # carry null, binary clients an infinity. Name the first such bag instead.
         what = "sample" if batch.bags_per_row > 1 else "bag"

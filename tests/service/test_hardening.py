@@ -5,13 +5,19 @@ error."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from models import EmbeddingBag
 from service.app import create_app
+from service.config import ModelSpec
+from service.registry import LoadedModel
 from service.settings import Settings
 from tests.service.conftest import default_models
 
@@ -75,6 +81,23 @@ def test_a_sum_that_overflows_float32_is_422_not_null(client: TestClient) -> Non
     assert "bag 1 pools to values beyond float32's range" in response.json()["error"]["message"]
     assert client.post("/v1/models/weighted/embed",
                        json={"bags": [[1]], "per_sample_weights": [[2.0]]}).status_code == 200
+
+
+def test_float64_rows_past_float32_are_422_not_null(
+        make_client: Callable[..., TestClient]) -> None:
+    # Finite in the float64 table and its sums, infinite once sent as float32.
+    weight = np.full((4, 3), 1e30, dtype=np.float64)
+    weight[2] = 1e39
+    bag = EmbeddingBag.from_pretrained(weight, mode="sum")
+    client = make_client([LoadedModel(ModelSpec(name="wide", mode="sum"), bag)])
+    response = client.post("/v1/models/wide/embed", json={"bags": [[0, 1], [3, 2]]})
+    assert response.status_code == 422, response.text
+    assert "bag 1 pools to values beyond float32's range" in response.json()["error"]["message"]
+    response = client.post("/v1/models/wide/embed", json={"bags": [[0, 1]],
+                                                          "encoding": "base64"})
+    assert response.status_code == 200, response.text
+    rows = np.frombuffer(base64.b64decode(response.json()["embeddings"][0]), "<f4")
+    np.testing.assert_array_equal(rows, np.float32(2e30))
 
 
 def test_a_client_leaving_mid_body_is_no_error_in_the_log(
