@@ -283,6 +283,12 @@ def test_zero_samples_answer_no_rows(client: TestClient) -> None:
     assert answer.json()["embeddings"] == []
     kjt = {"kjt": {"keys": list(request["features"]), "values": [], "lengths": []}}
     assert client.post("/v1/models/ranker/embed", json=kjt).json()["embeddings"] == []
+    body, headers = _kserve_inputs({**empty, "weights": {}}, binary=True)
+    answer = client.post("/v2/models/ranker/infer", content=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    size = int(answer.headers["inference-header-content-length"])
+    assert orjson.loads(answer.content[:size])["outputs"][0]["shape"][0] == 0
+    assert len(answer.content) == size
 
 
 def test_torchrec_field_names_and_reload(tmp_path: Path,
