@@ -367,9 +367,6 @@ class EmbeddingBagCollection:
         self._oov = [tables[t].oov for t in feature_tables]
         self._summed = [tables[t].pooling == "sum" for t in feature_tables]
         self._position = {feature: i for i, feature in enumerate(features)}
-        #: :meth:`_order` of a request in the model's own order (shared: read, never
-        #: written).
-        self._in_order = list(range(len(features)))
         self._policies = np.array([OOV_POLICIES.index(p) for p in self._oov], dtype=np.int64)
         self._lay_out = _compiled_layout()
 
@@ -578,7 +575,7 @@ class EmbeddingBagCollection:
     def _order(self, keys: tuple[str, ...]) -> list[int]:
         """Positions in the request of each output feature."""
         if keys == self.keys:  # the usual request (KServe's reader sends this order)
-            return self._in_order
+            return list(range(len(keys)))
         given = {}
         for position, key in enumerate(keys):
             if key in given:

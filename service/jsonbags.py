@@ -46,14 +46,15 @@ def _skip(body: Any, at: int) -> int:
 
 
 @inlined
-def _separator(body: Any, at: int) -> tuple[int, int]:
-    """After a list's element: past a comma (and whitespace) ``(at, 0)``, past the
-    closing bracket ``(at, 1)``, anything else ``(-1, -1)``."""
+def _after_item(body: Any, at: int, closing: int) -> tuple[int, int]:
+    """After a list's element or an object's member: past a comma (and whitespace)
+    ``(at, 0)``, past the ``closing`` bracket or brace ``(at, 1)``, anything else
+    ``(-1, -1)``."""
     at = _skip(body, at)
     if at < body.shape[0]:
         if body[at] == 44:  # ,
             return _skip(body, at + 1), 0
-        if body[at] == 93:  # ]
+        if body[at] == closing:
             return at + 1, 1
     return -1, -1
 
@@ -88,7 +89,7 @@ def _integers(body: Any, at: int, out: Any, count: int) -> tuple[int, int]:
         out[count] = -value if negative else value
         count += 1
         # A float's "." or exponent fails here too: only whitespace, "," or "]" follow.
-        # (Spelt out, not _separator: 10% of the pass.)
+        # (Spelt out, not _after_item: 10% of the pass.)
         at = _skip(body, at)
         if at >= n:
             return -1, 0
@@ -153,7 +154,7 @@ def _parse(body: Any, ids: Any, offsets: Any) -> tuple[int, int]:
                 return -1, 0
             bags += 1
             offsets[bags] = count
-            at, closed = _separator(body, at)
+            at, closed = _after_item(body, at, 93)  # ]
             if closed < 0:
                 return -1, 0
             if closed:
@@ -182,19 +183,6 @@ def _string(body: Any, at: int) -> int:
 
 
 @inlined
-def _next_member(body: Any, at: int) -> tuple[int, int]:
-    """After an object's member: past a comma ``(at, 0)``, past the closing brace
-    ``(at, 1)``, anything else ``(-1, -1)``."""
-    at = _skip(body, at)
-    if at < body.shape[0]:
-        if body[at] == 44:  # ,
-            return _skip(body, at + 1), 0
-        if body[at] == 125:  # }
-            return at + 1, 1
-    return -1, -1
-
-
-@inlined
 def _strings(body: Any, at: int, spans: Any) -> tuple[int, int]:
     """The JSON list of plain strings at ``at``, each one's byte span (without quotes)
     written to ``spans``: (past its ``]``, how many), or (-1, 0)."""
@@ -212,7 +200,7 @@ def _strings(body: Any, at: int, spans: Any) -> tuple[int, int]:
         spans[2 * count] = at + 1
         spans[2 * count + 1] = end - 1
         count += 1
-        at, closed = _separator(body, end)
+        at, closed = _after_item(body, end, 93)  # ]
         if closed < 0:
             return -1, 0
         if closed:
@@ -247,7 +235,7 @@ def _kjt_object(body: Any, at: int, values: Any, lengths: Any, spans: Any
             return -1, 0, 0, 0
         if at < 0:
             return -1, 0, 0, 0
-        at, closed = _next_member(body, at)
+        at, closed = _after_item(body, at, 125)  # }
         if closed < 0:
             return -1, 0, 0, 0
         if closed:
@@ -290,7 +278,7 @@ def _parse_kjt(body: Any, values: Any, lengths: Any, spans: Any
             return -1, 0, 0, -1, -1
         if at < 0:
             return -1, 0, 0, -1, -1
-        at, closed = _next_member(body, at)
+        at, closed = _after_item(body, at, 125)  # }
         if closed < 0:
             return -1, 0, 0, -1, -1
         if closed:
