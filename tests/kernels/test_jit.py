@@ -33,9 +33,13 @@ print(json.dumps(stats))
 
 
 def _run(cache: Path) -> dict[str, list[int]]:
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", PROGRAM], env=env, cwd=ROOT, check=True,
+    # Prepend, not replace: where packages come from PYTHONPATH (a carried site folder),
+    # the child must still find them.
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-c", PROGRAM], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
