@@ -29,10 +29,8 @@ from kernels import numba_decode, numba_tiles
 def _row_pooler(op):
     """An inlined ``pool_row(weight, indices, scale, start, end, padding, out, bag,
     prefetch, divisor)`` running the tiles of ``op`` across one output row."""
-    lanes_of, widest = numba_tiles.lanes, numba_tiles.widest
-    t16, t8, t4, t2, t1 = (numba_tiles.make_tile(op, vectors) for vectors in (16, 8, 4, 2, 1))
-    # Sums only: weighted sums need a register for the weight, max one to compare.
-    wide = 16 if op == "sum" else 8
+    lanes_of = numba_tiles.lanes
+    t8, t4, t2, t1 = (numba_tiles.make_tile(op, vectors) for vectors in (8, 4, 2, 1))
     tail = numba_tiles.make_tile(op, 1, masked=True)
 
     @numba.njit(inline="always")
@@ -43,11 +41,6 @@ def _row_pooler(op):
         lanes = lanes_of(weight)
         col = 0
         invalid = 0
-        if wide == 16 and widest(weight) == 16:
-            while col + 16 * lanes <= dim:
-                invalid |= t16(weight, indices, scale, start, end, padding, col, out, bag,
-                               prefetch, divisor, 0)
-                col += 16 * lanes
         while col + 8 * lanes <= dim:
             invalid |= t8(weight, indices, scale, start, end, padding, col, out, bag, prefetch,
                           divisor, 0)
