@@ -23,12 +23,12 @@ from kernels.numba_loops import (
     _MAX_BAD,
     _MAX_EMPTY,
     bounds,
+    compact_max_row,
+    compact_scaled_max_row,
+    compact_sum_row,
+    compact_weighted_row,
     counted,
     max_bounds,
-    pool_max_row,
-    pool_scaled_max_row,
-    pool_sum_row,
-    pool_weighted_row,
     split,
     zero,
 )
@@ -77,11 +77,12 @@ def _serial(stamp):
                     if state == _MAX_BAD:
                         bad = True
                     elif op == OP_MAX:
-                        bad = pool_max_row(weight, indices, scale, start, end, padding, view,
-                                           sample, prefetch, 1) != 0
+                        bad = compact_max_row(weight, indices, scale, start, end, padding,
+                                              view, sample, prefetch, 1) != 0
                     else:
-                        bad = pool_scaled_max_row(weight, indices, scale, start, end, padding,
-                                                  view, sample, prefetch, 1) != 0
+                        bad = compact_scaled_max_row(weight, indices, scale, start, end,
+                                                     padding, view, sample, prefetch,
+                                                     1) != 0
                 else:
                     start, end, valid = bounds(offsets, bag, total)
                     if not valid:
@@ -91,12 +92,13 @@ def _serial(stamp):
                         if op == OP_MEAN or op == OP_WEIGHTED_MEAN:
                             divisor = counted(indices, start, end, padding)
                         if op <= OP_MEAN:
-                            bad = pool_sum_row(weight, indices, scale, start, end, padding,
-                                               view, sample, prefetch, divisor) != 0
+                            bad = compact_sum_row(weight, indices, scale, start, end,
+                                                  padding, view, sample, prefetch,
+                                                  divisor) != 0
                         else:
-                            bad = pool_weighted_row(weight, indices, scale, start, end,
-                                                    padding, view, sample, prefetch,
-                                                    divisor) != 0
+                            bad = compact_weighted_row(weight, indices, scale, start, end,
+                                                       padding, view, sample, prefetch,
+                                                       divisor) != 0
                 if bad:
                     invalid += 1
                     zero(view, sample)

@@ -176,8 +176,8 @@ class NumbaKernel:
         self._row_bytes = table.row_bytes
         self._id_bytes = id_bytes(table)
         self._prefetch = table_prefetch(table)
-        # -1 never matches a validated id, so the loops need no Optional.
-        self._padding = -1 if spec.padding_idx is None else spec.padding_idx
+        # None compiles loops with no padding compare at all (see numba_tiles._Tile).
+        self._padding = spec.padding_idx
         #: max_norm's factor per row (float16/bfloat16/int4 tables): pooled as weights.
         self._row_scale = table.row_scale
 
@@ -267,7 +267,7 @@ class NumbaKernel:
         ends = (offsets[1:] if offsets.shape[0] > num_bags
                 else np.append(offsets[1:], indices.shape[0]))
         counts = ends - offsets[:num_bags]
-        if self._padding >= 0:
+        if self._padding is not None:
             padded = np.flatnonzero(indices == self._padding)
             # (Clipped: offsets not yet validated must not make bincount fail; such bags
             # are reported invalid anyway.)

@@ -2,8 +2,9 @@
 
 This file is compiled by numba, not run as Python, so mypy skips it (see pyproject.toml);
 its inputs are typed and checked in ``numba_kernel``. Every loop pools whole bags with the
-register tiles of :mod:`kernels.numba_tiles`: a row of ``dim`` columns is cut into tiles of
-8, 4, 2 and 1 registers plus a masked tail, and each tile walks the bag's ids once.
+register tiles of :mod:`kernels.numba_tiles`: a row of ``dim`` columns is cut into passes
+of up to 8 registers (12 for rows of more than 48), the last with the masked tail, and
+each pass walks the bag's ids once.
 
 Each loop exists twice: over the bags in parallel (``prange``), and serially for calls too
 small to pay for waking the thread pool. Every loop takes ``offsets`` as ``[B + 1]`` CSR
@@ -28,10 +29,10 @@ from kernels import numba_decode, numba_tiles
 
 def _row_pooler(op):
     """An inlined ``pool_row(weight, indices, scale, start, end, padding, out, bag,
-    prefetch, divisor)`` running the tiles of ``op`` across one output row."""
-    lanes_of = numba_tiles.lanes
-    t8, t4, t2, t1 = (numba_tiles.make_tile(op, vectors) for vectors in (8, 4, 2, 1))
-    tail = numba_tiles.make_tile(op, 1, masked=True)
+    prefetch, divisor)`` running the passes of ``op`` across one output row."""
+    lanes_of, most = numba_tiles.lanes, numba_tiles.MOST_VECTORS
+    wide, wide_from = numba_tiles.WIDE_VECTORS, numba_tiles.WIDE_FROM
+    run = numba_tiles.make_pass(op)
 
     @numba.njit(inline="always")
     def pool_row(weight, indices, scale, start, end, padding, out, bag, prefetch, divisor):
@@ -39,27 +40,75 @@ def _row_pooler(op):
         incomplete: the caller zeroes it), else 0."""
         dim = out.shape[1]
         lanes = lanes_of(weight)
+        whole = dim // lanes
+        tail = dim - whole * lanes
         col = 0
         invalid = 0
-        while col + 8 * lanes <= dim:
-            invalid |= t8(weight, indices, scale, start, end, padding, col, out, bag, prefetch,
-                          divisor, 0)
+        # Literal pass widths in the loops: each such call compiles to one case of the
+        # pass switch, not all of them (a run-time width there cost weighted sums of
+        # short rows 8%).
+        if whole > wide_from:
+            while whole > wide:
+                invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
+                               prefetch, divisor, 0, wide)
+                col += wide * lanes
+                whole -= wide
+        else:
+            while whole > most:
+                invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
+                               prefetch, divisor, 0, most)
+                col += most * lanes
+                whole -= most
+        if whole > most and (whole < wide or tail > 0):
+            # 9 to 11 registers left, or 12 and a tail: a pass of 8 first.
+            invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
+                           prefetch, divisor, 0, most)
+            col += most * lanes
+            whole -= most
+        # The last pass: the whole registers left and the masked tail together.
+        return invalid | run(weight, indices, scale, start, end, padding, col, out, bag,
+                             prefetch, divisor, tail, whole)
+
+    return pool_row
+
+
+def _compact_row_pooler(op):
+    """As :func:`_row_pooler`, in passes of 8, 4, 2 and 1 registers and the masked tail
+    in a pass of its own: five pass bodies, not every register count's. For loops that
+    inline every op at once (the collection kernel), whose compile time grew 3x with
+    every count's pass inlined four times."""
+    lanes_of = numba_tiles.lanes
+    run = numba_tiles.make_pass(op)
+
+    @numba.njit(inline="always")
+    def pool_row(weight, indices, scale, start, end, padding, out, bag, prefetch, divisor):
+        dim = out.shape[1]
+        lanes = lanes_of(weight)
+        whole = dim // lanes
+        col = 0
+        invalid = 0
+        while whole >= 8:
+            invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
+                           prefetch, divisor, 0, 8)
             col += 8 * lanes
-        if col + 4 * lanes <= dim:
-            invalid |= t4(weight, indices, scale, start, end, padding, col, out, bag, prefetch,
-                          divisor, 0)
+            whole -= 8
+        if whole >= 4:
+            invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
+                           prefetch, divisor, 0, 4)
             col += 4 * lanes
-        if col + 2 * lanes <= dim:
-            invalid |= t2(weight, indices, scale, start, end, padding, col, out, bag, prefetch,
-                          divisor, 0)
+            whole -= 4
+        if whole >= 2:
+            invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
+                           prefetch, divisor, 0, 2)
             col += 2 * lanes
-        if col + lanes <= dim:
-            invalid |= t1(weight, indices, scale, start, end, padding, col, out, bag, prefetch,
-                          divisor, 0)
+            whole -= 2
+        if whole >= 1:
+            invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
+                           prefetch, divisor, 0, 1)
             col += lanes
         if col < dim:
-            invalid |= tail(weight, indices, scale, start, end, padding, col, out, bag,
-                            prefetch, divisor, dim - col)
+            invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
+                           prefetch, divisor, dim - col, 0)
         return invalid
 
     return pool_row
@@ -87,6 +136,11 @@ pool_sum_row = _row_pooler("sum")
 pool_weighted_row = _row_pooler("weighted")
 pool_max_row = _row_pooler("max")
 pool_scaled_max_row = _row_pooler("scaled_max")
+compact_sum_row = _compact_row_pooler("sum")
+compact_weighted_row = _compact_row_pooler("weighted")
+compact_max_row = _compact_row_pooler("max")
+compact_scaled_max_row = _compact_row_pooler("scaled_max")
+skips, is_padding = numba_tiles.skips, numba_tiles.is_padding
 
 
 @numba.njit(inline="always")
@@ -102,9 +156,9 @@ def bounds(offsets, bag, total):
 def counted(indices, start, end, padding):
     """The bag's ids that are not ``padding`` (the mean's divisor)."""
     count = end - start
-    if padding >= 0:
+    if skips(padding):
         for position in range(start, end):
-            if indices[position] == padding:
+            if is_padding(indices[position], padding):
                 count -= 1
     return count
 
@@ -121,7 +175,7 @@ def max_bounds(weight, indices, offsets, bag, total, padding):
     start, end, valid = bounds(offsets, bag, total)
     if not valid:
         return start, end, _MAX_BAD
-    while start < end and padding >= 0 and indices[start] == padding:
+    while start < end and is_padding(indices[start], padding):
         start += 1
     if start == end:
         return start, end, _MAX_EMPTY

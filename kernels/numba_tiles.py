@@ -10,8 +10,10 @@ reassociation), so sums and means stay bit-identical to PyTorch's; weighted sums
 fused multiply-add per row, as FBGEMM does; max keeps the first maximum (``x > acc``
 selects, so an equal or NaN later row never replaces the kept one).
 
-The caller (``numba_loops``) splits a row into tiles of 8, 4, 2 and 1 registers and a
-masked tail for the last ``dim % lanes`` columns, so any embedding dim works.
+The caller (``numba_loops``) cuts a row into passes of up to :data:`MOST_VECTORS` whole
+registers; the last pass also carries a masked register for the last ``dim % lanes``
+columns, so any embedding dim works and each column is read in exactly one pass (a row of
+12 floats is one pass of a whole and a masked register, not two passes).
 
 These are numba ``@intrinsic`` functions: they compile into the calling loop, inlined, and
 only exist inside numba-compiled code.
@@ -93,7 +95,7 @@ def _loop(builder: ir.IRBuilder, start: ir.Value, stop: ir.Value) -> Iterator[ir
 
 
 class _Tile:
-    """Emits one tile's loop; see :func:`make_tile` for the arguments."""
+    """Emits one pass's loop; see :func:`make_pass` for the arguments."""
 
     def __init__(self, context: Any, builder: ir.IRBuilder, signature: Any,
                  args: list[ir.Value], op: str, vectors: int, masked: bool) -> None:
@@ -105,6 +107,10 @@ class _Tile:
         self.indices = context.make_array(index_type)(context, builder, args[1])
         self.scale = context.make_array(scale_type)(context, builder, args[2])
         out_type = signature.args[7]
+        #: ``padding`` is None for tables without ``padding_idx``: their loops compile
+        #: without the compare (an id loop 5-20% faster on cache-resident rows of 12-64
+        #: floats, one thread).
+        self.skips_padding = not isinstance(signature.args[5], types.NoneType)
         self.out = context.make_array(out_type)(context, builder, args[7])
         (self.start, self.end, self.padding, self.col, self.bag, self.prefetch,
          self.divisor, self.tail) = (args[3], args[4], args[5], args[6], args[8], args[9],
@@ -113,23 +119,33 @@ class _Tile:
         self.element = context.get_data_type(out_type.dtype)
         self.itemsize = out_type.dtype.bitwidth // 8
         self.vector = ir.VectorType(self.element, _VECTOR_BYTES // self.itemsize)
+        #: Whole registers, then (``masked``) one register of the row's last ``tail``
+        #: columns: a row's tail rides in the same pass over the bag as its last whole
+        #: registers instead of a pass of its own.
         self.vectors = vectors
+        self.registers = vectors + int(masked)
         # LLVM's name for the vector type in intrinsic names: v8f32, v4f64.
         self.suffix = f"v{self.vector.count}f{self.itemsize * 8}"
-        self.masked = masked
         self.mask = None
         if masked:
-            positions = ir.VectorType(_I64, self.vector.count)
+            # Lane numbers as integers of the lanes' own width: the compare is then one
+            # instruction whose result vmaskmov takes as it is (with i64 lanes for float32,
+            # LLVM packed the mask anew for every row: eight instructions an id).
+            width = ir.IntType(8 * self.itemsize)
+            positions = ir.VectorType(width, self.vector.count)
             lanes = ir.Constant(positions, list(range(self.vector.count)))
-            self.mask = builder.icmp_signed("<", lanes, _splat(builder, self.tail, positions))
+            tail = builder.trunc(self.tail, width) if self.itemsize < 8 else self.tail
+            self.mask = builder.icmp_signed("<", lanes, _splat(builder, tail, positions))
         dim = builder.extract_value(self.out.shape, 1)
-        self.decoder = numba_decode.Decoder(builder, numba_decode.kind_of(weight_type.dtype),
-                                            self.vector, self.mask, dim)
+        kind = numba_decode.kind_of(weight_type.dtype)
+        self.decoder = numba_decode.Decoder(builder, kind, self.vector, None, dim)
+        self.tail_decoder = (numba_decode.Decoder(builder, kind, self.vector, self.mask, dim)
+                             if masked else None)
         self.col_bytes = self.decoder.column_bytes(self.col)
         #: int4 tiles of whole register pairs read 8 bytes (16 codes) at once and keep even
         #: and odd columns in separate registers (no shuffle per row; one per bag at the
         #: end, in :meth:`write`).
-        self.paired = (self.decoder.kind == "int4" and not masked and vectors % 2 == 0
+        self.paired = (kind == "int4" and vectors > 0 and vectors % 2 == 0
                        and self.vector.count == 8)
         self.out_col_bytes = builder.mul(self.col, ir.Constant(_I64, self.itemsize))
         self.row_stride = builder.extract_value(self.weight.strides, 0)
@@ -154,11 +170,14 @@ class _Tile:
         """This tile's registers of the row part at ``base``, in accumulator order (see
         :attr:`paired`)."""
         decoder = self.decoder
-        if not self.paired:
-            return [decoder.load(base, vector) for vector in range(self.vectors)]
         registers: list[ir.Value] = []
-        for pair in range(self.vectors // 2):
-            registers += decoder.load_pair(base, pair)
+        if not self.paired:
+            registers = [decoder.load(base, vector) for vector in range(self.vectors)]
+        else:
+            for pair in range(self.vectors // 2):
+                registers += decoder.load_pair(base, pair)
+        if self.tail_decoder is not None:
+            registers.append(self.tail_decoder.load(base, self.vectors))
         return registers
 
     def values(self, row: ir.Value) -> list[ir.Value]:
@@ -178,7 +197,7 @@ class _Tile:
     def store(self, base: ir.Value, vector: int, value: ir.Value) -> None:
         builder = self.builder
         pointer = self._pointer(base, vector)
-        if self.mask is not None:
+        if self.mask is not None and vector == self.vectors:
             function = _function(builder, f"llvm.masked.store.{self.suffix}.p0",
                                  ir.VoidType(), [self.vector, pointer.type, _I32,
                                                  self.mask.type])
@@ -190,7 +209,8 @@ class _Tile:
     def emit(self) -> ir.Value:
         """Emit the loop; returns 1 when an id outside the table was skipped, else 0."""
         builder = self.builder
-        accumulators = [cgutils.alloca_once(builder, self.vector) for _ in range(self.vectors)]
+        accumulators = [cgutils.alloca_once(builder, self.vector)
+                        for _ in range(self.registers)]
         self.invalid = cgutils.alloca_once(builder, _I64)
         builder.store(ir.Constant(_I64, 0), self.invalid)
         self.biases = cgutils.alloca_once(builder, self.element)
@@ -211,15 +231,17 @@ class _Tile:
         else:
             for accumulator in accumulators:
                 builder.store(ir.Constant(self.vector, None), accumulator)
-        # Ids before ``limit`` prefetch the row ``prefetch`` ids on; the loop is split so
-        # the bound is checked once per tile, not once per id.
+        # Ids before ``limit`` prefetch the row ``prefetch`` ids on (the ids after it are
+        # the call's last: none is left to prefetch). One loop with a predictable branch,
+        # not a loop before ``limit`` and one after: with a pass compiled for every
+        # register count, the second loop cost 20% of the compile time and no speed.
         count = builder.extract_value(self.indices.shape, 0)
         bound = builder.sub(count, self.prefetch)
         bound = builder.select(builder.icmp_signed("<", bound, self.end), bound, self.end)
         off = ir.Constant(_I64, 0)
         limit = builder.select(builder.icmp_signed(">", self.prefetch, off), bound, first)
         limit = builder.select(builder.icmp_signed("<", limit, first), first, limit)
-        tile_bytes = self.vectors * self.decoder.vector_bytes
+        tile_bytes = self.registers * self.decoder.vector_bytes
         scale_line = None
         # Only in the wide tiles a row of 64+ codes starts with: the check alone cost the
         # short rows' tiles (int8 dim 16) 5-10%.
@@ -232,23 +254,22 @@ class _Tile:
                 builder.icmp_signed("==", self.col, ir.Constant(_I64, 0)),
                 builder.icmp_signed(">=", offset,
                                     ir.Constant(_I64, max(tile_bytes, _LINE_BYTES))))
-        with _loop(builder, first, limit) as position:
-            ahead = self.row(builder.add(position, self.prefetch))
-            data = builder.gep(ahead, [self.col_bytes])
-            for line in range(0, tile_bytes, _LINE_BYTES):
-                _prefetch(builder, builder.gep(data, [ir.Constant(_I64, line)]))
-            if tile_bytes % _LINE_BYTES == 0:
-                # Rows need not start on a line: NumPy's large arrays start 16 bytes past
-                # one, safetensors' tensors 8-aligned. Such a part of a row spans one line
-                # more than its size; its last byte's line is prefetched too (redundant,
-                # and nearly free, when aligned). Without it, dim 128 on a NumPy table ran
-                # 8-14% slower and dim 32 cold 25%.
-                _prefetch(builder, builder.gep(data, [ir.Constant(_I64, tile_bytes - 1)]))
-            if scale_line is not None:
-                with builder.if_then(scale_line):
-                    _prefetch(builder, builder.gep(ahead, [offset]))
-            self.add_row(position, accumulators)
-        with _loop(builder, limit, self.end) as position:
+        with _loop(builder, first, self.end) as position:
+            with builder.if_then(builder.icmp_signed("<", position, limit), likely=True):
+                ahead = self.row(builder.add(position, self.prefetch))
+                data = builder.gep(ahead, [self.col_bytes])
+                for line in range(0, tile_bytes, _LINE_BYTES):
+                    _prefetch(builder, builder.gep(data, [ir.Constant(_I64, line)]))
+                if tile_bytes % _LINE_BYTES == 0:
+                    # Rows need not start on a line: NumPy's large arrays start 16 bytes
+                    # past one, safetensors' tensors 8-aligned. Such a part of a row spans
+                    # one line more than its size; its last byte's line is prefetched too
+                    # (redundant, and nearly free, when aligned). Without it, dim 128 on a
+                    # NumPy table ran 8-14% slower and dim 32 cold 25%.
+                    _prefetch(builder, builder.gep(data, [ir.Constant(_I64, tile_bytes - 1)]))
+                if scale_line is not None:
+                    with builder.if_then(scale_line):
+                        _prefetch(builder, builder.gep(ahead, [offset]))
             self.add_row(position, accumulators)
         self.write(accumulators)
         return builder.load(self.invalid)
@@ -260,7 +281,9 @@ class _Tile:
         inside = builder.icmp_unsigned("<", row_id, self.rows)
         with builder.if_then(builder.not_(inside), likely=False):
             builder.store(ir.Constant(_I64, 1), self.invalid)
-        wanted = builder.and_(inside, builder.icmp_signed("!=", row_id, self.padding))
+        wanted = inside
+        if self.skips_padding:
+            wanted = builder.and_(inside, builder.icmp_signed("!=", row_id, self.padding))
         with builder.if_then(wanted, likely=True):
             row = self.row_of(row_id)
             fma = _function(builder, f"llvm.fma.{self.suffix}", self.vector,
@@ -309,11 +332,12 @@ class _Tile:
             low = [k // 2 + (lanes if k % 2 else 0) for k in range(lanes)]
             high = [lane + lanes // 2 for lane in low]
             ordered = []
-            for even, odd in zip(totals[0::2], totals[1::2], strict=True):
+            whole = totals[:self.vectors]
+            for even, odd in zip(whole[0::2], whole[1::2], strict=True):
                 for mask in (low, high):
                     ordered.append(builder.shuffle_vector(
                         even, odd, ir.Constant(ir.VectorType(_I32, lanes), mask)))
-            totals = ordered
+            totals = ordered + totals[self.vectors:]
         divide = builder.icmp_signed(">", self.divisor, ir.Constant(_I64, 1))
         with builder.if_else(divide, likely=False) as (mean, plain):
             with mean:
@@ -327,46 +351,88 @@ class _Tile:
                     self.store(base, vector, total)
 
 
-def make_tile(op: str, vectors: int, masked: bool = False) -> Any:
-    """A numba intrinsic pooling one tile of one bag into ``out[bag, col:...]``.
+#: Most whole registers in one pass over a bag, and in a pass of a row of more than
+#: :data:`WIDE_FROM` whole registers. Measured (float32, 2,048 bags, api x torch): a
+#: dim-128 row in one pass of 16 ran 3-10% slower than two passes of 8, and 12 + 4 was 7%
+#: slower hot; at dim 384 passes of 12 lost 3-4% to passes of 8; from dim 512 up passes of
+#: 12 won (dim 1,024 hot 0.85 -> 1.00x torch: half the passes, each with its id loop and
+#: bag setup), 16 no more than 12 and only for sums (others need spare registers).
+MOST_VECTORS = 8
+WIDE_VECTORS = 12
+WIDE_FROM = 48
 
-    Call it from numba code as ``tile(weight, indices, scale, start, end, padding, col,
-    out, bag, prefetch, divisor, tail)``:
+
+def make_pass(op: str) -> Any:
+    """A numba intrinsic pooling one pass of one bag into ``out[bag, col:...]``: ``vectors``
+    whole registers (0 to :data:`MOST_VECTORS`, or :data:`WIDE_VECTORS` with no tail) and,
+    when ``tail`` > 0, one more register of which the first ``tail`` lanes are written (a
+    row's last ``dim % lanes`` columns).
+    Each (vectors, masked) pair compiles its own loop; the call picks one at run time.
+
+    Call it from numba code as ``run(weight, indices, scale, start, end, padding, col,
+    out, bag, prefetch, divisor, tail, vectors)``:
 
     - ``weight``: the stored rows (C-contiguous), viewed as :mod:`kernels.numba_decode`
       says (float32/float64 tables as they are); ``indices``: int64 ids; ``scale``:
       per-id weights of ``out``'s dtype (read only by ``"weighted"``, which adds
       ``scale[i] * row``, and ``"scaled_max"``, which compares ``scale[i] * row``; pass
       any array of that dtype otherwise);
-    - ids ``indices[start:end]`` are pooled, those equal to ``padding`` skipped (``-1``
-      skips none) and those outside the table skipped and reported: the call returns 1
+    - ids ``indices[start:end]`` are pooled, those equal to ``padding`` skipped (``None``
+      or ``-1`` skips none) and those outside the table skipped and reported: the call returns 1
       if any was, else 0; for the max ops, ``start`` must be a valid non-padding id;
-    - columns ``col`` to ``col + vectors * lanes`` (``masked``: the first ``tail`` lanes
-      of one register) are written to row ``bag`` of ``out``, ``(B, dim)`` float64 for
-      float64 tables, else float32;
-    - ``prefetch``: prefetch the tile's lines of the row that many ids ahead (0: none);
+    - columns ``col`` to ``col + vectors * lanes + tail`` are written to row ``bag`` of
+      ``out``, ``(B, dim)`` float64 for float64 tables, else float32;
+    - ``prefetch``: prefetch the pass's lines of the row that many ids ahead (0: none);
       ``divisor`` > 1 divides the result (mean).
 
     ``op`` is ``"sum"``, ``"weighted"``, ``"max"`` or ``"scaled_max"``. Arguments are
-    int64 where integer.
+    int64 where integer; any other ``vectors`` (or 0 with no tail) pools nothing and
+    returns 0.
     """
     if op not in ("sum", "weighted", "max", "scaled_max"):
         raise ValueError(f"op must be sum, weighted, max or scaled_max; got {op!r}")
 
     @intrinsic
-    def tile(typingctx: Any, weight: Any, indices: Any, scale: Any, start: Any, end: Any,
-             padding: Any, col: Any, out: Any, bag: Any, prefetch: Any, divisor: Any,
-             tail: Any) -> Any:
+    def run(typingctx: Any, weight: Any, indices: Any, scale: Any, start: Any, end: Any,
+            padding: Any, col: Any, out: Any, bag: Any, prefetch: Any, divisor: Any,
+            tail: Any, vectors: Any) -> Any:
         signature = types.int64(weight, indices, scale, start, end, padding, col, out, bag,
-                                prefetch, divisor, tail)
+                                prefetch, divisor, tail, vectors)
 
         def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
                     args: list[ir.Value]) -> Any:
-            return _Tile(context, builder, signature, list(args), op, vectors, masked).emit()
+            args = list(args)
+            masked = builder.icmp_signed(">", args[11], ir.Constant(_I64, 0))
+            # Case 2 * vectors + masked.
+            key = builder.add(builder.shl(args[12], ir.Constant(_I64, 1)),
+                              builder.zext(masked, _I64))
+            none = builder.append_basic_block("pass.none")
+            done = builder.append_basic_block("pass.done")
+            switch = builder.switch(key, none)
+            results = []
+            for vectors in (*range(MOST_VECTORS + 1), WIDE_VECTORS):
+                for tail in (False, True):
+                    if (vectors == 0 and not tail) or (vectors == WIDE_VECTORS and tail):
+                        continue
+                    case = builder.append_basic_block(f"pass.{vectors}.{int(tail)}")
+                    switch.add_case(ir.Constant(_I64, 2 * vectors + tail), case)
+                    builder.position_at_end(case)
+                    invalid = _Tile(context, builder, signature, args[:12], op, vectors,
+                                    tail).emit()
+                    results.append((invalid, builder.basic_block))
+                    builder.branch(done)
+            builder.position_at_end(none)
+            builder.branch(done)
+            builder.position_at_end(done)
+            invalid = builder.phi(_I64)
+            for value, block in results:
+                invalid.add_incoming(value, block)
+            invalid.add_incoming(ir.Constant(_I64, 0), none)
+            return invalid
 
         return signature, codegen
 
-    return tile
+    return run
 
 
 @intrinsic
@@ -379,5 +445,34 @@ def lanes(typingctx: Any, weight: Any) -> Any:
     def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
                 args: list[ir.Value]) -> Any:
         return ir.Constant(_I64, count)
+
+    return signature, codegen
+
+
+@intrinsic
+def skips(typingctx: Any, padding: Any) -> Any:
+    """Whether ``padding`` names a row to skip: a non-negative int64; never for None (a
+    compile-time false)."""
+    signature = types.boolean(padding)
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
+                args: list[ir.Value]) -> Any:
+        if isinstance(signature.args[0], types.NoneType):
+            return ir.Constant(ir.IntType(1), 0)
+        return builder.icmp_signed(">=", args[0], ir.Constant(_I64, 0))
+
+    return signature, codegen
+
+
+@intrinsic
+def is_padding(typingctx: Any, row_id: Any, padding: Any) -> Any:
+    """``row_id == padding`` for an int64 ``padding``; a compile-time false for None."""
+    signature = types.boolean(row_id, padding)
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
+                args: list[ir.Value]) -> Any:
+        if isinstance(signature.args[1], types.NoneType):
+            return ir.Constant(ir.IntType(1), 0)
+        return builder.icmp_signed("==", args[0], args[1])
 
     return signature, codegen
