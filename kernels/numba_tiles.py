@@ -366,8 +366,8 @@ def make_pass(op: str) -> Any:
     """A numba intrinsic pooling one pass of one bag into ``out[bag, col:...]``: ``vectors``
     whole registers (0 to :data:`MOST_VECTORS`, or :data:`WIDE_VECTORS` with no tail) and,
     when ``tail`` > 0, one more register of which the first ``tail`` lanes are written (a
-    row's last ``dim % lanes`` columns).
-    Each (vectors, masked) pair compiles its own loop; the call picks one at run time.
+    row's last ``dim % lanes`` columns). Each (vectors, masked) pair compiles its own
+    loop; the call picks one at run time.
 
     Call it from numba code as ``run(weight, indices, scale, start, end, padding, col,
     out, bag, prefetch, divisor, tail, vectors)``:
@@ -378,8 +378,9 @@ def make_pass(op: str) -> Any:
       ``scale[i] * row``, and ``"scaled_max"``, which compares ``scale[i] * row``; pass
       any array of that dtype otherwise);
     - ids ``indices[start:end]`` are pooled, those equal to ``padding`` skipped (``None``
-      or ``-1`` skips none) and those outside the table skipped and reported: the call returns 1
-      if any was, else 0; for the max ops, ``start`` must be a valid non-padding id;
+      or ``-1`` skips none; None compiles no compare) and those outside the table skipped
+      and reported: the call returns 1 if any was, else 0; for the max ops, ``start``
+      must be a valid non-padding id;
     - columns ``col`` to ``col + vectors * lanes + tail`` are written to row ``bag`` of
       ``out``, ``(B, dim)`` float64 for float64 tables, else float32;
     - ``prefetch``: prefetch the pass's lines of the row that many ids ahead (0: none);
