@@ -73,11 +73,11 @@ def _row_pooler(op):
 
 
 def _compact_row_pooler(op):
-    """As :func:`_row_pooler`, in passes of 8, 4, 2 and 1 registers and the masked tail
-    in a pass of its own: five pass bodies, not every register count's. For loops that
-    inline every op at once (the collection kernel), whose compile time grew 3x with
-    every count's pass inlined four times."""
-    lanes_of = numba_tiles.lanes
+    """As :func:`_row_pooler`, in passes of 8 (``MOST_VECTORS``), 4, 2 and 1 registers and
+    the masked tail in a pass of its own: five pass bodies, not every register count's.
+    For loops that inline every op at once (the collection kernel), whose compile time
+    grew 3x with every count's pass inlined four times."""
+    lanes_of, most = numba_tiles.lanes, numba_tiles.MOST_VECTORS
     run = numba_tiles.make_pass(op)
 
     @numba.njit(inline="always")
@@ -87,11 +87,11 @@ def _compact_row_pooler(op):
         whole = dim // lanes
         col = 0
         invalid = 0
-        while whole >= 8:
+        while whole >= most:
             invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
-                           prefetch, divisor, 0, 8)
-            col += 8 * lanes
-            whole -= 8
+                           prefetch, divisor, 0, most)
+            col += most * lanes
+            whole -= most
         if whole >= 4:
             invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
                            prefetch, divisor, 0, 4)
