@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from models.collection import EmbeddingBagCollection
 from models.text import StaticModel
 from service.errors import InvalidRequest, LoadFailed, ModelNotFound
+from service.floatjson import list_value
 from service.inference import (
     body_of,
     embed,
@@ -445,6 +446,6 @@ def _respond(header: dict[str, Any], binary: bool, rows: npt.NDArray[Any],
         # samples of a 26-feature collection.
         return Response(b"".join((head, data.data)), headers=headers,
                         media_type="application/octet-stream")
-    output["data"] = data.reshape(-1)
+    output["data"] = list_value(data)
     return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), headers=headers,
                     media_type="application/json")

@@ -14,6 +14,7 @@ from fastapi.responses import Response
 
 from models.collection import JaggedFeatures, jagged, same_samples
 from service.errors import InvalidRequest
+from service.floatjson import rows_value
 from service.inference import (
     Answer,
     body_of,
@@ -141,7 +142,7 @@ def _respond(request: Request, answer: Answer, encoding: str, payload: dict[str,
         return Response(little_endian_f32(rows), headers=headers,
                         media_type="application/octet-stream")
     payload["embeddings"] = (base64_rows(rows) if encoding == "base64"
-                             else np.ascontiguousarray(rows, dtype=np.float32))
+                             else rows_value(rows))
     return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), headers=headers,
                     media_type="application/json")
 

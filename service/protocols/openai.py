@@ -18,6 +18,7 @@ from fastapi.responses import Response
 
 from models.text import StaticModel
 from service.errors import InvalidRequest
+from service.floatjson import row_values
 from service.inference import body_of, embed, embed_texts, require_api_key, service_state
 from service.schemas import ERRORS, OpenAIEmbeddingRequest, OpenAIEmbeddingResponse, json_body
 from service.wire import (
@@ -104,7 +105,7 @@ async def embeddings(request: Request) -> Response:
         rows = _shortened(rows, dimensions, isinstance(model.bag, StaticModel)
                           and model.bag.normalize)
     vectors: list[Any] = (base64_rows(rows) if encoding == "base64"
-                          else list(np.ascontiguousarray(rows, dtype=np.float32)))
+                          else row_values(rows))
     payload = {
         "object": "list",
         "data": [{"object": "embedding", "embedding": vector, "index": index}
