@@ -114,7 +114,7 @@ def _decimal(b: Any, f: Any) -> tuple[int, int, int]:
 def _careful(b: Any) -> bool:
     """Whether the nonzero sign-less float32 bits ``b`` need :func:`_exact`: a power of
     two (normal) or an integer from 2**24 on."""
-    return ((b & 0x7FFFFF) == 0) & (b >= 0x00800000) | (b >= 0x4B800000)
+    return bool(((b & 0x7FFFFF) == 0) & (b >= 0x00800000) | (b >= 0x4B800000))
 
 
 @compiled
