@@ -314,6 +314,23 @@ def _texts(bits: Any, digits: Any, counts: Any, points: Any, width: int, nested:
     return int(pos + u[1])
 
 
+@compiled
+def _suits(bits: Any) -> bool:
+    """Whether values like these (a sample of up to 64, evenly spaced) are the kind this
+    writer is faster for: magnitudes from 1e-3 to 10 with full mantissas, as pooled
+    float tables give. Short decimals (a quantized table's exact steps), integers and
+    far-flung exponents make its branches mispredict: orjson writes those faster
+    (0.5-0.7x by ``benchmarks/bench_json.py``)."""
+    total = bits.shape[0]
+    step = max(total // 64, 1)
+    odd = 0
+    for i in range(0, total, step):
+        b = bits[i] & 0x7FFFFFFF
+        # |x| < 1e-3 or >= 10, or a mantissa ending in ten zero bits; zeros are fine.
+        odd += (b != 0) & ((b < 0x3A83126F) | (b >= 0x41200000) | ((b & 0x3FF) == 0))
+    return odd * 16 <= min(total, 64)  # at most one in 16
+
+
 def _encode(values: npt.NDArray[np.float32], width: int, nested: bool
             ) -> tuple[bytes, npt.NDArray[np.int64]] | None:
     flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
@@ -372,12 +389,17 @@ def list_json(values: npt.NDArray[Any]) -> bytes | None:
     return None if encoded is None else encoded[0]
 
 
+def _suited(values: npt.NDArray[np.float32]) -> bool:
+    return AVAILABLE and bool(_suits(values.reshape(-1).view(np.uint32)))
+
+
 def rows_value(rows: npt.NDArray[Any]) -> Any:
     """What an orjson payload should hold for a (B, D) float32 answer: its text as an
-    ``orjson.Fragment``, or, where that does not pay or apply, the contiguous array for
-    ``OPT_SERIALIZE_NUMPY``. Either way the same bytes come out."""
+    ``orjson.Fragment``, or, where that does not pay (under :data:`MIN_FLOATS`, values
+    :func:`_suits` finds unlike pooled embeddings) or apply (not finite), the contiguous
+    array for ``OPT_SERIALIZE_NUMPY``. Either way the same bytes come out."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
-    if rows.size >= MIN_FLOATS:
+    if rows.size >= MIN_FLOATS and _suited(rows):
         text = rows_json(rows)
         if text is not None:
             return orjson.Fragment(text)
@@ -387,7 +409,7 @@ def rows_value(rows: npt.NDArray[Any]) -> Any:
 def row_values(rows: npt.NDArray[Any]) -> list[Any]:
     """As :func:`rows_value`, one value per row (each row in its own JSON object)."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
-    if rows.size >= MIN_FLOATS:
+    if rows.size >= MIN_FLOATS and _suited(rows):
         texts = row_texts(rows)
         if texts is not None:
             return [orjson.Fragment(text) for text in texts]
@@ -397,7 +419,7 @@ def row_values(rows: npt.NDArray[Any]) -> list[Any]:
 def list_value(values: npt.NDArray[Any]) -> Any:
     """As :func:`rows_value`, for any array written as one flat JSON list."""
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    if values.size >= MIN_FLOATS:
+    if values.size >= MIN_FLOATS and _suited(values):
         text = list_json(values)
         if text is not None:
             return orjson.Fragment(text)
