@@ -328,7 +328,7 @@ def _suits(bits: Any) -> bool:
         b = bits[i] & 0x7FFFFFFF
         # |x| < 1e-3 or >= 10, or a mantissa ending in ten zero bits; zeros are fine.
         odd += (b != 0) & ((b < 0x3A83126F) | (b >= 0x41200000) | ((b & 0x3FF) == 0))
-    return odd * 16 <= min(total, 64)  # at most one in 16
+    return bool(odd * 16 <= min(total, 64))  # at most one in 16
 
 
 def _encode(values: npt.NDArray[np.float32], width: int, nested: bool
