@@ -118,3 +118,19 @@ def test_payload_values_write_the_same_answer_either_way() -> None:
     wide = rng.standard_normal((16, 64))
     assert (orjson.dumps(rows_value(wide))
             == orjson.dumps(wide.astype(np.float32), option=NUMPY))
+
+
+def test_the_writer_serves_pooled_values_and_leaves_the_rest_to_orjson() -> None:
+    rng = np.random.default_rng(4)
+    pooled = (rng.standard_normal((16, 64)) * 0.3).astype(np.float32)
+    assert isinstance(rows_value(pooled), orjson.Fragment)
+    assert isinstance(list_value(pooled), orjson.Fragment)
+    assert all(isinstance(v, orjson.Fragment) for v in row_values(pooled))
+    small = pooled[:1]  # under MIN_FLOATS: orjson's call is cheaper
+    assert isinstance(rows_value(small), np.ndarray)
+    quantized = (rng.integers(-128, 128, (16, 64)) / 64).astype(np.float32)
+    large = (rng.standard_normal((16, 64)) * 1e4).astype(np.float32)
+    for rows in (quantized, large):
+        assert isinstance(rows_value(rows), np.ndarray)
+        assert (orjson.dumps(rows_value(rows), option=NUMPY)
+                == orjson.dumps(rows, option=NUMPY))
