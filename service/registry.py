@@ -13,6 +13,7 @@ from models import EmbeddingBag, flatten_inputs, load_table
 from models.collection import EmbeddingBagCollection, jagged
 from models.text import StaticModel
 from service.config import DEMO_DIM, DEMO_ROWS, DEMO_SEED, ModelSpec
+from service.floatjson import warm_up as warm_json_writer
 from service.heap import release_freed_memory
 from service.jsonbags import parse_bags, parse_kjt
 from service.kserve_features import warm_up as warm_kserve_reader
@@ -114,6 +115,7 @@ def load_model(spec: ModelSpec, version: int = 1) -> LoadedModel:
     # a fresh server's first client waited 0.5 s).
     parse_bags(b'{"bags": [[0, 1], []]}')
     parse_kjt(b'{"kjt": {"keys": ["a"], "values": [1], "lengths": [1]}}')
+    warm_json_writer()  # and the writer of large JSON answers
     if spec.tables is not None:
         return _load_collection(spec, version, source, started)
     if spec.checkpoint is not None and spec.checkpoint.is_dir():
