@@ -120,6 +120,18 @@ def _read_only(array: Any) -> Any:
 _thread_state = threading.local()
 
 
+def serial_here() -> None:
+    """Run every numba kernel called from this thread serially from now on (a thread
+    that must not start an OpenMP team of its own beside another thread's: the
+    service's compute threads)."""
+    _thread_state.serial = True
+
+
+def parallel_here() -> bool:
+    """Whether kernels called from this thread may run their parallel loops."""
+    return not getattr(_thread_state, "serial", False)
+
+
 def call_threads(num_threads: int | None, get_threads: Any, set_threads: Any) -> int:
     """The threads a parallel loop gets for this call: numba's count, or ``num_threads``
     set for the calling thread (numba keeps it per thread). Set only when this thread's
@@ -214,7 +226,8 @@ class NumbaKernel:
         outside ``[0, num_embeddings)`` or a start past their end or past ``N`` (those rows
         are zeros; the caller reports the error). Never reads outside the table.
         """
-        serial = num_bags == 1 or indices.shape[0] * self._id_bytes < PARALLEL_MIN_BYTES
+        serial = (num_bags == 1 or indices.shape[0] * self._id_bytes < PARALLEL_MIN_BYTES
+                  or not parallel_here())
         return self._pool(indices, offsets, num_bags, per_sample_weights, serial)
 
     def warm_up(self) -> None:

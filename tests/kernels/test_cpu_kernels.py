@@ -224,3 +224,28 @@ def test_parallel_path_on_one_huge_bag_among_empty_ones(
     spec = TableSpec(weight, mode)  # type: ignore[arg-type]
     np.testing.assert_array_equal(NumbaKernel(spec, num_threads=2)(indices, offsets),
                                   NumpyKernel(spec)(indices, offsets))
+
+
+def test_a_thread_marked_serial_never_runs_the_parallel_loops(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(numba_kernel, "PARALLEL_MIN_BYTES", 0)
+    rng = np.random.default_rng(17)
+    weight = rng.standard_normal((300, 16)).astype(np.float32)
+    indices, offsets = _batch(rng, 300, 64, 20)
+    kernel = NumbaKernel(TableSpec(weight, "sum"), num_threads=2)  # type: ignore[arg-type]
+    chosen: list[bool] = []
+    pool = kernel._pool
+
+    def spy(*args: object) -> object:
+        chosen.append(bool(args[-1]))  # the serial flag
+        return pool(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernel, "_pool", spy)
+    expected = NumpyKernel(TableSpec(weight, "sum"))(indices, offsets)  # type: ignore[arg-type]
+    with ThreadPoolExecutor(1, initializer=numba_kernel.serial_here) as serial_thread:
+        assert not serial_thread.submit(numba_kernel.parallel_here).result()
+        np.testing.assert_array_equal(serial_thread.submit(kernel, indices, offsets).result(),
+                                      expected)
+    assert numba_kernel.parallel_here()  # this thread was never marked
+    np.testing.assert_array_equal(kernel(indices, offsets), expected)
+    assert chosen == [True, False]

@@ -314,3 +314,19 @@ async def test_the_queue_is_bounded_by_the_wait_it_implies(bound_ms: float) -> N
         if response.status_code == 200:
             np.testing.assert_allclose(response.json()["embeddings"], [table()[i % 3 if i < 3
                                        else i - 3]], rtol=1e-6)
+
+
+
+@pytest.mark.anyio
+async def test_the_compute_thread_runs_kernels_serially() -> None:
+    """One OpenMP team only, the event loop's: the compute thread's kernels are serial.
+    (With a team on each, libgomp's threads slept between calls on 2 cores, and a lone
+    request's kernel on the loop ran 3x slower after any burst.)"""
+    from kernels.numba_kernel import parallel_here
+
+    app = create_app(Settings(), models=[loaded("items")])
+    async with app.router.lifespan_context(app):
+        batcher = app.state.service.batcher("items")
+        loop = asyncio.get_running_loop()
+        assert not await loop.run_in_executor(batcher._executor, parallel_here)
+        assert parallel_here()  # the event loop's thread keeps its parallel loops
