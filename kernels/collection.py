@@ -170,8 +170,8 @@ class FusedCollectionKernel:
         scale = numba_kernel._read_only(np.empty(0, COMPUTE_DTYPE) if scale is None
                                         else np.ascontiguousarray(scale, COMPUTE_DTYPE))
         gathered = indices.shape[0] * self._id_bytes
-        serial = (samples == 1 or gathered < numba_kernel.PARALLEL_MIN_BYTES
-                  or not numba_kernel.parallel_here())
+        least = numba_kernel.parallel_min_bytes()
+        serial = samples == 1 or least is None or gathered < least
         invalid = 0
         for step in self._passes:
             ops = step.weighted_ops if not dummy else step.plain_ops

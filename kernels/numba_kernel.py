@@ -120,16 +120,20 @@ def _read_only(array: Any) -> Any:
 _thread_state = threading.local()
 
 
-def serial_here() -> None:
-    """Run every numba kernel called from this thread serially from now on (a thread
-    that must not start an OpenMP team of its own beside another thread's: the
-    service's compute threads)."""
-    _thread_state.serial = True
+def parallel_from_here(min_bytes: int | None) -> None:
+    """From now on, kernels called from this thread run their parallel loops only for
+    calls gathering at least ``min_bytes`` of rows (``None``: never), instead of
+    :data:`PARALLEL_MIN_BYTES`. For servers: a parallel loop waits at its end for every
+    thread it woke, so on a busy host (other processes on the cores) a 50-us call can
+    take a scheduler time slice, and two threads that each start parallel loops make
+    libgomp's workers sleep between calls."""
+    _thread_state.parallel_min_bytes = min_bytes
 
 
-def parallel_here() -> bool:
-    """Whether kernels called from this thread may run their parallel loops."""
-    return not getattr(_thread_state, "serial", False)
+def parallel_min_bytes() -> int | None:
+    """The bytes from which this thread's kernel calls run in parallel (None: never)."""
+    value: int | None = getattr(_thread_state, "parallel_min_bytes", PARALLEL_MIN_BYTES)
+    return value
 
 
 def call_threads(num_threads: int | None, get_threads: Any, set_threads: Any) -> int:
@@ -226,8 +230,9 @@ class NumbaKernel:
         outside ``[0, num_embeddings)`` or a start past their end or past ``N`` (those rows
         are zeros; the caller reports the error). Never reads outside the table.
         """
-        serial = (num_bags == 1 or indices.shape[0] * self._id_bytes < PARALLEL_MIN_BYTES
-                  or not parallel_here())
+        least = parallel_min_bytes()
+        serial = (num_bags == 1 or least is None
+                  or indices.shape[0] * self._id_bytes < least)
         return self._pool(indices, offsets, num_bags, per_sample_weights, serial)
 
     def warm_up(self) -> None:

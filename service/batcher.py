@@ -25,7 +25,7 @@ import numpy.typing as npt
 from prometheus_client import Gauge
 from starlette.types import Receive
 
-from kernels.numba_kernel import serial_here
+from kernels.numba_kernel import parallel_from_here
 from models import FlatBatch
 from models.text import StaticModel, TextBatch
 from service.errors import (
@@ -48,6 +48,11 @@ WATCH_AFTER_S = 0.05
 INLINE_MAX_BYTES = 64 << 10
 #: ... and batches of at most this many bytes when nothing else is queued for the model.
 IDLE_INLINE_MAX_BYTES = 4 << 20
+#: The compute thread's kernels run their parallel loops from this many bytes of rows
+#: (the event loop's thread never does: see ``Batcher.__init__``). A busy host can stall a
+#: parallel loop by a time slice (~5 ms); past ~8 MiB (15-30 ms serially) the second core
+#: is worth that risk.
+COMPUTE_PARALLEL_MIN_BYTES = 8 << 20
 
 
 #: How often :class:`LoopLoad` looks, and how late its timer may fire, on average, on a
@@ -218,14 +223,16 @@ class Batcher:
         #: Requests between lookup and answer (see :meth:`hold`).
         self.holders = 0
         self._released: asyncio.Event | None = None
-        # The compute thread pools serially; only the event loop's thread (lone requests,
-        # small batches) starts numba's parallel loops. With an OpenMP team on each,
-        # libgomp's threads slept between calls on these 2 cores (more threads than
-        # cores): once a burst had used the compute thread, a lone 64-bag request's kernel
-        # on the loop took 0.17 ms instead of 0.05, for good. Under load the loop is the
-        # bottleneck and keeps a core; the compute thread takes the other.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{model.name}",
-                                            initializer=serial_here)
+        # The event loop's thread pools serially, and the compute thread in parallel only
+        # from COMPUTE_PARALLEL_MIN_BYTES: a parallel loop waits for every thread it woke.
+        # Measured on 2 cores, a lone 64-bag request: with both cores busy with other
+        # processes its kernel took 7.0-7.4 ms in parallel, 0.05 serially; and with both
+        # threads starting parallel loops libgomp's workers slept between calls, so after
+        # any burst the lone request's kernel took 0.17 ms instead of 0.05, for good.
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix=f"compute-{model.name}",
+            initializer=parallel_from_here, initargs=(COMPUTE_PARALLEL_MIN_BYTES,))
+        parallel_from_here(None)
         self._task: asyncio.Task[None] | None = None
         #: The batch computing now, if any.
         self._running: asyncio.Task[None] | None = None

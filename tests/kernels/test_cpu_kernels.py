@@ -226,7 +226,7 @@ def test_parallel_path_on_one_huge_bag_among_empty_ones(
                                   NumpyKernel(spec)(indices, offsets))
 
 
-def test_a_thread_marked_serial_never_runs_the_parallel_loops(
+def test_a_thread_sets_from_how_many_bytes_its_calls_run_in_parallel(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(numba_kernel, "PARALLEL_MIN_BYTES", 0)
     rng = np.random.default_rng(17)
@@ -242,10 +242,14 @@ def test_a_thread_marked_serial_never_runs_the_parallel_loops(
 
     monkeypatch.setattr(kernel, "_pool", spy)
     expected = NumpyKernel(TableSpec(weight, "sum"))(indices, offsets)  # type: ignore[arg-type]
-    with ThreadPoolExecutor(1, initializer=numba_kernel.serial_here) as serial_thread:
-        assert not serial_thread.submit(numba_kernel.parallel_here).result()
-        np.testing.assert_array_equal(serial_thread.submit(kernel, indices, offsets).result(),
-                                      expected)
-    assert numba_kernel.parallel_here()  # this thread was never marked
+    gathered = indices.shape[0] * 8  # int64 ids: 8 bytes each at least
+    for least, serial in ((None, True), (gathered * 100, True), (1, False)):
+        with ThreadPoolExecutor(1, initializer=numba_kernel.parallel_from_here,
+                                initargs=(least,)) as thread:
+            assert thread.submit(numba_kernel.parallel_min_bytes).result() == least
+            np.testing.assert_array_equal(thread.submit(kernel, indices, offsets).result(),
+                                          expected)
+        assert chosen.pop() is serial
+    assert numba_kernel.parallel_min_bytes() == 0  # this thread keeps the module's value
     np.testing.assert_array_equal(kernel(indices, offsets), expected)
-    assert chosen == [True, False]
+    assert chosen == [False]

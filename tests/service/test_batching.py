@@ -318,15 +318,17 @@ async def test_the_queue_is_bounded_by_the_wait_it_implies(bound_ms: float) -> N
 
 
 @pytest.mark.anyio
-async def test_the_compute_thread_runs_kernels_serially() -> None:
-    """One OpenMP team only, the event loop's: the compute thread's kernels are serial.
-    (With a team on each, libgomp's threads slept between calls on 2 cores, and a lone
-    request's kernel on the loop ran 3x slower after any burst.)"""
-    from kernels.numba_kernel import parallel_here
+async def test_only_large_batches_run_parallel_loops_and_only_on_the_compute_thread() -> None:
+    """A parallel loop waits for every thread it woke: on a busy host a lone request's
+    50-us kernel took 7 ms in parallel. The event loop's thread pools serially, the
+    compute thread in parallel only from COMPUTE_PARALLEL_MIN_BYTES."""
+    from kernels.numba_kernel import parallel_min_bytes
+    from service.batcher import COMPUTE_PARALLEL_MIN_BYTES
 
     app = create_app(Settings(), models=[loaded("items")])
     async with app.router.lifespan_context(app):
         batcher = app.state.service.batcher("items")
         loop = asyncio.get_running_loop()
-        assert not await loop.run_in_executor(batcher._executor, parallel_here)
-        assert parallel_here()  # the event loop's thread keeps its parallel loops
+        assert (await loop.run_in_executor(batcher._executor, parallel_min_bytes)
+                == COMPUTE_PARALLEL_MIN_BYTES)
+        assert parallel_min_bytes() is None
