@@ -60,6 +60,22 @@ MIN_FLOATS = 512
 
 
 @inlined
+def _scaled(ax: Any, eb: Any) -> tuple[Any, Any, Any]:
+    """(e10, scale, s) for a nonzero float32 magnitude ``ax`` (as float64) of binary
+    exponent ``eb``: ``scale = 10**(8 - e10)`` and ``s = ax * scale``, with ``e10`` chosen
+    so that ``1e8 <= rint(s) < 1e9`` (9 significant digits)."""
+    e10 = (eb * 78913) >> 18  # floor(eb * log10(2)): e10 or one below it
+    e10 += np.int64(ax >= _P10[e10 + 71])  # (no branch: either way half the time)
+    scale = _P10[78 - e10]
+    s = ax * scale
+    if np.rint(s) >= 1e9:  # rounds up to 10 digits: one power of ten more
+        e10 += 1
+        scale = _P10[78 - e10]
+        s = ax * scale
+    return e10, scale, s
+
+
+@inlined
 def _decimal(b: Any, f: Any) -> tuple[int, int, int]:
     """(d, n, kk) for a finite nonzero float32 ``f`` with sign-less bits ``b``: its
     shortest decimal's n digits followed by 9 - n zeros (``1e8 <= d < 1e9``) and
@@ -76,16 +92,8 @@ def _decimal(b: Any, f: Any) -> tuple[int, int, int]:
             eb += 1
     else:
         eb = np.int64(e2) - 127
-    e10 = (eb * 78913) >> 18  # floor(eb * log10(2)): e10 or one below it
-    e10 += np.int64(ax >= _P10[e10 + 71])  # (no branch: either way half the time)
-    scale = _P10[78 - e10]
-    s = ax * scale
+    e10, scale, s = _scaled(ax, eb)
     d = np.rint(s)
-    if d >= 1e9:
-        e10 += 1
-        scale = _P10[78 - e10]
-        s = ax * scale
-        d = np.rint(s)
     half = _HALF[e2]
     lo = (ax - half) * scale + _MARGIN
     hi = (ax + half) * scale - _MARGIN
@@ -134,15 +142,7 @@ def _exact(b: Any, f: Any) -> tuple[int, int, int]:
     e2 = b >> 23
     mant = b & 0x7FFFFF
     ax = abs(np.float64(f))
-    e10 = ((np.int64(e2) - 127) * 78913) >> 18
-    if ax >= _P10[e10 + 71]:
-        e10 += 1
-    scale = _P10[78 - e10]
-    s = ax * scale
-    if np.rint(s) >= 1e9:
-        e10 += 1
-        scale = _P10[78 - e10]
-        s = ax * scale
+    e10, scale, s = _scaled(ax, np.int64(e2) - 127)
     half = _HALF[e2]
     down = half * 0.5 if (mant == 0 and e2 > 1) else half
     closed = (mant & 1) == 0
@@ -395,8 +395,11 @@ def list_json(values: npt.NDArray[Any]) -> bytes | None:
     return None if encoded is None else encoded[0]
 
 
-def _suited(values: npt.NDArray[np.float32]) -> bool:
-    return AVAILABLE and bool(_suits(values.reshape(-1).view(np.uint32)))
+def _pays(values: npt.NDArray[np.float32]) -> bool:
+    """Whether the compiled writer pays for these (contiguous float32) values: from
+    :data:`MIN_FLOATS`, and values :func:`_suits` finds like pooled embeddings."""
+    return (values.size >= MIN_FLOATS and AVAILABLE
+            and bool(_suits(values.reshape(-1).view(np.uint32))))
 
 
 def rows_value(rows: npt.NDArray[Any]) -> Any:
@@ -405,7 +408,7 @@ def rows_value(rows: npt.NDArray[Any]) -> Any:
     :func:`_suits` finds unlike pooled embeddings) or apply (not finite), the contiguous
     array for ``OPT_SERIALIZE_NUMPY``. Either way the same bytes come out."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
-    if rows.size >= MIN_FLOATS and _suited(rows):
+    if _pays(rows):
         text = rows_json(rows)
         if text is not None:
             return orjson.Fragment(text)
@@ -415,7 +418,7 @@ def rows_value(rows: npt.NDArray[Any]) -> Any:
 def row_values(rows: npt.NDArray[Any]) -> list[Any]:
     """As :func:`rows_value`, one value per row (each row in its own JSON object)."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
-    if rows.size >= MIN_FLOATS and _suited(rows):
+    if _pays(rows):
         texts = row_texts(rows)
         if texts is not None:
             return [orjson.Fragment(text) for text in texts]
@@ -425,7 +428,7 @@ def row_values(rows: npt.NDArray[Any]) -> list[Any]:
 def list_value(values: npt.NDArray[Any]) -> Any:
     """As :func:`rows_value`, for any array written as one flat JSON list."""
     values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    if values.size >= MIN_FLOATS and _suited(values):
+    if _pays(values):
         text = list_json(values)
         if text is not None:
             return orjson.Fragment(text)

@@ -12,10 +12,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from kernels import TableSpec, make_kernel
+from kernels import TableSpec, make_kernel, numba_kernel
 from models import EmbeddingBag, flatten_inputs
 
 GOLDEN = Path(__file__).parent / "golden"
+
+#: Ways to run a call: the pinned API, each CPU kernel directly, ONNX Runtime's CPU EP.
+IMPLEMENTATIONS = ("api", "numba", "numpy", "onnx")
 
 
 @pytest.fixture(autouse=True)
@@ -23,13 +26,8 @@ def _kernel_threads_reset() -> Any:
     """A service built in a test marks the test's thread serial for numba kernels (as it
     marks the event loop's in a server); later tests calling kernels on that thread must
     still reach the parallel loops."""
-    from kernels import numba_kernel
-
     yield
     numba_kernel._thread_state.__dict__.pop("parallel_min_bytes", None)
-
-#: Ways to run a call: the pinned API, each CPU kernel directly, ONNX Runtime's CPU EP.
-IMPLEMENTATIONS = ("api", "numba", "numpy", "onnx")
 
 
 @dataclass(frozen=True)
