@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from service import __version__
+from service.batcher import loop_load
 from service.config import DEMO, ModelSpec
 from service.control import WorkerLink
 from service.errors import install_handlers
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, specs: list[ModelSpec] | None =
         if models:
             models.clear()
         await state.start(specs or [], preloaded)
+        loop_load().poll_s = settings.busy_poll_us * 1e-6
         del preloaded
         if link is not None:
             link.attach(state)

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.batcher import loop_load
 from service.errors import exception_response
 from service.inference import count_refused, require_api_key
 
@@ -58,3 +59,4 @@ class FastPath:
             response = exception_response(request, exc)
             count_refused(request, arguments.get("name"), exc)
         await response(scope, receive, send)
+        loop_load().answered()

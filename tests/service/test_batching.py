@@ -262,6 +262,54 @@ async def test_loop_load_says_busy_only_while_the_loop_runs_its_timer_late() -> 
 
 
 @pytest.mark.anyio
+async def test_after_an_answer_the_loop_polls_for_busy_poll_us_then_sleeps() -> None:
+    from service.batcher import LoopLoad
+
+    load = LoopLoad()
+    runs = 0
+    poll = load._poll
+
+    def counted(loop: asyncio.AbstractEventLoop) -> None:
+        nonlocal runs
+        runs += 1
+        poll(loop)
+
+    load._poll = counted  # type: ignore[method-assign]
+    load.answered()  # off: nothing scheduled
+    await asyncio.sleep(0.01)
+    assert runs == 0
+    load.poll_s = 0.05
+    load.answered()
+    await asyncio.sleep(0.01)  # a sleeping loop would run nothing for these 10 ms
+    assert load._polling and runs > 20, runs
+    await asyncio.sleep(0.06)
+    assert not load._polling
+    stopped = runs
+    await asyncio.sleep(0.01)
+    assert runs == stopped  # asleep again
+    load.answered()
+    load.offloaded = 1  # a batch on a compute thread: the loop stops polling at once
+    await asyncio.sleep(0.005)
+    assert not load._polling and runs == stopped + 1
+
+
+@pytest.mark.anyio
+async def test_the_service_polls_after_each_inference_answer_as_configured() -> None:
+    from service.batcher import loop_load
+
+    app = create_app(Settings(busy_poll_us=100_000), models=[wrapped("items", mode="sum")])
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=transport, base_url="http://test") as client:
+        load = loop_load()
+        assert load.poll_s == pytest.approx(0.1) and not load._polling
+        assert (await client.get("/v2/health/ready")).status_code == 200
+        assert not load._polling  # probes do not start it
+        answer = await client.post(EMBED.format("items"), json={"bags": [[1, 2]]})
+        assert answer.status_code == 200 and load._polling
+
+
+@pytest.mark.anyio
 async def test_a_request_alone_skips_the_queue_and_one_under_load_joins_it() -> None:
     model = wrapped("items", mode="sum")
     model.bag.wrapped.name = "numba"  # a CPU kernel: small calls may run on the loop
