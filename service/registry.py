@@ -110,6 +110,10 @@ def load_model(spec: ModelSpec, version: int = 1) -> LoadedModel:
     """
     started = time.perf_counter()
     source = "built-in demo table" if spec.checkpoint is None else str(spec.checkpoint)
+    # A first start compiles the readers and kernels (~20-30 s on 2 cores, cached on disk
+    # afterwards): without a word here, the log stayed silent that long.
+    logger.info("loading model (a first start compiles the kernels: up to ~30 s; "
+                "later starts read numba's cache)", extra={"model": spec.name, "source": source})
     # The compiled readers of native bodies, whichever model kind: every body that is not
     # a bags body is offered to the KJT reader (a first call compiled or loaded them while
     # a fresh server's first client waited 0.5 s).
