@@ -20,7 +20,7 @@ from service.fastpath import FastPath
 from service.protocols import kserve, native, openai, ops
 from service.registry import LoadedModel
 from service.schemas import components
-from service.settings import Settings
+from service.settings import Settings, usable_cores
 from service.state import ServiceState
 
 
@@ -50,7 +50,10 @@ def create_app(settings: Settings | None = None, specs: list[ModelSpec] | None =
         if models:
             models.clear()
         await state.start(specs or [], preloaded)
-        loop_load().poll_s = settings.busy_poll_us * 1e-6
+        # More workers than cores: a worker polling would hold a core another one needs
+        # (4 workers on 2 cores, 16 connections: 6,027-6,852 req/s without, 5,242-6,178 with).
+        loop_load().poll_s = (settings.busy_poll_us * 1e-6
+                              if settings.workers <= usable_cores() else 0.0)
         del preloaded
         if link is not None:
             link.attach(state)

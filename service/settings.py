@@ -39,7 +39,8 @@ class Settings(BaseSettings):
                                 "event loop polls for this long before it sleeps: a kept-alive "
                                 "connection's next request is read without a wake-up (one-bag "
                                 "requests at one connection +15-20%); costs up to this much "
-                                "of a core per answer that no request follows (0: off)")
+                                "of a core per answer that no request follows (0: off; "
+                                "off when workers outnumber the cores)")
     max_connections: int = Field(4096, ge=1, description="open connections per process; "
                                  "past it each new connection closes the oldest idle one")
 

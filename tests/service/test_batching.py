@@ -310,6 +310,17 @@ async def test_the_service_polls_after_each_inference_answer_as_configured() -> 
 
 
 @pytest.mark.anyio
+async def test_workers_beyond_the_cores_do_not_poll() -> None:
+    from service.batcher import loop_load
+    from service.settings import usable_cores
+
+    settings = Settings(busy_poll_us=100_000, workers=usable_cores() + 1)
+    app = create_app(settings, models=[wrapped("items", mode="sum")])
+    async with app.router.lifespan_context(app):
+        assert loop_load().poll_s == 0.0
+
+
+@pytest.mark.anyio
 async def test_a_request_alone_skips_the_queue_and_one_under_load_joins_it() -> None:
     model = wrapped("items", mode="sum")
     model.bag.wrapped.name = "numba"  # a CPU kernel: small calls may run on the loop
