@@ -141,6 +141,7 @@ class LoopLoad:
     only while the loop has time to spare: under load, requests that wait one turn of the
     loop in the queue batch together and go to the compute thread, which frees the loop
     (one-bag requests at 64 connections: 4,600 req/s queued, 4,080 each in its own task).
+    It also keeps the loop polling for a moment after each answer (:meth:`answered`).
     """
 
     def __init__(self) -> None:
