@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     busy_poll_us: float = Field(200.0, ge=0, le=1e6, description="after each answer the "
                                 "event loop polls for this long before it sleeps: a kept-alive "
                                 "connection's next request is read without a wake-up (one-bag "
-                                "requests at one connection +15-20%); costs up to this much "
+                                "requests at one connection +15-25%); costs up to this much "
                                 "of a core per answer that no request follows (0: off; "
                                 "off when workers outnumber the cores)")
     max_connections: int = Field(4096, ge=1, description="open connections per process; "
