@@ -4,7 +4,10 @@ This file is compiled by numba, not run as Python, so mypy skips it (see pyproje
 its inputs are typed and checked in ``numba_kernel``. Every loop pools whole bags with the
 register tiles of :mod:`kernels.numba_tiles`: a row of ``dim`` columns is cut into passes
 of up to 8 registers (12 for rows of more than 48), the last with the masked tail, and
-each pass walks the bag's ids once.
+each pass walks the bag's ids once. A loop writes its bags' rows in order, so a row's
+last register, when ``dim`` is not a whole number of registers, is stored whole onto the
+first elements of the rows its loop writes next (a masked store costs ~3.5 ns a bag on
+AMD's cores); a loop's last row, and the collection kernel's, store it masked.
 
 Each loop exists twice: over the bags in parallel (``prange``), and serially for calls too
 small to pay for waking the thread pool. Every loop takes ``offsets`` as ``[B + 1]`` CSR
@@ -29,19 +32,26 @@ from kernels import numba_decode, numba_tiles
 
 def _row_pooler(op):
     """An inlined ``pool_row(weight, indices, scale, start, end, padding, out, bag,
-    prefetch, divisor)`` running the passes of ``op`` across one output row."""
+    prefetch, divisor, after)`` running the passes of ``op`` across one output row;
+    ``after``: how many rows of ``out`` after ``bag`` the caller writes later (their
+    first elements may take the tail register's spare lanes, stored whole)."""
     lanes_of, most = numba_tiles.lanes, numba_tiles.MOST_VECTORS
     wide, wide_from = numba_tiles.WIDE_VECTORS, numba_tiles.WIDE_FROM
     run = numba_tiles.make_pass(op)
 
     @numba.njit(inline="always")
-    def pool_row(weight, indices, scale, start, end, padding, out, bag, prefetch, divisor):
+    def pool_row(weight, indices, scale, start, end, padding, out, bag, prefetch, divisor,
+                 after):
         """Returns 1 when the bag holds an id outside the table (its row is then
         incomplete: the caller zeroes it), else 0."""
         dim = out.shape[1]
         lanes = lanes_of(weight)
         whole = dim // lanes
         tail = dim - whole * lanes
+        # The tail register stored whole writes lanes - tail elements past the row: on
+        # the rows after it when they are contiguous and the caller writes them later.
+        spill = 1 if (after * dim >= lanes - tail
+                      and out.strides[0] == dim * out.itemsize) else 0
         col = 0
         invalid = 0
         # Literal pass widths in the loops: each such call compiles to one case of the
@@ -50,31 +60,32 @@ def _row_pooler(op):
         if whole > wide_from:
             while whole > wide:
                 invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
-                               prefetch, divisor, 0, wide)
+                               prefetch, divisor, 0, wide, spill)
                 col += wide * lanes
                 whole -= wide
         else:
             while whole > most:
                 invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
-                               prefetch, divisor, 0, most)
+                               prefetch, divisor, 0, most, spill)
                 col += most * lanes
                 whole -= most
         if whole > most and (whole < wide or tail > 0):
             # 9 to 11 registers left, or 12 and a tail: a pass of 8 first.
             invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
-                           prefetch, divisor, 0, most)
+                           prefetch, divisor, 0, most, spill)
             col += most * lanes
             whole -= most
         # The last pass: the whole registers left and the masked tail together.
         return invalid | run(weight, indices, scale, start, end, padding, col, out, bag,
-                             prefetch, divisor, tail, whole)
+                             prefetch, divisor, tail, whole, spill)
 
     return pool_row
 
 
 def _compact_row_pooler(op):
-    """As :func:`_row_pooler`, in passes of 8 (``MOST_VECTORS``), 4, 2 and 1 registers and
-    the masked tail in a pass of its own: five pass bodies, not every register count's.
+    """As :func:`_row_pooler` (without ``after``: the tail is always stored masked), in
+    passes of 8 (``MOST_VECTORS``), 4, 2 and 1 registers and the masked tail in a pass of
+    its own: five pass bodies, not every register count's.
     For loops that inline every op at once (the collection kernel), whose compile time
     grew 3x with every count's pass inlined four times."""
     lanes_of, most = numba_tiles.lanes, numba_tiles.MOST_VECTORS
@@ -89,26 +100,26 @@ def _compact_row_pooler(op):
         invalid = 0
         while whole >= most:
             invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
-                           prefetch, divisor, 0, most)
+                           prefetch, divisor, 0, most, 0)
             col += most * lanes
             whole -= most
         if whole >= 4:
             invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
-                           prefetch, divisor, 0, 4)
+                           prefetch, divisor, 0, 4, 0)
             col += 4 * lanes
             whole -= 4
         if whole >= 2:
             invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
-                           prefetch, divisor, 0, 2)
+                           prefetch, divisor, 0, 2, 0)
             col += 2 * lanes
             whole -= 2
         if whole >= 1:
             invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
-                           prefetch, divisor, 0, 1)
+                           prefetch, divisor, 0, 1, 0)
             col += lanes
         if col < dim:
             invalid |= run(weight, indices, scale, start, end, padding, col, out, bag,
-                           prefetch, divisor, dim - col, 0)
+                           prefetch, divisor, dim - col, 0, 0)
         return invalid
 
     return pool_row
@@ -206,7 +217,7 @@ def _serial_loops(stamp):
             start, end, valid = bounds(offsets, bag, total)
             # A literal divisor: the sum tiles then carry no division branch.
             if not valid or pool_sum_row(weight, indices, weight, start, end, padding, out,
-                                         bag, prefetch, 1) != 0:
+                                         bag, prefetch, 1, last - bag - 1) != 0:
                 invalid += 1
                 zero(out, bag)
         return invalid
@@ -219,8 +230,8 @@ def _serial_loops(stamp):
         for bag in range(first, last):
             start, end, valid = bounds(offsets, bag, total)
             if not valid or pool_sum_row(weight, indices, weight, start, end, padding, out,
-                                         bag, prefetch,
-                                         counted(indices, start, end, padding)) != 0:
+                                         bag, prefetch, counted(indices, start, end, padding),
+                                         last - bag - 1) != 0:
                 invalid += 1
                 zero(out, bag)
         return invalid
@@ -235,7 +246,7 @@ def _serial_loops(stamp):
             bad = not valid
             if not bad:
                 bad = pool_weighted_row(weight, indices, scale, start, end, padding, out, bag,
-                                        prefetch, 1) != 0
+                                        prefetch, 1, last - bag - 1) != 0
             if bad:
                 invalid += 1
                 zero(out, bag)
@@ -251,7 +262,8 @@ def _serial_loops(stamp):
             if state == _MAX_EMPTY:
                 zero(out, bag)
             elif state == _MAX_BAD or pool_max_row(weight, indices, weight, start, end,
-                                                   padding, out, bag, prefetch, 1) != 0:
+                                                   padding, out, bag, prefetch, 1,
+                                                   last - bag - 1) != 0:
                 invalid += 1
                 zero(out, bag)
         return invalid
@@ -267,8 +279,8 @@ def _serial_loops(stamp):
             if state == _MAX_EMPTY:
                 zero(out, bag)
             elif state == _MAX_BAD or pool_scaled_max_row(weight, indices, scale, start, end,
-                                                          padding, out, bag, prefetch,
-                                                          1) != 0:
+                                                          padding, out, bag, prefetch, 1,
+                                                          last - bag - 1) != 0:
                 invalid += 1
                 zero(out, bag)
         return invalid

@@ -166,6 +166,46 @@ def test_every_pass_shape_matches_the_numpy_kernel(storage: str) -> None:
                                                err_msg=f"{mode} dim {dim}")
 
 
+@pytest.mark.parametrize("storage", ["float32", "float64", "int8"])
+def test_a_loop_writes_only_its_own_rows_though_it_stores_tails_whole(storage: str) -> None:
+    """A row's last register is stored whole onto the rows the same loop writes next (the
+    tail's spare lanes): over bags ``[first, last)`` the rows outside stay untouched
+    (parallel chunks are such ranges), every row inside is right, an invalid bag's row
+    zero, for dims from below one register (several rows take one tail's spill) to
+    passes of 8 with a tail; float64 rows have 4 lanes."""
+    from kernels.storage import store
+
+    rng = np.random.default_rng(31)
+    for dim in (1, 2, 3, 5, 7, 9, 12, 20, 50, 100):
+        dtype = np.float64 if storage == "float64" else np.float32
+        table = store(rng.standard_normal((30, dim)).astype(dtype), storage)  # type: ignore[arg-type]
+        indices, offsets = _batch(rng, 30, 24, 5)
+        valid = indices.copy()
+        bad = int(offsets[6])  # an id outside the table, when bag 6 holds any
+        if offsets[7] > bad:
+            indices[bad] = 30
+        weights = rng.standard_normal(indices.size).astype(dtype)
+        for name in ("sum", "mean", "max", "weighted"):
+            mode = "sum" if name == "weighted" else name
+            spec = TableSpec(table, mode)  # type: ignore[arg-type]
+            kernel = NumbaKernel(spec)
+            scale = weights if name == "weighted" else None
+            want = NumpyKernel(spec)(valid, offsets, scale)
+            if offsets[7] > bad:
+                want[6] = 0
+            loop = kernel._loops[name][True]  # the serial loop over [first, last)
+            ids = numba_kernel._read_only(indices)
+            starts = numba_kernel._read_only(offsets)
+            extra = (numba_kernel._read_only(scale),) if scale is not None else ()
+            for first, last in ((0, 24), (3, 4), (5, 11), (6, 7), (11, 24), (23, 24)):
+                out = np.full((24, dim), np.nan, want.dtype)
+                loop(kernel._table, ids, starts, first, last, *extra, None, 0, out)
+                assert np.isnan(out[:first]).all() and np.isnan(out[last:]).all(), (
+                    f"{name} dim {dim}: wrote outside bags [{first}, {last})")
+                np.testing.assert_allclose(out[first:last], want[first:last], rtol=1e-5,
+                                           atol=1e-5, err_msg=f"{name} dim {dim}")
+
+
 @pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_pool_counts_bags_with_bad_ids_or_bounds_and_zeroes_them(
