@@ -46,8 +46,12 @@ WATCH_AFTER_S = 0.05
 #: Batches gathering at most this many bytes of rows run on the event loop (see
 #: ``Batcher._inline``): 32 ids of 512-byte rows are 16 KiB.
 INLINE_MAX_BYTES = 64 << 10
-#: ... and batches of at most this many bytes when nothing else is queued for the model.
-IDLE_INLINE_MAX_BYTES = 4 << 20
+#: ... and batches of at most this many bytes when nothing else is queued for the model
+#: (64 bags of 32 ids of 512-byte rows: ~0.1 ms serially). Larger ones hold the loop for
+#: milliseconds now that it pools serially: under a flood of 2 MiB requests (64 clients,
+#: RELIABILITY.md) the admitted p99 read 1.6-1.8 s in two of three runs with 4 MiB here,
+#: 0.59-0.92 s with 1 MiB, 0.58-0.64 s with 64 KiB.
+IDLE_INLINE_MAX_BYTES = 1 << 20
 #: The compute thread's kernels run their parallel loops from this many bytes of rows
 #: (the event loop's thread never does: see ``Batcher.__init__``). A busy host can stall a
 #: parallel loop by a time slice (~5 ms); past ~8 MiB (15-30 ms serially) the second core
