@@ -52,11 +52,16 @@ class FastPath:
     async def _dispatch(handler: Handler, arguments: dict[str, Any], scope: Scope,
                         receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        load = loop_load()
+        load.in_flight += 1
         try:
-            await require_api_key(request)
-            response = await handler(request=request, **arguments)
-        except Exception as exc:  # noqa: BLE001 - the one error table answers everything
-            response = exception_response(request, exc)
-            count_refused(request, arguments.get("name"), exc)
-        await response(scope, receive, send)
-        loop_load().answered()
+            try:
+                await require_api_key(request)
+                response = await handler(request=request, **arguments)
+            except Exception as exc:  # noqa: BLE001 - the one error table answers everything
+                response = exception_response(request, exc)
+                count_refused(request, arguments.get("name"), exc)
+            await response(scope, receive, send)
+        finally:
+            load.in_flight -= 1
+        load.answered()

@@ -232,15 +232,22 @@ def test_small_batches_run_on_the_loop_and_larger_ones_on_the_compute_thread(
     # 8-float rows (32 bytes): 2 ids are 64 bytes, 4,000 ids 128,000 (> 64 KiB, < 4 MiB).
     small = client.post("/v1/models/items/embed", json={"bags": [[1, 2]]})
     large = client.post("/v1/models/items/embed", json={"bags": [[3] * 4000]})
+    load = client.app.state.service.batchers["items"]._load  # type: ignore[attr-defined]
+    load.in_flight += 1  # another request between dispatch and answer
+    crowded = client.post("/v1/models/items/embed", json={"bags": [[3] * 4000]})
+    load.in_flight -= 1
     monkeypatch.setattr(batcher, "IDLE_INLINE_MAX_BYTES", 100_000)
     larger = client.post("/v1/models/items/embed", json={"bags": [[3] * 4000]})
-    assert small.status_code == large.status_code == larger.status_code == 200
+    assert (small.status_code == large.status_code == crowded.status_code
+            == larger.status_code == 200)
     np.testing.assert_allclose(small.json()["embeddings"], [table()[1] + table()[2]],
                                rtol=1e-6)
     np.testing.assert_allclose(larger.json()["embeddings"], [4000 * table()[3]], rtol=1e-4)
-    # Small: on the loop; large with nothing else queued: on the loop too; past the idle
-    # bound: the compute thread.
-    assert [name.startswith("compute-") for name in threads] == [False, False, True], threads
+    # Small: on the loop; large alone: on the loop too; large while another request is in
+    # flight, or past the idle bound: the compute thread.
+    assert [name.startswith("compute-") for name in threads] == [False, False, True,
+                                                                  True], threads
+    assert load.in_flight == 0  # every answered request let go of its count
 
 
 @pytest.mark.anyio
