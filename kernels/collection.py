@@ -169,9 +169,7 @@ class FusedCollectionKernel:
         dummy = scale is None
         scale = numba_kernel._read_only(np.empty(0, COMPUTE_DTYPE) if scale is None
                                         else np.ascontiguousarray(scale, COMPUTE_DTYPE))
-        gathered = indices.shape[0] * self._id_bytes
-        least = numba_kernel.parallel_min_bytes()
-        serial = samples == 1 or least is None or gathered < least
+        serial = numba_kernel.runs_serially(samples, indices.shape[0] * self._id_bytes)
         invalid = 0
         for step in self._passes:
             ops = step.weighted_ops if not dummy else step.plain_ops

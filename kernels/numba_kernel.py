@@ -148,6 +148,14 @@ def parallel_min_bytes() -> int | None:
     return PARALLEL_MIN_BYTES if value == -1 else value
 
 
+def runs_serially(units: int, gathered_bytes: int) -> bool:
+    """Whether a call of ``units`` bags (or samples) gathering ``gathered_bytes`` of rows
+    runs serially on this thread: a single unit, a thread that never runs parallel
+    loops, or fewer bytes than its :func:`parallel_min_bytes`."""
+    least = parallel_min_bytes()
+    return units == 1 or least is None or gathered_bytes < least
+
+
 def call_threads(num_threads: int | None, get_threads: Any, set_threads: Any) -> int:
     """The threads a parallel loop gets for this call: numba's count, or ``num_threads``
     set for the calling thread (numba keeps it per thread). Set only when this thread's
@@ -242,9 +250,7 @@ class NumbaKernel:
         outside ``[0, num_embeddings)`` or a start past their end or past ``N`` (those rows
         are zeros; the caller reports the error). Never reads outside the table.
         """
-        least = parallel_min_bytes()
-        serial = (num_bags == 1 or least is None
-                  or indices.shape[0] * self._id_bytes < least)
+        serial = runs_serially(num_bags, indices.shape[0] * self._id_bytes)
         return self._pool(indices, offsets, num_bags, per_sample_weights, serial)
 
     def warm_up(self) -> None:
