@@ -128,9 +128,12 @@ def test_the_writer_serves_pooled_values_and_leaves_the_rest_to_orjson() -> None
     assert all(isinstance(v, orjson.Fragment) for v in row_values(pooled))
     small = pooled[:1]  # under MIN_FLOATS: orjson's call is cheaper
     assert isinstance(rows_value(small), np.ndarray)
+    sums = (rng.standard_normal((16, 64)) * 1e4).astype(np.float32)  # any scale below 2**24
+    assert isinstance(rows_value(sums), orjson.Fragment)
+    assert orjson.dumps(rows_value(sums)) == orjson.dumps(sums, option=NUMPY)
     quantized = (rng.integers(-128, 128, (16, 64)) / 64).astype(np.float32)
-    large = (rng.standard_normal((16, 64)) * 1e4).astype(np.float32)
-    for rows in (quantized, large):
+    huge = (rng.standard_normal((16, 64)) * 1e9).astype(np.float32)  # integers past 2**24
+    for rows in (quantized, huge):
         assert isinstance(rows_value(rows), np.ndarray)
         assert (orjson.dumps(rows_value(rows), option=NUMPY)
                 == orjson.dumps(rows, option=NUMPY))
