@@ -61,6 +61,8 @@ COMPUTE_PARALLEL_MIN_BYTES = 8 << 20
 #: ~0.1 ms; a saturated loop runs a timer milliseconds late).
 LOAD_PERIOD_S = 0.005
 BUSY_LAG_S = 0.0005
+#: Refusals by time are held so that they come back at most this often per answer.
+REFUSALS_PER_ANSWER = 0.25
 
 
 #: What a request queues: flat bags (tables, collections) or texts (text models).
@@ -160,25 +162,59 @@ class LoopLoad:
         self.in_flight = 0
         self._poll_until = 0.0
         self._polling = False
+        #: Answers since the last tick, and their rate per second while the loop is busy
+        #: (averaged over ticks): with :attr:`in_flight`, the wait it implies.
+        self._answers = 0
+        self._rate = 0.0
+        self._ticked_at = 0.0
+        #: Refusals being held (see :meth:`hold_s`), counted by FastPath.
+        self.held = 0
 
     def saw_request(self) -> None:
         self._requests += 1
         if not self._ticking:
             self._ticking = True
             loop = asyncio.get_running_loop()
+            self._ticked_at = loop.time()
+            self._answers = 0
             loop.call_at(loop.time() + LOAD_PERIOD_S, self._tick, loop.time() + LOAD_PERIOD_S)
 
     def _tick(self, due: float) -> None:
         loop = asyncio.get_running_loop()
+        now = loop.time()
         # Averaged: one tick lands anywhere in a step of the loop, early or late in it.
-        self._lag = 0.5 * self._lag + 0.5 * (loop.time() - due)
+        self._lag = 0.5 * self._lag + 0.5 * (now - due)
         self.busy = self._lag > BUSY_LAG_S
+        if self.busy and now > self._ticked_at:
+            rate = self._answers / (now - self._ticked_at)
+            self._rate = rate if not self._rate else 0.8 * self._rate + 0.2 * rate
+        self._answers = 0
+        self._ticked_at = now
         if self._requests == 0:  # nothing since the last tick: stop until the next one
             self._ticking = self.busy = False
             self._lag = 0.0
             return
         self._requests = 0
-        loop.call_at(loop.time() + LOAD_PERIOD_S, self._tick, loop.time() + LOAD_PERIOD_S)
+        loop.call_at(now + LOAD_PERIOD_S, self._tick, now + LOAD_PERIOD_S)
+
+    def hold_s(self, target: float) -> float:
+        """How long to hold a refusal by time: the target wait, or longer when so many
+        refused connections cycle that their refusals would come faster than
+        :data:`REFUSALS_PER_ANSWER` of the loop's answer rate (each costs the loop its
+        HTTP parse and a send: about a third of a one-bag answer)."""
+        if self._rate <= 0.0:
+            return target
+        return max(target, (self.held + 1) / (REFUSALS_PER_ANSWER * self._rate))
+
+    def wait_s(self) -> float:
+        """Seconds the requests in flight on this loop ahead of one more take to be
+        answered, at the rate the busy loop answers them (Little's law); 0 while the loop
+        keeps up. It counts the wait a queue does not show: with many connections the
+        loop itself is the bottleneck (parsing, dispatch, encoding answers), and requests
+        wait for it, not for the kernel."""
+        if not self.busy or self._rate <= 0.0:
+            return 0.0
+        return max(self.in_flight - 1, 0) / self._rate
 
     def answered(self) -> None:
         """An answer went out: for the next :attr:`poll_s` the loop polls its sockets
@@ -192,6 +228,7 @@ class LoopLoad:
         and uvloop alike). It stops while a batch runs on a compute thread, whose
         parallel loops want every core, and costs at most ``poll_s`` of a core per
         answer when no request follows."""
+        self._answers += 1
         if not self.poll_s:
             return
         loop = asyncio.get_running_loop()
@@ -438,20 +475,31 @@ class Batcher:
         return self._running is not None and not self._running.done()
 
     def _refuse_if_late(self) -> None:
-        """429 when :meth:`expected_wait` is past ``max_queue_wait_ms`` (a request finding
-        the queue empty is always admitted): admitted requests keep a latency near the
-        unloaded one, the rest hear at once. The event loop's own lag is not counted: in
-        a flood it is mostly the refusals' own cost, and counting it refused everything."""
+        """429 when the wait a request admitted now implies is past ``max_queue_wait_ms``:
+        the queue's (:meth:`expected_wait`; a request finding the queue empty is always
+        admitted) or the event loop's (:meth:`LoopLoad.wait_s`: the requests in flight
+        ahead of it, at the rate the loop answers). Admitted requests keep a latency near
+        the target; the refusal is held for that target wait before it goes out
+        (``Overloaded.hold_s``). Clients that retry at once are the reason: every one
+        of their connections always holds a request, so a refusal answered at once comes
+        straight back and frees nothing (Little's law: the admitted requests' latency is
+        the connections they hold over the rate they are answered). Held, it keeps its
+        connection out of line about as long as an admitted request may wait, and
+        :meth:`LoopLoad.hold_s` paces the refused clients (hey at 80 connections,
+        ``max_queue_wait_ms=10``: admitted p99 one bag 23.3 -> 15.8 ms, 64 bags 50.5 ->
+        17.0 ms, answers/s within 20%; held for the target alone, not paced, the refusals
+        came back so often that answers/s fell to 10-55%; BENCHMARKS.md, overload)."""
         bound = self._settings.max_queue_wait_ms / 1e3
         if not bound:
             return
-        wait = self.expected_wait()
-        if wait > bound and self._queue:
+        wait = max(self.expected_wait() if self._queue else 0.0, self._load.wait_s())
+        if wait > bound:
             self._count["overloaded"].inc()
             raise Overloaded(f"model {self.model.name!r} is at capacity: a request now would "
                              f"wait ~{wait * 1e3:.0f} ms, past max_queue_wait_ms="
                              f"{self._settings.max_queue_wait_ms:g}; retry later",
-                             headers=self._retry())
+                             headers=self._retry(),
+                             hold_s=min(self._load.hold_s(bound), self._settings.retry_after_s))
 
     def record(self, outcome: str, result: BatchResult | None = None,
                total_s: float = 0.0, oov: dict[str, int] | None = None) -> None:

@@ -70,7 +70,16 @@ class InvalidRequest(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """429. ``hold_s``: how long the answer is held before it goes out (a refusal by the
+    wait it implies is held for that target wait; see ``Batcher._refuse_if_late``); 0
+    for the size bounds, answered at once."""
+
     status, type = 429, "overloaded"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None,
+                 hold_s: float = 0.0) -> None:
+        super().__init__(message, headers=headers)
+        self.hold_s = hold_s
 
 
 class NotReady(ServiceError):

@@ -10,6 +10,7 @@ table. Every other request, and every non-POST, goes down the FastAPI stack unch
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.batcher import loop_load
-from service.errors import exception_response
+from service.errors import Overloaded, exception_response
 from service.inference import count_refused, require_api_key
 
 Handler = Callable[..., Awaitable[Response]]
@@ -54,6 +55,7 @@ class FastPath:
         request = Request(scope, receive)
         load = loop_load()
         load.in_flight += 1
+        hold = 0.0
         try:
             try:
                 await require_api_key(request)
@@ -61,7 +63,18 @@ class FastPath:
             except Exception as exc:  # noqa: BLE001 - the one error table answers everything
                 response = exception_response(request, exc)
                 count_refused(request, arguments.get("name"), exc)
-            await response(scope, receive, send)
+                if isinstance(exc, Overloaded):
+                    hold = exc.hold_s
+            if not hold:
+                await response(scope, receive, send)
         finally:
             load.in_flight -= 1
+        if hold:  # a refusal by time: held out of the in-flight count, then answered
+            load.held += 1
+            try:
+                await asyncio.sleep(hold)
+            finally:
+                load.held -= 1
+            await response(scope, receive, send)
+            return
         load.answered()

@@ -63,11 +63,15 @@ class Settings(BaseSettings):
                                "requests get 429")
     max_queue_bags: int = Field(65_536, ge=1, description="bags waiting per model before "
                                 "requests get 429")
-    max_queue_wait_ms: float = Field(500.0, ge=0, description="longest queue wait a "
-                                     "request is admitted to: the batches queued requests "
-                                     "make, each as long as batches lately held the queue; "
-                                     "past it, 429 at once (an empty queue always admits; "
-                                     "0: no bound by time)")
+    max_queue_wait_ms: float = Field(500.0, ge=0, description="longest wait a request "
+                                     "is admitted to: the batches queued requests make, "
+                                     "each as long as batches lately held the queue, or "
+                                     "the requests in flight on a saturated event loop at "
+                                     "the rate it answers them; past it, 429, held for "
+                                     "this long (longer, up to retry_after_s, while many "
+                                     "refused clients retry) so that clients retrying at "
+                                     "once are paced (an empty queue and an idle loop "
+                                     "always admit; 0: no bound by time)")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline from admission to "
                                      "answer; a request still queued then gets 503")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds on 429 and 503")

@@ -384,6 +384,70 @@ async def test_the_queue_is_bounded_by_the_wait_it_implies(bound_ms: float) -> N
 
 
 @pytest.mark.anyio
+async def test_the_loop_measures_its_answer_rate_and_the_wait_in_flight_requests_imply(
+        ) -> None:
+    import time
+
+    from service.batcher import LOAD_PERIOD_S, REFUSALS_PER_ANSWER, LoopLoad
+
+    load = LoopLoad()
+    load.in_flight = 9
+    assert load.wait_s() == 0.0  # no rate measured yet
+    load.saw_request()
+    for _ in range(50):  # 50 answers while the loop runs its timer late: busy
+        load.answered()
+    time.sleep(4 * LOAD_PERIOD_S)
+    await asyncio.sleep(0.001)
+    assert load.busy
+    rate = load._rate
+    assert 50 / (20 * LOAD_PERIOD_S) < rate < 50 / (4 * LOAD_PERIOD_S) * 1.01, rate
+    # Eight requests ahead of one more, answered at that rate.
+    assert load.wait_s() == pytest.approx(8 / rate)
+    # A refusal is held for the target, or longer once the held ones would come back
+    # faster than REFUSALS_PER_ANSWER of the answers.
+    assert load.hold_s(0.5) == 0.5
+    load.held = 999
+    assert load.hold_s(0.001) == pytest.approx(1000 / (REFUSALS_PER_ANSWER * rate))
+    await asyncio.sleep(3 * LOAD_PERIOD_S)
+    assert not load.busy and load.wait_s() == 0.0  # idle again: nothing implied
+
+
+@pytest.mark.anyio
+async def test_a_request_the_busy_loop_cannot_answer_in_time_gets_a_held_429() -> None:
+    import time
+
+    from service.batcher import loop_load
+
+    # One slow request in flight, a loop measured at 5 answers a second: one more would
+    # wait ~0.2 s, past the 50 ms target. Its 429 is held (here 0.8 s: one held refusal
+    # may come back at a quarter of the answer rate) outside the in-flight count, then
+    # sent; the slow request is answered right.
+    settings = Settings(max_queue_wait_ms=50, max_bags_per_request=1, retry_after_s=2)
+    app = create_app(settings, models=[wrapped("slow", mode="sum", delay=0.5)])
+    async with app.router.lifespan_context(app):
+        load = loop_load()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            slow = asyncio.ensure_future(http.post(EMBED.format("slow"), json={"bags": [[1]]}))
+            await asyncio.sleep(0.05)
+            assert load.in_flight == 1
+            load.busy, load._ticking, load._rate = True, True, 5.0  # no timer changes them
+            started = time.perf_counter()
+            late = asyncio.ensure_future(http.post(EMBED.format("slow"), json={"bags": [[2]]}))
+            await asyncio.sleep(0.1)
+            assert not late.done() and load.held == 1 and load.in_flight == 1
+            refused = await late
+            held = time.perf_counter() - started
+            answered = await slow
+    assert refused.status_code == 429 and 0.75 < held < 3.0, (refused.status_code, held)
+    assert "max_queue_wait_ms=50" in refused.json()["error"]["message"]
+    assert refused.headers["retry-after"] == "2"
+    assert load.held == 0 and load.in_flight == 0
+    assert answered.status_code == 200
+    np.testing.assert_allclose(answered.json()["embeddings"], [table()[1]], rtol=1e-6)
+
+
+@pytest.mark.anyio
 async def test_only_large_batches_run_parallel_loops_and_only_on_the_compute_thread() -> None:
     """A parallel loop waits for every thread it woke: on a busy host a lone request's
     50-us kernel took 7 ms in parallel. The event loop's thread pools serially, the
