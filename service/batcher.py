@@ -47,8 +47,11 @@ WATCH_AFTER_S = 0.05
 #: ``Batcher._inline``): 32 ids of 512-byte rows are 16 KiB.
 INLINE_MAX_BYTES = 64 << 10
 #: ... and batches of at most this many bytes when nothing else is queued for the model
-#: and no other request is in flight on this loop (see ``Batcher._inline``).
-IDLE_INLINE_MAX_BYTES = 4 << 20
+#: (64 bags of 32 ids of 512-byte rows: ~0.1 ms serially) ...
+IDLE_INLINE_MAX_BYTES = 1 << 20
+#: ... and of at most this many when, besides, no other request is in flight on this
+#: loop (see ``Batcher._inline``).
+ALONE_INLINE_MAX_BYTES = 4 << 20
 #: The compute thread's kernels run their parallel loops from this many bytes of rows
 #: (the event loop's thread never does: see ``Batcher.__init__``). A busy host can stall a
 #: parallel loop by a time slice (~5 ms); past ~8 MiB (15-30 ms serially) the second core
@@ -591,17 +594,21 @@ class Batcher:
         hand-off to the compute thread and back (measured 0.3-0.4 ms on these VMs, ten
         times the kernel for one bag); so does one under :data:`IDLE_INLINE_MAX_BYTES`
         when no other request waits for this model (64-bag requests, one connection:
-        1,080-1,160 -> 1,480-1,500 requests/s; 16 connections: +8%) and no other request
-        is in flight on the loop. The loop pools serially: a 2-4 MiB batch holds it for
-        milliseconds, and with other clients' requests in flight RELIABILITY's flood (64
-        clients, 2 MiB requests) read an admitted p99 of 1.6-1.8 s in two runs of three
-        without that condition, 0.57-0.60 s with it, while one client's 4 MiB KServe
-        requests keep computing here (1,346 -> 1,854 req/s against a 1 MiB bound)."""
+        1,080-1,160 -> 1,480-1,500 requests/s; 16 connections: +8%; the batches of
+        one-bag requests at 16 connections: 3,700-3,800 req/s on the compute thread,
+        4,500-4,900 here), and one under :data:`ALONE_INLINE_MAX_BYTES` when, besides, no
+        other request is in flight on the loop. The loop pools serially: a 2-4 MiB batch
+        holds it for milliseconds, and with other clients' requests in flight
+        RELIABILITY's flood (64 clients, 2 MiB requests) read an admitted p99 of 1.6-1.8 s
+        in two runs of three without that condition, 0.57-0.60 s with it, while one
+        client's 4 MiB KServe requests keep computing here (1,346 -> 1,854 req/s against
+        a 1 MiB bound)."""
         if not self._cpu_kernel or isinstance(batch, TextBatch):
             return False  # texts are tokenized on the compute thread, never on the loop
         size = batch.indices.shape[0] * self._row_bytes
-        return size <= INLINE_MAX_BYTES or (not self._queue and size <= IDLE_INLINE_MAX_BYTES
-                                            and self._load.in_flight <= 1)
+        return size <= INLINE_MAX_BYTES or (not self._queue and (
+            size <= IDLE_INLINE_MAX_BYTES
+            or (size <= ALONE_INLINE_MAX_BYTES and self._load.in_flight <= 1)))
 
     def _run_kernel(self, batch: Work
                     ) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.int64] | None]:

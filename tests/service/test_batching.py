@@ -229,24 +229,26 @@ def test_small_batches_run_on_the_loop_and_larger_ones_on_the_compute_thread(
 
     kernel.inner = recording  # type: ignore[assignment]
     client = make_client([model])
-    # 8-float rows (32 bytes): 2 ids are 64 bytes, 4,000 ids 128,000 (> 64 KiB, < 4 MiB).
+    # 8-float rows (32 bytes): 2 ids are 64 bytes, 4,000 ids 128,000 (> 64 KiB, < 1 MiB).
     small = client.post("/v1/models/items/embed", json={"bags": [[1, 2]]})
-    large = client.post("/v1/models/items/embed", json={"bags": [[3] * 4000]})
     load = client.app.state.service.batchers["items"]._load  # type: ignore[attr-defined]
     load.in_flight += 1  # another request between dispatch and answer
+    medium = client.post("/v1/models/items/embed", json={"bags": [[3] * 4000]})
+    monkeypatch.setattr(batcher, "IDLE_INLINE_MAX_BYTES", 100_000)  # now "large"
     crowded = client.post("/v1/models/items/embed", json={"bags": [[3] * 4000]})
     load.in_flight -= 1
-    monkeypatch.setattr(batcher, "IDLE_INLINE_MAX_BYTES", 100_000)
+    alone = client.post("/v1/models/items/embed", json={"bags": [[3] * 4000]})
+    monkeypatch.setattr(batcher, "ALONE_INLINE_MAX_BYTES", 100_000)
     larger = client.post("/v1/models/items/embed", json={"bags": [[3] * 4000]})
-    assert (small.status_code == large.status_code == crowded.status_code
-            == larger.status_code == 200)
+    assert all(r.status_code == 200 for r in (small, medium, crowded, alone, larger))
     np.testing.assert_allclose(small.json()["embeddings"], [table()[1] + table()[2]],
                                rtol=1e-6)
     np.testing.assert_allclose(larger.json()["embeddings"], [4000 * table()[3]], rtol=1e-4)
-    # Small: on the loop; large alone: on the loop too; large while another request is in
-    # flight, or past the idle bound: the compute thread.
+    # Small: on the loop; medium (under the idle bound): on the loop, though another
+    # request is in flight; large with another in flight: the compute thread; large
+    # alone: on the loop; past every bound: the compute thread.
     assert [name.startswith("compute-") for name in threads] == [False, False, True,
-                                                                  True], threads
+                                                                  False, True], threads
     assert load.in_flight == 0  # every answered request let go of its count
 
 
