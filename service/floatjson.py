@@ -79,7 +79,8 @@ def _scaled(ax: Any, eb: Any) -> tuple[Any, Any, Any]:
 def _decimal(b: Any, f: Any) -> tuple[int, int, int]:
     """(d, n, kk) for a finite nonzero float32 ``f`` with sign-less bits ``b``: its
     shortest decimal's n digits followed by 9 - n zeros (``1e8 <= d < 1e9``) and
-    ``|f| ~ 0.d x 10**kk``. Powers of two and integers from 2**24 on would get a valid
+    ``|f| ~ 0.d x 10**kk``, one value at a time, for the values :func:`_decimals`'s
+    branch-free loop marks. Powers of two and integers from 2**24 on would get a valid
     decimal that may not be the shortest: :func:`_exact` does those."""
     e2 = b >> 23
     mant = b & 0x7FFFFF
@@ -97,26 +98,15 @@ def _decimal(b: Any, f: Any) -> tuple[int, int, int]:
     half = _HALF[e2]
     lo = (ax - half) * scale + _MARGIN
     hi = (ax + half) * scale - _MARGIN
-    # The interval is 6 to 119 units of the 9th digit wide, so candidates of 8 and 7
-    # digits fit about as often as not (a branch on them mispredicted for every third
-    # value: 25 ns a value on fresh data), and 6 digits or fewer are rare: three
-    # candidates without a branch, the rest in a loop taken by ~3% of random values.
-    v1 = np.rint(s * 0.1) * 10.0
-    v2 = np.rint(s * 0.01) * 100.0
-    v3 = np.rint(s * 0.001) * 1000.0
-    fit1 = (lo < v1) & (v1 < hi)
-    fit2 = fit1 & (lo < v2) & (v2 < hi)
-    fit3 = fit2 & (lo < v3) & (v3 < hi)
-    # Selected by arithmetic (exact: integers below 2**53), not by branches.
-    d += fit1 * (v1 - d) + fit2 * (v2 - v1) + fit3 * (v3 - v2)
-    n = 9 - np.int64(fit1) - np.int64(fit2) - np.int64(fit3)
-    if fit3:
-        for j in range(4, 9):
-            v = np.rint(s * _P10[70 - j]) * _P10[70 + j]
-            if not (lo < v < hi):
-                break
-            d = v
-            n = 9 - j
+    # Shorter candidates while they stay inside the interval (the branch-free pass in
+    # _decimals handles the usual values; this one sees the ones it marks).
+    n = 9
+    for j in range(1, 9):
+        v = np.rint(s * _P10[70 - j]) * _P10[70 + j]
+        if not (lo < v < hi):
+            break
+        d = v
+        n = 9 - j
     if d >= 1e9:  # rounded up to the next power of ten
         d = 1e8
         n = 1
