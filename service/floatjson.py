@@ -60,14 +60,22 @@ MIN_FLOATS = 512
 
 
 @inlined
+def _estimated(ax: Any, eb: Any) -> tuple[Any, Any, Any]:
+    """:func:`_scaled` without its last step, and without a branch (the vectorized loop
+    of :func:`_decimals` runs it): ``rint(s)`` may still round up to ``1e9``. ``e10`` is
+    clamped so that any ``eb`` (a zero's, an infinity's) indexes the table."""
+    e10 = min(max((eb * 78913) >> 18, -60), 60)  # floor(eb * log10(2)), or one below
+    e10 += ax >= _P10[e10 + 71]  # (no branch: either way half the time)
+    scale = _P10[78 - e10]
+    return e10, scale, ax * scale
+
+
+@inlined
 def _scaled(ax: Any, eb: Any) -> tuple[Any, Any, Any]:
     """(e10, scale, s) for a nonzero float32 magnitude ``ax`` (as float64) of binary
     exponent ``eb``: ``scale = 10**(8 - e10)`` and ``s = ax * scale``, with ``e10`` chosen
     so that ``1e8 <= rint(s) < 1e9`` (9 significant digits)."""
-    e10 = (eb * 78913) >> 18  # floor(eb * log10(2)): e10 or one below it
-    e10 += np.int64(ax >= _P10[e10 + 71])  # (no branch: either way half the time)
-    scale = _P10[78 - e10]
-    s = ax * scale
+    e10, scale, s = _estimated(ax, eb)
     if np.rint(s) >= 1e9:  # rounds up to 10 digits: one power of ten more
         e10 += 1
         scale = _P10[78 - e10]
@@ -182,18 +190,12 @@ def _decimals(bits: Any, values: Any, digits: Any, counts: Any, points: Any,
     powers of two and integers from 2**24 on that :func:`_exact` does. The second loop
     redoes those one by one (0.3% of pooled values), skipping unmarked words whole.
     """
-    p10 = _P10
     halfs = _HALF
     for i in range(values.shape[0]):
         b = bits[i] & np.uint32(0x7FFFFFFF)
         e2 = np.int32(b >> np.uint32(23))
         ax = np.float64(abs(values[i]))
-        # floor(eb * log10(2)) or one below, clamped so that odd values index the table.
-        e10 = min(max(((e2 - np.int32(127)) * np.int32(78913)) >> np.int32(18),
-                      np.int32(-60)), np.int32(60))
-        e10 += np.int32(ax >= p10[e10 + 71])
-        scale = p10[78 - e10]
-        s = ax * scale
+        e10, scale, s = _estimated(ax, e2 - np.int32(127))
         d = np.rint(s)
         half = halfs[e2]
         lo = (ax - half) * scale + _MARGIN
@@ -213,8 +215,7 @@ def _decimals(bits: Any, values: Any, digits: Any, counts: Any, points: Any,
         counts[i] = np.int8(9 - np.int32(fit1) - np.int32(fit2) - np.int32(fit3)
                             - np.int32(fit4))
         points[i] = np.int8(e10 + 1)
-        odd[i] = np.uint8((e2 == 0) | (e2 == 255) | fit4 | ten | (d >= 1e9)
-                          | ((b & np.uint32(0x7FFFFF)) == 0) | (b >= np.uint32(0x4B800000)))
+        odd[i] = np.uint8((e2 == 0) | (e2 == 255) | fit4 | ten | (d >= 1e9) | _careful(b))
     words = odd.view(np.uint64)  # eight marks at a time: nearly all words are 0
     for w in range(words.shape[0]):
         if words[w] == 0:
