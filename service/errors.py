@@ -71,8 +71,9 @@ class InvalidRequest(ServiceError):
 
 class Overloaded(ServiceError):
     """429. ``hold_s``: how long the answer is held before it goes out (a refusal by the
-    wait it implies is held for that target wait; see ``Batcher._refuse_if_late``); 0
-    for the size bounds, answered at once."""
+    wait it implies: about the target wait, longer while refused clients must be paced,
+    at most Retry-After; see ``Batcher._refuse_if_late`` and ``LoopLoad.hold_s``); 0 for
+    the size bounds, answered at once."""
 
     status, type = 429, "overloaded"
 
