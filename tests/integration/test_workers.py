@@ -35,15 +35,48 @@ def _two_workers(tmp_path: Path, checkpoint: str) -> Server:
     return server
 
 
-def test_two_workers_share_a_1gib_table(tmp_path: Path) -> None:
-    table = np.lib.format.open_memmap(tmp_path / "table.npy", mode="w+", dtype=np.float32,
-                                      shape=(ROWS, DIM))
+def _table_folder(tmp_path: Path) -> Path:
+    """A folder with room for the 1 GiB table: ``tmp_path``, else /dev/shm (tmpfs).
+
+    Raises pytest's skip, naming the free space, where neither has room: a memory-mapped
+    write into a full file system is a SIGBUS that kills the whole test run.
+    """
+    import shutil
+
+    import pytest
+
+    need = ROWS * DIM * 4 + (256 << 20)
+    for folder in (tmp_path, Path("/dev/shm")):
+        if folder.is_dir() and shutil.disk_usage(folder).free >= need:
+            return folder
+    free = {str(f): shutil.disk_usage(f).free >> 20 for f in (tmp_path, Path("/dev/shm"))
+            if f.is_dir()}
+    pytest.skip(f"no room for a 1 GiB table: free MiB {free}, need {need >> 20}")
+
+
+def _write_table(path: Path) -> None:
+    """A (ROWS, DIM) float32 .npy whose row r holds r / ROWS, written with plain writes
+    (a full disk raises OSError instead of faulting a mapped page)."""
     step = 1 << 18
-    for start in range(0, ROWS, step):
-        table[start : start + step] = np.float32(start / ROWS)
-    table.flush()
-    del table
-    server = _two_workers(tmp_path, "table.npy")
+    with path.open("wb") as file:
+        np.lib.format.write_array_header_1_0(
+            file, {"descr": "<f4", "fortran_order": False, "shape": (ROWS, DIM)})
+        for start in range(0, ROWS, step):
+            file.write(np.full((step, DIM), start / ROWS, np.float32).tobytes())
+
+
+def test_two_workers_share_a_1gib_table(tmp_path: Path) -> None:
+    folder = _table_folder(tmp_path)
+    table = folder / f"bagserve-workers-{tmp_path.name}.npy"
+    try:
+        _write_table(table)
+        _share_the_table(tmp_path, table)
+    finally:
+        table.unlink(missing_ok=True)  # pytest keeps the last runs' tmp_path: 1 GiB each
+
+
+def _share_the_table(tmp_path: Path, table: Path) -> None:
+    server = _two_workers(tmp_path, str(table))
     try:
         workers = _children(server.process.pid)
         # Every worker read every row at start-up (the NaN/inf check); then traffic that
