@@ -169,12 +169,12 @@ def kernel_rows(scale: float, threads: int, samples_list: list[int], repeats: in
 def http_rows(scale: float, samples: int, rounds: int) -> None:
     import httpx
 
-    from benchmarks.bench_load import _start, _stop
+    from benchmarks.bench_load import _start, _stop, scratch
     from models import write_safetensors
     from tests.integration.conftest import BAGSERVE, free_port
 
     ebc, weights = collection(scale, 1)
-    folder = Path(tempfile.mkdtemp(prefix="bench-collection-"))
+    folder = scratch("bench-collection-")
     write_safetensors(folder / "ebc.safetensors",
                       {f"embedding_bags.{name}.weight": w for name, w in weights.items()})
     lines = ['[[models]]', 'name = "ranker"', 'checkpoint = "ebc.safetensors"']

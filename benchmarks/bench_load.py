@@ -15,6 +15,7 @@ bare endpoint at the same concurrency.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import shutil
@@ -39,6 +40,20 @@ wrk.body = f:read("*all")
 f:close()
 {headers}
 """
+
+
+def scratch(prefix: str) -> Path:
+    """A new temporary folder that is removed when the benchmark exits.
+
+    Removed at any normal exit, exception or Ctrl-C, and on SIGTERM (``timeout``'s signal),
+    which this installs as an exit: the tables written there are up to gigabytes, and
+    runs left behind once filled the disk.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    return folder
 
 
 def _start(command: list[str], url: str, env: dict[str, str] | None = None
@@ -94,7 +109,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     levels = [int(c) for c in args.concurrency.split(",")]
-    folder = Path(tempfile.mkdtemp(prefix="bagserve-load-"))
+    folder = scratch("bagserve-load-")
     rng = np.random.default_rng(0)
     write_safetensors(folder / "table.safetensors",
                       {"weight": rng.standard_normal((ROWS, DIM), dtype=np.float32)})

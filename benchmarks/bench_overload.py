@@ -19,7 +19,6 @@ import io
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_load import _start, _stop  # noqa: E402
+from benchmarks.bench_load import _start, _stop, scratch  # noqa: E402
 from models import write_safetensors  # noqa: E402
 
 ROWS, DIM, IDS = 100_000, 128, 32
@@ -59,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("hey") is None:
         raise SystemExit("hey not found: apt-get install hey")
-    folder = Path(tempfile.mkdtemp(prefix="bagserve-overload-"))
+    folder = scratch("bagserve-overload-")
     rng = np.random.default_rng(0)
     table = folder / "table.safetensors"
     write_safetensors(table, {"weight": rng.standard_normal((ROWS, DIM), dtype=np.float32)})

@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_load import _start, _stop  # noqa: E402
+from benchmarks.bench_load import _start, _stop, scratch  # noqa: E402
 from models import write_safetensors  # noqa: E402
 
 ROWS, DIM, IDS, BODIES = 100_000, 128, 32, 64
@@ -95,7 +94,7 @@ def main() -> None:
     for tool in ("wrk", "hey"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found: apt-get install {tool}")
-    folder = Path(tempfile.mkdtemp(prefix="bagserve-peers-"))
+    folder = scratch("bagserve-peers-")
     rng = np.random.default_rng(0)
     table = folder / "table.safetensors"
     write_safetensors(table, {"weight": rng.standard_normal((ROWS, DIM), dtype=np.float32)})

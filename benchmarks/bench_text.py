@@ -92,10 +92,10 @@ def in_process(folder: Path, rounds: int) -> dict[str, float]:
 def over_http(folder: Path, rounds: int, model2vec_short: float) -> None:
     import httpx
 
-    from benchmarks.bench_load import _start, _stop
+    from benchmarks.bench_load import _start, _stop, scratch
     from tests.integration.conftest import BAGSERVE, free_port
 
-    work = Path(tempfile.mkdtemp(prefix="bench-text-"))
+    work = scratch("bench-text-")
     (work / "models.toml").write_text(f'[[models]]\nname = "potion"\ncheckpoint = "{folder}"\n')
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -16,7 +16,6 @@ import json
 import pickle
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from collections import Counter
@@ -29,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_load import scratch  # noqa: E402
 from benchmarks.swap_under_load import section as swap_section  # noqa: E402
 from models import write_safetensors  # noqa: E402
 from service.registry import demo_table  # noqa: E402
@@ -340,7 +340,7 @@ def _start_fails(folder: Path, checkpoint: Path) -> str:
 
 
 def main() -> None:
-    folder = Path(tempfile.mkdtemp(prefix="bagserve-reliability-"))
+    folder = scratch("bagserve-reliability-")
     started = time.strftime("%Y-%m-%d")
     overload = flood_figures(folder)
     drain = sigterm_figures(folder)
