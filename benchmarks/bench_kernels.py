@@ -211,11 +211,20 @@ def _matrix_cell(weight: np.ndarray, flow: traffic.Traffic, bags: int, mode: str
     return {name: seconds * 1e3 for name, seconds in medians.items()}
 
 
-def _table(rows: int, dim: int, cache: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
+def _table(rows: int, dim: int, cache: dict[tuple[int, int], np.ndarray], align: int
+           ) -> np.ndarray:
+    """A float32 (rows, dim) table whose data starts ``align`` bytes past a 64-byte line
+    boundary modulo 64 (0: on a line, as torch allocates; NumPy's large arrays start 16
+    past one)."""
     if (rows, dim) not in cache:
         cache.clear()  # one table at a time: they are large
         rng = np.random.default_rng(rows + dim)
-        cache[(rows, dim)] = rng.standard_normal((rows, dim), dtype=np.float32)
+        values = rng.standard_normal((rows, dim), dtype=np.float32)
+        raw = np.empty(values.nbytes + 128, np.uint8)
+        skip = (align - raw.ctypes.data) % 64
+        table = raw[skip : skip + values.nbytes].view(np.float32).reshape(rows, dim)
+        table[...] = values
+        cache[(rows, dim)] = table
     return cache[(rows, dim)]
 
 
@@ -241,7 +250,7 @@ def run_matrix(args: argparse.Namespace) -> None:
                   for ids in traffic.DISTRIBUTIONS for lengths in traffic.LENGTHS]
     tables: dict[tuple[int, int], np.ndarray] = {}
     for seed, (flow, rows, dim, bags) in enumerate(cells):
-        weight = _table(rows, dim, tables)
+        weight = _table(rows, dim, tables, args.align)
         for cache in args.cache.split(","):
             for mode in args.modes.split(","):
                 ms = _matrix_cell(weight, flow, bags, mode, cache == "hot", args.threads, seed)
@@ -271,6 +280,9 @@ def main() -> None:
     parser.add_argument("--traffic", default="zipf1.1/poisson20",
                         help="ids/lengths: uniform|zipfA / fixed|poisson|geometric + mean")
     parser.add_argument("--cache", default="hot,cold")
+    parser.add_argument("--align", type=int, default=0, choices=(0, 8, 16, 32),
+                        help="matrix tables start this many bytes past a 64-byte line "
+                             "(0: as torch allocates; 16: as NumPy does)")
     parser.add_argument("--sweep", action="store_true",
                         help="also every id distribution x bag-length kind at one shape")
     parser.add_argument("--issue-cells", action="store_true",
