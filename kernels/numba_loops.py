@@ -152,6 +152,8 @@ compact_weighted_row = _compact_row_pooler("weighted")
 compact_max_row = _compact_row_pooler("max")
 compact_scaled_max_row = _compact_row_pooler("scaled_max")
 skips, is_padding = numba_tiles.skips, numba_tiles.is_padding
+lanes_of, MOST = numba_tiles.lanes, numba_tiles.MOST_VECTORS
+run_sum, run_weighted = numba_tiles.make_pass("sum"), numba_tiles.make_pass("weighted")
 
 
 @numba.njit(inline="always")
@@ -201,6 +203,116 @@ def zero(out, bag):
         out[bag, col] = 0
 
 
+@numba.njit(inline="always")
+def one_pass(weight, out):
+    """Whether a row is one pass of the tiles: at most ``MOST_VECTORS`` whole registers
+    and the tail (float32 dims up to 71, float64 up to 35)."""
+    return out.shape[1] // lanes_of(weight) <= MOST
+
+
+@numba.njit(inline="always")
+def spill_before(weight, out, first, last):
+    """The bags before this one may store their tail register whole: the spare lanes
+    land on rows the loop over ``[first, last)`` writes later (see :func:`_row_pooler`'s
+    rule, computed once a call instead of once a bag)."""
+    dim = out.shape[1]
+    lanes = lanes_of(weight)
+    tail = dim % lanes
+    if tail == 0 or out.strides[0] != dim * out.itemsize:
+        return first
+    return last - (lanes - tail + dim - 1) // dim
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False, _nrt=False)
+def zero_invalid(weight, indices, offsets, first, last, out):
+    """Zero and count the bags of ``[first, last)`` with bad bounds or an id outside the
+    table: the one-pass loops' second look, only after they saw one."""
+    invalid = 0
+    total = indices.shape[0]
+    rows = numba.uint64(weight.shape[0])
+    for bag in range(first, last):
+        start, end, bad = bounds(offsets, bag, total)
+        bad = not bad
+        position = start
+        while not bad and position < end:
+            bad = numba.uint64(indices[position]) >= rows
+            position += 1
+        if bad:
+            invalid += 1
+            zero(out, bag)
+    return invalid
+
+
+def _one_pass_loops(stamp):
+    # One-pass rows (dims up to 71, where a bag is a few ids' work) pool in loops that
+    # pick the pass once a call, not once a bag: the per-bag pass choice, the spill
+    # test and the invalid bag's branch cost 1.5-4 ns a bag (bags of 4-8 ids at dims 32
+    # and 64 were 0.75-0.9x torch on one thread). A bag with bad bounds pools nothing
+    # (start = end); any bad bag is zeroed and counted by a second look.
+    # Functions of their own, called once a call: inside the serial loops, beside their
+    # general loop, the same code ran as slow as before (registers spilled for both).
+    jit = numba.njit(nogil=True, cache=True, boundscheck=False, _nrt=False)
+
+    @jit
+    def pool_sum(weight, indices, offsets, first, last, padding, prefetch, out):
+        assert stamp
+        total = indices.shape[0]
+        lanes = lanes_of(weight)
+        whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
+        spilling = spill_before(weight, out, first, last)
+        bad = 0
+        for bag in range(first, last):
+            start, end, valid = bounds(offsets, bag, total)
+            if not valid:
+                start = end = 0
+                bad = 1
+            bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
+                           prefetch, 1, tail, whole, 1 if bag < spilling else 0)
+        return zero_invalid(weight, indices, offsets, first, last, out) if bad else 0
+
+    @jit
+    def pool_mean(weight, indices, offsets, first, last, padding, prefetch, out):
+        assert stamp
+        total = indices.shape[0]
+        lanes = lanes_of(weight)
+        whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
+        spilling = spill_before(weight, out, first, last)
+        bad = 0
+        for bag in range(first, last):
+            start, end, valid = bounds(offsets, bag, total)
+            if not valid:
+                start = end = 0
+                bad = 1
+            bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
+                           prefetch, counted(indices, start, end, padding), tail, whole,
+                           1 if bag < spilling else 0)
+        return zero_invalid(weight, indices, offsets, first, last, out) if bad else 0
+
+    @jit
+    def pool_weighted(weight, indices, offsets, first, last, scale, padding, prefetch, out):
+        assert stamp
+        total = indices.shape[0]
+        lanes = lanes_of(weight)
+        whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
+        spilling = spill_before(weight, out, first, last)
+        bad = 0
+        for bag in range(first, last):
+            start, end, valid = bounds(offsets, bag, total)
+            if not valid:
+                start = end = 0
+                bad = 1
+            bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
+                                prefetch, 1, tail, whole, 1 if bag < spilling else 0)
+        return zero_invalid(weight, indices, offsets, first, last, out) if bad else 0
+
+    return {"sum": pool_sum, "mean": pool_mean, "weighted": pool_weighted}
+
+
+ONE_PASS = _one_pass_loops(STAMP)
+one_pass_sum, one_pass_mean = ONE_PASS["sum"], ONE_PASS["mean"]
+one_pass_weighted = ONE_PASS["weighted"]
+
+
 def _serial_loops(stamp):
     # Closures hold only ``stamp``, which pickles the same in every process.
     # No reference counting (``_nrt=False``): with it, every inlined helper taking an
@@ -211,6 +323,8 @@ def _serial_loops(stamp):
     @jit
     def pool_sum(weight, indices, offsets, first, last, padding, prefetch, out):
         assert stamp
+        if one_pass(weight, out):
+            return one_pass_sum(weight, indices, offsets, first, last, padding, prefetch, out)
         invalid = 0
         total = indices.shape[0]
         for bag in range(first, last):
@@ -225,6 +339,8 @@ def _serial_loops(stamp):
     @jit
     def pool_mean(weight, indices, offsets, first, last, padding, prefetch, out):
         assert stamp
+        if one_pass(weight, out):
+            return one_pass_mean(weight, indices, offsets, first, last, padding, prefetch, out)
         invalid = 0
         total = indices.shape[0]
         for bag in range(first, last):
@@ -239,6 +355,9 @@ def _serial_loops(stamp):
     @jit
     def pool_weighted(weight, indices, offsets, first, last, scale, padding, prefetch, out):
         assert stamp
+        if one_pass(weight, out):
+            return one_pass_weighted(weight, indices, offsets, first, last, scale, padding,
+                                     prefetch, out)
         invalid = 0
         total = indices.shape[0]
         for bag in range(first, last):

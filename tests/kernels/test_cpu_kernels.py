@@ -207,20 +207,32 @@ def test_a_loop_writes_only_its_own_rows_though_it_stores_tails_whole(storage: s
 
 
 @pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
-@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max", "weighted"])
+@pytest.mark.parametrize("dim", [4, 100])  # one pass of the tiles, and several
 def test_pool_counts_bags_with_bad_ids_or_bounds_and_zeroes_them(
-        monkeypatch: pytest.MonkeyPatch, parallel_min_bytes: int, mode: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, parallel_min_bytes: int, mode: str, dim: int
+        ) -> None:
     monkeypatch.setattr(numba_kernel, "PARALLEL_MIN_BYTES", parallel_min_bytes)
-    weight = np.arange(40, dtype=np.float32).reshape(10, 4) + 1
-    kernel = NumbaKernel(TableSpec(weight, mode))  # type: ignore[arg-type]
+    weight = np.arange(10 * dim, dtype=np.float32).reshape(10, dim) + 1
+    pooling = "sum" if mode == "weighted" else mode
+    kernel = NumbaKernel(TableSpec(weight, pooling))  # type: ignore[arg-type]
     ids = np.array([1, 2, 10, 3, -1, 4, 5, 2**62], np.int64)
+    scale = np.linspace(0.5, 2, 8, dtype=np.float32) if mode == "weighted" else None
     # Bags: [1, 2] ok, [10] bad, [3] ok, [-1] bad, [4, 5] ok, [2**62] bad.
-    out, invalid = kernel.pool(ids, np.array([0, 2, 3, 4, 5, 7, 8], np.int64), 6)
+    out, invalid = kernel.pool(ids, np.array([0, 2, 3, 4, 5, 7, 8], np.int64), 6, scale)
     assert invalid == 3
     np.testing.assert_array_equal(out[[1, 3, 5]], 0)
-    good = NumpyKernel(TableSpec(weight, mode))(  # type: ignore[arg-type]
-        np.array([1, 2, 3, 4, 5], np.int64), np.array([0, 2, 3, 5], np.int64))
-    np.testing.assert_array_equal(out[[0, 2, 4]], good)
+    kept = [0, 1, 3, 5, 6]
+    good = NumpyKernel(TableSpec(weight, pooling))(  # type: ignore[arg-type]
+        ids[kept], np.array([0, 2, 3, 5], np.int64), None if scale is None else scale[kept])
+    np.testing.assert_allclose(out[[0, 2, 4]], good, rtol=1e-6)
+    # A good id and a bad one in one bag: the good row is pooled, then the bag zeroed.
+    out, invalid = kernel.pool(ids[[0, 1, 2, 5]], np.array([0, 1, 3], np.int64), 3,
+                               None if scale is None else scale[[0, 1, 2, 5]])
+    assert invalid == 1
+    np.testing.assert_array_equal(out[1], 0)
+    single = weight[[1, 4]] if scale is None else weight[[1, 4]] * scale[[0, 5], None]
+    np.testing.assert_allclose(out[[0, 2]], single, rtol=1e-6)
     # Starts (B entries): a start past the next one or past the ids is a bad bag.
     _, invalid = kernel.pool(ids[:2], np.array([0, 2, 1], np.int64), 3)
     assert invalid == 1
