@@ -171,8 +171,41 @@ def call_threads(num_threads: int | None, get_threads: Any, set_threads: Any) ->
     return num_threads
 
 
+class _ThreadCount:
+    """numba's thread count for the calling thread, read cheaply.
+
+    ``numba.get_num_threads()`` first makes sure numba's threads are launched, under a
+    process-wide lock: 2.1 us a call here, paid by every parallel call of a kernel built
+    without ``num_threads`` (the public API's default). Once they are launched, numba's
+    own reader behind it answers the same in 0.5 us, so the first call goes through the
+    public function (which launches the threads, as before: never earlier, so a server's
+    parent process still forks without threads) and later calls read directly. A numba
+    without that reader keeps the public function."""
+
+    def __init__(self) -> None:
+        self._read: Any = None
+
+    def __call__(self) -> int:
+        read = self._read
+        if read is not None:
+            count: int = read()
+            return count
+        import numba
+        from numba.np.ufunc import parallel
+
+        count = numba.get_num_threads()
+        direct = getattr(parallel, "_get_num_threads", None)  # bound by the launch
+        self._read = (direct if callable(direct) and direct() == count
+                      else numba.get_num_threads)
+        return count
+
+
+_thread_count = _ThreadCount()
+
+
 def thread_control(num_threads: int | None) -> tuple[Any, Any]:
-    """numba's ``(set_num_threads, get_num_threads)``, after checking ``num_threads``.
+    """numba's ``(set_num_threads, get_num_threads)`` (the latter read cheaply: see
+    :class:`_ThreadCount`), after checking ``num_threads``.
 
     Raises:
         ImportError: numba is not installed.
@@ -183,7 +216,7 @@ def thread_control(num_threads: int | None) -> tuple[Any, Any]:
     limit = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     if num_threads is not None and not 1 <= num_threads <= limit:
         raise ValueError(f"num_threads must be in [1, {limit}]; got {num_threads}")
-    return numba.set_num_threads, numba.get_num_threads
+    return numba.set_num_threads, _thread_count
 
 
 class NumbaKernel:

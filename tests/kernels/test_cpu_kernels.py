@@ -67,6 +67,21 @@ def test_bad_thread_count_is_named() -> None:
         NumbaKernel(TableSpec(np.ones((2, 2), np.float32), "sum"), num_threads=0)
 
 
+def test_the_cheap_thread_count_follows_numbas_in_every_thread() -> None:
+    import numba
+
+    _, count = numba_kernel.thread_control(None)
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, before, 1):
+            numba.set_num_threads(threads)
+            assert count() == numba.get_num_threads() == threads
+        with ThreadPoolExecutor(1) as pool:  # another thread has numba's default
+            assert pool.submit(count).result() == pool.submit(numba.get_num_threads).result()
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_concurrent_calls_from_threads_are_independent() -> None:
     rng = np.random.default_rng(13)
     weight = rng.standard_normal((1000, 32)).astype(np.float32)
