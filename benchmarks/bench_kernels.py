@@ -178,7 +178,9 @@ def _matrix_cell(weight: np.ndarray, flow: traffic.Traffic, bags: int, mode: str
     pooling = "sum" if weighted else mode
     source = traffic.IdSource(flow.ids, weight.shape[0], seed)
     sets = [traffic.batch(source, flow, bags) for _ in range(1 if hot else ID_SETS)]
-    bag = EmbeddingBag.from_pretrained(weight, mode=pooling, num_threads=threads)
+    # The API as users call it: no num_threads, so numba's count (main sets it to
+    # --threads) is read on every parallel call.
+    bag = EmbeddingBag.from_pretrained(weight, mode=pooling)
     kernel = bag.kernel
     table = torch.from_numpy(weight)
     tensors = [(torch.from_numpy(ids), torch.from_numpy(starts),
