@@ -416,7 +416,9 @@ def make_pass(op: str) -> Any:
     if op not in ("sum", "weighted", "max", "scaled_max"):
         raise ValueError(f"op must be sum, weighted, max or scaled_max; got {op!r}")
 
-    @intrinsic
+    # Literal arguments reach the typer as literals (``prefer_literal``): a call with a
+    # literal register count and tail then compiles only its own case of the switch.
+    @intrinsic(prefer_literal=True)
     def run(typingctx: Any, weight: Any, indices: Any, scale: Any, start: Any, end: Any,
             padding: Any, col: Any, out: Any, bag: Any, prefetch: Any, divisor: Any,
             tail: Any, vectors: Any, spill: Any) -> Any:
@@ -434,10 +436,15 @@ def make_pass(op: str) -> Any:
             done = builder.append_basic_block("pass.done")
             switch = builder.switch(key, none)
             results = []
+            counts = _literal(signature.args[12])
+            tails = _literal(signature.args[11])
             for vectors in (*range(MOST_VECTORS + 1), WIDE_VECTORS):
                 for tail in (False, True):
                     if (vectors == 0 and not tail) or (vectors == WIDE_VECTORS and tail):
                         continue
+                    if ((counts is not None and vectors != counts)
+                            or (tails is not None and tail != (tails > 0))):
+                        continue  # a literal argument rules this case out
                     case = builder.append_basic_block(f"pass.{vectors}.{int(tail)}")
                     switch.add_case(ir.Constant(_I64, 2 * vectors + tail), case)
                     builder.position_at_end(case)
@@ -457,6 +464,12 @@ def make_pass(op: str) -> Any:
         return signature, codegen
 
     return run
+
+
+def _literal(numba_type: Any) -> int | None:
+    """The value of an integer literal type, else None."""
+    return (numba_type.literal_value if isinstance(numba_type, types.IntegerLiteral)
+            else None)
 
 
 @intrinsic
