@@ -10,7 +10,9 @@ first elements of the rows its loop writes next (a masked store costs ~3.5 ns a 
 AMD's cores); a loop's last row, and the collection kernel's, store it masked.
 
 Each loop exists twice: over the bags in parallel (``prange``), and serially for calls too
-small to pay for waking the thread pool. Every loop takes ``offsets`` as ``[B + 1]`` CSR
+small to pay for waking the thread pool. For rows of one pass (float32 dims up to 71) the
+serial sum, mean and weighted loops hand the call to a loop of their own that sets the
+pass up once a call instead of once a bag. Every loop takes ``offsets`` as ``[B + 1]`` CSR
 offsets or as ``B`` bag starts (the last bag then runs to the end of ``indices``), checks
 each bag's bounds, and the tiles check each id as they read it (an id outside the table
 is never read; its bag is zeroed and counted). Each returns how many bags were invalid,
@@ -231,8 +233,8 @@ def zero_invalid(weight, indices, offsets, first, last, out):
     total = indices.shape[0]
     rows = numba.uint64(weight.shape[0])
     for bag in range(first, last):
-        start, end, bad = bounds(offsets, bag, total)
-        bad = not bad
+        start, end, valid = bounds(offsets, bag, total)
+        bad = not valid
         position = start
         while not bad and position < end:
             bad = numba.uint64(indices[position]) >= rows
