@@ -170,7 +170,7 @@ ISSUE_CELLS = ((1_000_000, 128, 2048, 32), (30_522, 384, 256, 16), (100_000, 64,
 
 
 def _matrix_cell(weight: np.ndarray, flow: traffic.Traffic, bags: int, mode: str, hot: bool,
-                 threads: int, seed: int) -> dict[str, float]:
+                 seed: int) -> dict[str, float]:
     """Median ms per call of torch, the public API and the kernel alone on one cell."""
     import torch
 
@@ -255,7 +255,7 @@ def run_matrix(args: argparse.Namespace) -> None:
         weight = _table(rows, dim, tables, args.align)
         for cache in args.cache.split(","):
             for mode in args.modes.split(","):
-                ms = _matrix_cell(weight, flow, bags, mode, cache == "hot", args.threads, seed)
+                ms = _matrix_cell(weight, flow, bags, mode, cache == "hot", seed)
                 print(f"| {flow.label} | {cache} | {rows:,}x{dim} | {bags} | {mode} | "
                       f"{ms['torch']:.4f} | {ms['api']:.4f} | {ms['kernel']:.4f} | "
                       f"{ms['torch'] / ms['api']:.2f} | {ms['torch'] / ms['kernel']:.2f} |",
