@@ -161,14 +161,14 @@ class FusedCollectionKernel:
         out = np.empty((samples, self._total_dim), dtype=COMPUTE_DTYPE)
         if samples == 0:
             return out
-        indices = numba_kernel._read_only(indices)
-        offsets = numba_kernel._read_only(offsets)
+        indices = numba_kernel._writable(indices)
+        offsets = numba_kernel._writable(offsets)
         scale = per_sample_weights
         if self._row_scale is not None:
             scale = self._row_factors(indices, offsets, samples, scale)
         dummy = scale is None
-        scale = numba_kernel._read_only(np.empty(0, COMPUTE_DTYPE) if scale is None
-                                        else np.ascontiguousarray(scale, COMPUTE_DTYPE))
+        scale = numba_kernel._writable(np.empty(0, COMPUTE_DTYPE) if scale is None
+                                       else np.ascontiguousarray(scale, COMPUTE_DTYPE))
         serial = numba_kernel.runs_serially(samples, indices.shape[0] * self._id_bytes)
         invalid = 0
         for step in self._passes:
@@ -180,7 +180,7 @@ class FusedCollectionKernel:
             else:
                 threads = numba_kernel.call_threads(self.num_threads, self._get_threads,
                                                     self._set_threads)
-                starts = numba_kernel._read_only(np.ascontiguousarray(offsets[::features]))
+                starts = np.ascontiguousarray(offsets[::features])
                 invalid += self._loops[1](
                     step.tables, indices, offsets, starts, scale, min(threads, samples),
                     step.feature_table, self._cols, step.dims, ops, step.padding,
@@ -207,19 +207,14 @@ class FusedCollectionKernel:
         ids = np.zeros(2 * features, dtype=np.int64)
         for step in self._passes:
             for weighted in (False, True):
-                scale = numba_kernel._read_only(np.ones(ids.shape[0] if weighted else 0,
-                                                        COMPUTE_DTYPE))
+                scale = np.ones(ids.shape[0] if weighted else 0, COMPUTE_DTYPE)
                 ops = step.weighted_ops if weighted else step.plain_ops
                 out = np.empty((2, self.spec.total_dim), COMPUTE_DTYPE)
-                self._loops[0](step.tables, numba_kernel._read_only(ids),
-                               numba_kernel._read_only(offsets), scale, 0, 2,
-                               step.feature_table, self._cols, step.dims, ops, step.padding,
-                               step.prefetch, out)
-                self._loops[1](step.tables, numba_kernel._read_only(ids),
-                               numba_kernel._read_only(offsets),
-                               numba_kernel._read_only(offsets[::features].copy()), scale, 2,
-                               step.feature_table, self._cols, step.dims, ops, step.padding,
-                               step.prefetch, out)
+                self._loops[0](step.tables, ids, offsets, scale, 0, 2, step.feature_table,
+                               self._cols, step.dims, ops, step.padding, step.prefetch, out)
+                self._loops[1](step.tables, ids, offsets, offsets[::features].copy(), scale,
+                               2, step.feature_table, self._cols, step.dims, ops,
+                               step.padding, step.prefetch, out)
 
 
 @dataclass(frozen=True)

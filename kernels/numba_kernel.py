@@ -121,12 +121,13 @@ def _read_only(array: Any) -> Any:
 
 def _writable(array: Any) -> Any:
     """``array`` itself when it is writable, else a writable copy: the per-call inputs
-    (ids, offsets, weights) always reach the loops writable, so numba compiles one
-    specialisation for them (the loops never write them). Writable, because numba types
-    a read-only array through its Python fallback: a read-only view of each input cost
-    the API 4-5 us a call right after a large call (1.7 us the views, the rest typing);
-    read-only inputs are rare (``np.frombuffer`` of a request body) and their copy is a
-    memcpy of 8 bytes an id against the row bytes the loop gathers for it."""
+    (ids, offsets, weights; the collection kernel's too) always reach the loops
+    writable, so numba compiles one specialisation for them (the loops never write
+    them). Writable, because numba types a read-only array through its Python fallback:
+    a read-only view of each input cost the API 4-5 us a call right after a large call
+    (1.7 us the views, the rest typing); read-only inputs are rare (``np.frombuffer`` of
+    a request body) and their copy is a memcpy of 8 bytes an id against the row bytes
+    the loop gathers for it."""
     return array if array.flags.writeable else array.copy()
 
 
