@@ -4,14 +4,16 @@ The loops tell a table's storage (see :mod:`kernels.storage`) by the dtype of th
 view they are given, so each storage compiles its own loops:
 
 ============  ==========  ==========================================================
-view dtype    storage     one register of 8 lanes (4 for float64) comes from
+view dtype    storage     one register of ``L`` lanes (8 float32 or 4 float64 with
+                          AVX2, 16 or 8 with AVX-512) comes from
 ============  ==========  ==========================================================
-float32/64    float       8 floats (4 doubles), as they are
-int16         float16     8 halves (16 bytes), widened (vcvtph2ps)
-uint16        bfloat16    8 bfloat16 (16 bytes), shifted into float32's top half
-uint8         int8        8 codes (8 bytes), converted; then ``q * scale + bias``
-int8          int4        4 bytes of two codes each, low nibble first (register pairs:
-                          8 bytes, even and odd columns apart); then as int8
+float32/64    float       ``L`` floats (doubles), as they are
+int16         float16     ``L`` halves (2L bytes), widened (vcvtph2ps)
+uint16        bfloat16    ``L`` bfloat16 (2L bytes), shifted into float32's top half
+uint8         int8        ``L`` codes (L bytes), converted; then ``q * scale + bias``
+int8          int4        L/2 bytes of two codes each, low nibble first (with 8 lanes,
+                          register pairs: 8 bytes, even and odd columns apart); then as
+                          int8
 ============  ==========  ==========================================================
 
 (:data:`kernels.numba_kernel.VIEWS` gives each storage its view.)
@@ -68,7 +70,8 @@ class Decoder:
     Args:
         builder: where the IR goes.
         kind: a value of :data:`KINDS`.
-        vector: the float register type (``<8 x float>`` or ``<4 x double>``).
+        vector: the float register type (``<8 x float>`` or ``<4 x double>``; twice the
+            lanes with AVX-512).
         mask: ``<lanes x i1>`` of the lanes to read, for a row's masked tail; ``None``
             for whole registers.
         dim: the row's values (``D``), an ``i64`` (quantized kinds find the scale there).
@@ -85,8 +88,9 @@ class Decoder:
         self.quantized = kind in ("int8", "int4")
         element_bytes = 8 if isinstance(vector.element, ir.DoubleType) else 4
         #: Bytes of stored row one register covers.
-        self.vector_bytes = {"float": self.lanes * element_bytes, "float16": 16,
-                             "bfloat16": 16, "int8": 8, "int4": 4}[kind]
+        self.vector_bytes = {"float": self.lanes * element_bytes, "float16": 2 * self.lanes,
+                             "bfloat16": 2 * self.lanes, "int8": self.lanes,
+                             "int4": self.lanes // 2}[kind]
 
     def column_bytes(self, col: ir.Value) -> ir.Value:
         """Byte offset of column ``col`` (a multiple of the lanes) in a stored row."""

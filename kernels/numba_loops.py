@@ -10,14 +10,14 @@ first elements of the rows its loop writes next (a masked store costs ~3.5 ns a 
 AMD's cores); a loop's last row, and the collection kernel's, store it masked.
 
 Each loop exists twice: over the bags in parallel (``prange``), and serially for calls too
-small to pay for waking the thread pool. For rows of one pass (float32 dims up to 71) the
-serial sum, mean and weighted loops hand the call to a loop of their own that sets the
-pass up once a call instead of once a bag. Every loop takes ``offsets`` as ``[B + 1]`` CSR
-offsets or as ``B`` bag starts (the last bag then runs to the end of ``indices``), checks
-each bag's bounds, and the tiles check each id as they read it (an id outside the table
-is never read; its bag is zeroed and counted). Each returns how many bags were invalid,
-so a caller can skip a separate validation pass over the ids and word an error only
-when this count is not zero.
+small to pay for waking the thread pool. For rows of one pass (float32 dims up to 71, or
+143 with AVX-512's registers) the serial sum, mean and weighted loops hand the call to a
+loop of their own that sets the pass up once a call instead of once a bag. Every loop takes
+``offsets`` as ``[B + 1]`` CSR offsets or as ``B`` bag starts (the last bag then runs to
+the end of ``indices``), checks each bag's bounds, and the tiles check each id as they read
+it (an id outside the table is never read; its bag is zeroed and counted). Each returns how
+many bags were invalid, so a caller can skip a separate validation pass over the ids and
+word an error only when this count is not zero.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def zero(out, bag):
 @numba.njit(inline="always")
 def one_pass(weight, out):
     """Whether a row is one pass of the tiles: at most ``MOST_VECTORS`` whole registers
-    and the tail (float32 dims up to 71, float64 up to 35)."""
+    and the tail (float32 dims up to 71, float64 up to 35; twice that with AVX-512)."""
     return out.shape[1] // lanes_of(weight) <= MOST
 
 
@@ -246,7 +246,7 @@ def zero_invalid(weight, indices, offsets, first, last, out):
 
 
 def _one_pass_loops(stamp):
-    # One-pass rows (dims up to 71, where a bag is a few ids' work) pool in loops that
+    # One-pass rows (dims up to 71 or 143, where a bag is a few ids' work) pool in loops that
     # pick the pass once a call, not once a bag: the per-bag pass choice, the spill
     # test and the invalid bag's branch cost 1.5-4 ns a bag (bags of 4-8 ids at dims 32
     # and 64 were 0.75-0.9x torch on one thread). A bag with bad bounds pools nothing

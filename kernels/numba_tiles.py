@@ -1,14 +1,15 @@
 """Register-tile loops for the fused CPU kernel, written in LLVM IR through numba.
 
-One *tile* is ``vectors`` SIMD registers of 32 bytes (8 float32 or 4 float64 lanes) of one
-bag's output row. A tile call walks the bag's ids once and keeps its accumulators in
-registers for the whole bag, so a gathered row costs one load-and-add per register and
-no accumulator traffic through memory (a plain numba loop over the columns reloads and
-stores the accumulator for every row: 0.5-0.8x torch's FBGEMM loop on cache-resident
-rows). Each lane still adds its column strictly in bag order, with IEEE adds (no fast-math
-reassociation), so sums and means stay bit-identical to PyTorch's; weighted sums use one
-fused multiply-add per row, as FBGEMM does; max keeps the first maximum (``x > acc``
-selects, so an equal or NaN later row never replaces the kept one).
+One *tile* is ``vectors`` SIMD registers of one bag's output row: :data:`VECTOR_BYTES`, 64
+(16 float32 or 8 float64 lanes, AVX-512's zmm registers) where numba compiles for a CPU
+with AVX-512, else 32 (8 or 4 lanes, AVX2's ymm). A tile call walks the bag's ids once and
+keeps its accumulators in registers for the whole bag, so a gathered row costs one
+load-and-add per register and no accumulator traffic through memory (a plain numba loop
+over the columns reloads and stores the accumulator for every row: 0.5-0.8x torch's FBGEMM
+loop on cache-resident rows). Each lane still adds its column strictly in bag order, with
+IEEE adds (no fast-math reassociation), so sums and means stay bit-identical to PyTorch's;
+weighted sums use one fused multiply-add per row, as FBGEMM does; max keeps the first
+maximum (``x > acc`` selects, so an equal or NaN later row never replaces the kept one).
 
 The caller (``numba_loops``) cuts a row into passes of up to :data:`MOST_VECTORS` whole
 registers; the last pass also carries a masked register for the last ``dim % lanes``
@@ -32,11 +33,32 @@ from numba.extending import intrinsic
 
 from kernels import numba_decode
 
-_VECTOR_BYTES = 32
 _LINE_BYTES = 64
 _I8P = ir.IntType(8).as_pointer()
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
+
+
+def _vector_bytes() -> int:
+    """64 where numba compiles for a CPU with AVX-512 (its target's features: the host's,
+    or ``NUMBA_CPU_FEATURES``), else 32.
+
+    torch's FBGEMM kernels use zmm registers there: with ymm tiles on a Xeon with
+    AVX-512 (Emerald Rapids), sums of cache-resident rows ran 0.74-0.97x torch, 0.88-1.15x
+    with zmm (dims 32-1,024; BENCHMARKS.md). Passes stay at most 8 registers (a row of 128
+    float32): passes of 16 or 24 zmm registers measured no better at dims 256-1,024.
+    """
+    from numba.core import codegen, config
+
+    features = getattr(config, "CPU_FEATURES", None)  # set from NUMBA_CPU_FEATURES
+    if features is None:
+        features = codegen.get_host_cpu_features()
+    flags = set(features.split(","))
+    return 64 if "+avx512f" in flags and "-evex512" not in flags else 32
+
+
+#: Bytes of one SIMD register of the tiles (see :func:`_vector_bytes`).
+VECTOR_BYTES = _vector_bytes()
 
 
 def _prefetch(builder: ir.IRBuilder, pointer: ir.Value) -> None:
@@ -118,7 +140,7 @@ class _Tile:
         # Registers hold the output's dtype: float64 for float64 tables, else float32.
         self.element = context.get_data_type(out_type.dtype)
         self.itemsize = out_type.dtype.bitwidth // 8
-        self.vector = ir.VectorType(self.element, _VECTOR_BYTES // self.itemsize)
+        self.vector = ir.VectorType(self.element, VECTOR_BYTES // self.itemsize)
         #: Whole registers, then (``masked``) one register of the row's last ``tail``
         #: columns: a row's tail rides in the same pass over the bag as its last whole
         #: registers instead of a pass of its own.
@@ -163,7 +185,7 @@ class _Tile:
 
     def _pointer(self, base: ir.Value, vector: int) -> ir.Value:
         builder = self.builder
-        return builder.bitcast(builder.gep(base, [ir.Constant(_I64, vector * _VECTOR_BYTES)]),
+        return builder.bitcast(builder.gep(base, [ir.Constant(_I64, vector * VECTOR_BYTES)]),
                                self.vector.as_pointer())
 
     def loads(self, base: ir.Value) -> list[ir.Value]:
@@ -474,10 +496,11 @@ def _literal(numba_type: Any) -> int | None:
 
 @intrinsic
 def lanes(typingctx: Any, weight: Any) -> Any:
-    """Lanes of one register for a table view (4 for float64, else 8), a compile-time
-    constant (``32 // weight.itemsize`` costs a division per call)."""
+    """Lanes of one register for a table view (``VECTOR_BYTES // 8`` for float64, else
+    ``VECTOR_BYTES // 4``), a compile-time constant (a division at run time costs one
+    per call)."""
     signature = types.int64(weight)
-    count = 4 if str(weight.dtype) == "float64" else 8
+    count = VECTOR_BYTES // (8 if str(weight.dtype) == "float64" else 4)
 
     def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
                 args: list[ir.Value]) -> Any:

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kernels import BackendError, Kernel, NumpyKernel, TableSpec, make_kernel, numba_kernel
+from kernels import (
+    BackendError,
+    Kernel,
+    NumpyKernel,
+    TableSpec,
+    make_kernel,
+    numba_kernel,
+    numba_tiles,
+)
 from kernels.numba_kernel import NumbaKernel
 from kernels.numpy_kernel import padded_length
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _batch(rng: np.random.Generator, rows: int, bags: int, max_len: int
@@ -146,17 +160,20 @@ def test_serial_parallel_and_prefetch_paths_give_the_same_results(
 @pytest.mark.parametrize("storage", ["float32", "float64", "float16", "bfloat16", "int8",
                                      "int4"])
 def test_every_pass_shape_matches_the_numpy_kernel(storage: str) -> None:
-    """Dims 1 to 76 reach every pass the loops compile: 0 to 8 whole registers with and
-    without a masked tail, alone and after full passes of 8 (float64 rows have 4 lanes,
-    so more passes); dims past 384 the passes of 12 and what they leave (9 to 12
-    registers, with and without a tail); each on a table that starts 16 bytes past a
-    cache line (as NumPy's large arrays do), prefetching and not (float32: with and
-    without ``padding_idx``)."""
+    """Dims 1 to 9 registers and a bit reach every pass the loops compile: 0 to 8 whole
+    registers with and without a masked tail, alone and after full passes of 8 (float64
+    rows have half the lanes, so more passes); dims past 48 registers the passes of 12
+    and what they leave (9 to 12 registers, with and without a tail); in registers of
+    this machine's width (8 float32 lanes, or 16 with AVX-512); each on a table that
+    starts 16 bytes past a cache line (as NumPy's large arrays do), prefetching and not
+    (float32: with and without ``padding_idx``)."""
     from kernels.storage import store
 
     rng = np.random.default_rng(21)
     exact = storage in ("float32", "float64")
-    for dim in (*range(1, 77), 388, 392, 404, 460, 480, 484, 500, 760):
+    lanes = numba_tiles.VECTOR_BYTES // 4
+    wide = [lanes * registers // 2 for registers in (97, 98, 101, 115, 120, 121, 125, 190)]
+    for dim in (*range(1, 9 * lanes + 5), *wide):
         dtype = np.float64 if storage == "float64" else np.float32
         raw = np.empty(40 * dim + 4, dtype)
         weight = raw[16 // raw.itemsize:][:40 * dim].reshape(40, dim)
@@ -191,7 +208,7 @@ def test_a_loop_writes_only_its_own_rows_though_it_stores_tails_whole(storage: s
     from kernels.storage import store
 
     rng = np.random.default_rng(31)
-    for dim in (1, 2, 3, 5, 7, 9, 12, 20, 50, 100):
+    for dim in (1, 2, 3, 5, 7, 9, 12, 20, 50, 100, 150, 260):
         dtype = np.float64 if storage == "float64" else np.float32
         table = store(rng.standard_normal((30, dim)).astype(dtype), storage)  # type: ignore[arg-type]
         indices, offsets = _batch(rng, 30, 24, 5)
@@ -320,3 +337,29 @@ def test_a_thread_sets_from_how_many_bytes_its_calls_run_in_parallel(
     assert numba_kernel.parallel_min_bytes() == 0  # this thread keeps the module's value
     np.testing.assert_array_equal(kernel(indices, offsets), expected)
     assert chosen == [False]
+
+
+def test_the_avx2_tiles_on_a_cpu_with_avx512(tmp_path: Path) -> None:
+    """Where the CPU has AVX-512 the tiles use 64-byte registers and every other test
+    here runs those; the 32-byte tiles other x86 CPUs run are checked too, by the pass
+    tests above in a process whose numba compiles for this CPU without AVX-512."""
+    if numba_tiles.VECTOR_BYTES != 64:
+        pytest.skip("no AVX-512 here: the suite already runs the 32-byte tiles")
+    from numba.core import codegen
+
+    features = ",".join("-" + flag[1:] if flag[1:].startswith(("avx512", "evex512", "amx"))
+                        else flag for flag in codegen.get_host_cpu_features().split(","))
+    env = {**os.environ, "NUMBA_CPU_FEATURES": features,
+           "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    check = subprocess.run(
+        [sys.executable, "-c", "from kernels import numba_tiles; "
+         "assert numba_tiles.VECTOR_BYTES == 32, numba_tiles.VECTOR_BYTES"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         __file__, "-k", "every_pass_shape or writes_only_its_own_rows or "
+         "serial_parallel_and_prefetch"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert tests.returncode == 0, tests.stdout[-4000:] + tests.stderr[-2000:]
+    assert " passed" in tests.stdout and "skipped" not in tests.stdout, tests.stdout[-2000:]
