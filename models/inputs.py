@@ -18,6 +18,9 @@ from models import fastcheck
 
 #: Whether the compiled one-pass check runs before the NumPy checks (numba imports).
 _FAST = fastcheck.available()
+#: NumPy's native int64 dtype: arrays of it carry this very object, so the usual call is
+#: recognised by identity (see :func:`unchecked_call`).
+_INT64 = np.dtype(np.int64)
 
 
 class InvalidInputError(ValueError):
@@ -246,6 +249,9 @@ def unchecked_call(
         InvalidInputError: ``input`` or ``offsets`` do not hold integers, or the weights
             are invalid (the same errors :func:`flatten_inputs` raises first).
     """
+    usual = _usual_call(input, offsets, per_sample_weights, mode, include_last_offset, dtype)
+    if usual is not None:
+        return usual
     ids = _integer_array("input", input)
     shape = ids.shape
     if ids.ndim == 2 and offsets is None:
@@ -268,3 +274,33 @@ def unchecked_call(
         return UncheckedCall(ids, starts, num_bags, None)
     weights = _check_weights(per_sample_weights, mode, shape, np.dtype(dtype))
     return UncheckedCall(ids, starts, num_bags, weights)
+
+
+def _usual_call(input: Any, offsets: Any, per_sample_weights: Any, mode: Mode,
+                include_last_offset: bool, dtype: Any) -> UncheckedCall | None:
+    """:func:`unchecked_call` for the usual call, or ``None`` for anything else: 1-D
+    contiguous native int64 ids and offsets, the first offset 0 (and the last ``N`` with
+    ``include_last_offset``), weights absent or 1-D contiguous in the table dtype (``dtype``
+    an ``np.dtype``) in mode ``"sum"``. Tested by type, identity and attribute reads
+    only: right after another library's large call, with the interpreter's working set
+    out of the caches, each NumPy call costs 2-5 us (``ids.dtype == np.int64`` alone
+    ~2 us), and the general path cost a 256-bag call 10-20 us; this one about half."""
+    if not (type(input) is np.ndarray and type(offsets) is np.ndarray
+            and input.dtype is _INT64 and offsets.dtype is _INT64
+            and input.ndim == 1 and offsets.ndim == 1
+            and input.flags.c_contiguous and offsets.flags.c_contiguous):
+        return None
+    num_bags = offsets.shape[0]
+    if num_bags == 0 or offsets.item(0) != 0:
+        return None
+    if include_last_offset:
+        if offsets.item(num_bags - 1) != input.shape[0]:
+            return None
+        num_bags -= 1
+    if per_sample_weights is not None and not (
+            mode == "sum" and type(per_sample_weights) is np.ndarray
+            and per_sample_weights.dtype is dtype
+            and per_sample_weights.shape == input.shape
+            and per_sample_weights.flags.c_contiguous):
+        return None
+    return UncheckedCall(input, offsets, num_bags, per_sample_weights)
