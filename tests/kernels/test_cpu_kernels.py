@@ -349,8 +349,11 @@ def test_the_avx2_tiles_on_a_cpu_with_avx512(tmp_path: Path) -> None:
 
     features = ",".join("-" + flag[1:] if flag[1:].startswith(("avx512", "evex512", "amx"))
                         else flag for flag in codegen.get_host_cpu_features().split(","))
-    env = {**os.environ, "NUMBA_CPU_FEATURES": features,
-           "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    # The child is a session of its own: without the parent's xdist worker variables,
+    # which plugins such as pytest-benchmark read (and warn about: an error here).
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("PYTEST_XDIST_", "PYTEST_CURRENT_TEST"))}
+    env.update(NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
     check = subprocess.run(
         [sys.executable, "-c", "from kernels import numba_tiles; "
          "assert numba_tiles.VECTOR_BYTES == 32, numba_tiles.VECTOR_BYTES"],
