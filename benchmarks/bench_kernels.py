@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 from benchmarks import traffic  # noqa: E402
 from kernels import TableSpec  # noqa: E402
+from kernels.caches import cache_bytes  # noqa: E402
 from kernels.numba_kernel import NumbaKernel  # noqa: E402
 from kernels.numpy_kernel import NumpyKernel  # noqa: E402
 from kernels.onnx_kernel import OnnxKernel  # noqa: E402
@@ -65,12 +66,7 @@ ID_SETS = 8
 
 def last_level_cache_bytes() -> int:
     """The L3 (last-level) cache size Linux reports, or 32 MiB when it says nothing."""
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-    except OSError:
-        return 32 << 20
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    return cache_bytes(3, 32 << 20)
 
 
 def cold_sets(ids_per_set: int, row_bytes: int, most: int = 512) -> int:

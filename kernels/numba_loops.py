@@ -131,10 +131,12 @@ def build() -> dict[str, Any]:
     """Compile the loops lazily so ``import kernels`` does not pay for numba.
 
     Returns ``{"sum", "mean", "weighted", "max", "scaled_max"}`` each mapped to
-    ``(parallel, serial)``.
+    ``(parallel, serial)``, and ``"reused"`` to :func:`reused`.
     """
     parallel = _parallel_loops(STAMP)
-    return {name: (parallel[name], SERIAL[name]) for name in parallel}
+    loops: dict[str, Any] = {name: (parallel[name], SERIAL[name]) for name in parallel}
+    loops["reused"] = reused
+    return loops
 
 
 #: numba's cache keys a loop by its own file and closure, not by the files it calls: the
@@ -243,6 +245,34 @@ def zero_invalid(weight, indices, offsets, first, last, out):
             invalid += 1
             zero(out, bag)
     return invalid
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def reused(indices, most):
+    """Whether ``indices`` hold at most ``most`` distinct values, counted exactly in an
+    open-addressing set that gives up once the count passes ``most``. The ids need not
+    be valid: they are only compared."""
+    bits = 4
+    while (1 << bits) < 2 * most + 2:  # at most half full
+        bits += 1
+    keys = np.empty(1 << bits, dtype=np.int64)
+    used = np.zeros(1 << bits, dtype=np.bool_)
+    mask = numba.uint64((1 << bits) - 1)
+    shift = numba.uint64(64 - bits)
+    distinct = 0
+    for position in range(indices.shape[0]):
+        key = indices[position]
+        # Fibonacci hashing: the product's top bits spread nearby and strided ids.
+        slot = (numba.uint64(key) * numba.uint64(0x9E3779B97F4A7C15)) >> shift
+        while used[slot] and keys[slot] != key:
+            slot = (slot + numba.uint64(1)) & mask
+        if not used[slot]:
+            distinct += 1
+            if distinct > most:
+                return False
+            used[slot] = True
+            keys[slot] = key
+    return True
 
 
 def _one_pass_loops(stamp):

@@ -157,6 +157,61 @@ def test_serial_parallel_and_prefetch_paths_give_the_same_results(
                                    atol=1e-5)
 
 
+def test_reused_counts_distinct_ids_exactly() -> None:
+    from kernels import numba_loops
+
+    rng = np.random.default_rng(3)
+    for distinct in (0, 1, 2, 17, 1000):
+        values = rng.choice(np.arange(-5, 1 << 40, 7919, dtype=np.int64), distinct,
+                            replace=False)
+        ids = rng.permutation(np.tile(values, 3))
+        for most in (0, max(distinct - 1, 0), distinct, distinct + 1, 4 * distinct):
+            assert numba_loops.reused(ids, most) == (distinct <= most), (distinct, most)
+    # Ids that collide in the set's slots: equal low bits, and the extremes of int64.
+    strided = np.arange(0, 1 << 30, 1 << 20, dtype=np.int64)
+    assert numba_loops.reused(np.tile(strided, 4), strided.size)
+    assert not numba_loops.reused(np.tile(strided, 4), strided.size - 1)
+    extremes = np.array([np.iinfo(np.int64).min, -1, 0, np.iinfo(np.int64).max] * 5)
+    assert numba_loops.reused(extremes, 4) and not numba_loops.reused(extremes, 3)
+
+
+def test_prefetching_stops_while_few_rows_repeat_and_results_stay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel skips prefetching after a call that gathers at most ``_hot_rows``
+    distinct rows ``_REUSE_USES`` times or more each, counted again every
+    ``_REUSE_EVERY`` calls of ``_REUSE_MIN_IDS`` ids or more (smaller calls neither
+    count nor move the countdown); results never depend on it."""
+    monkeypatch.setattr(numba_kernel, "cache_bytes", lambda level, default: 1 << 20)
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((5000, 64)).astype(np.float32)  # 1.3 MB: prefetched
+    spec = TableSpec(weight, "sum")
+    kernel, reference = NumbaKernel(spec), NumpyKernel(spec)
+    assert kernel._prefetch > 0 and kernel._hot_rows == 1024  # a quarter of 1 MiB / 256 B
+
+    def call(ids: np.ndarray) -> None:
+        offsets = np.arange(0, ids.size + 1, 8, dtype=np.int64)
+        np.testing.assert_array_equal(kernel(ids, offsets), reference(ids, offsets))
+
+    hot = rng.permutation(np.repeat(rng.choice(5000, 1000, replace=False), 8))
+    spread = rng.integers(0, 5000, 4096)
+    call(hot)
+    assert kernel._hot
+    call(hot[:200])  # too few ids to count
+    for _ in range(numba_kernel._REUSE_EVERY - 1):
+        call(spread)
+        assert kernel._hot  # not counted again yet
+    call(spread)
+    assert not kernel._hot
+    # Rows used 8 times but more of them than a quarter of the L2 holds: prefetched.
+    kernel._until_count = 0
+    call(rng.permutation(np.repeat(rng.choice(5000, 1100, replace=False), 8)))
+    assert not kernel._hot
+    # Few rows used fewer than 8 times each: prefetched.
+    kernel._until_count = 0
+    call(rng.permutation(np.repeat(rng.choice(5000, 500, replace=False), 7)))
+    assert not kernel._hot
+
+
 @pytest.mark.parametrize("storage", ["float32", "float64", "float16", "bfloat16", "int8",
                                      "int4"])
 def test_every_pass_shape_matches_the_numpy_kernel(storage: str) -> None:
