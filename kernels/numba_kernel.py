@@ -348,8 +348,11 @@ class NumbaKernel:
             threads = call_threads(self.num_threads, self._get_threads, self._set_threads)
             bags = (num_bags, min(threads, num_bags))
         prefetch = self._prefetch
-        if prefetch and self._rows_hot(indices):
-            prefetch = 0
+        if prefetch:
+            if indices.shape[0] >= _REUSE_MIN_IDS:
+                self._count_when_due(indices)
+            if self._hot:
+                prefetch = 0
         mode = self.spec.mode
         scale = per_sample_weights
         if self._row_scale is not None:
@@ -369,17 +372,15 @@ class NumbaKernel:
                 out /= self._counts(indices, offsets, num_bags)[:, None]
         return out, int(invalid)
 
-    def _rows_hot(self, indices: IndexArray) -> bool:
-        """Whether this call's rows are taken as cache-resident, counting its distinct
-        ids first when a count is due (see :data:`_REUSE_USES`). Threads racing here at
-        most count twice: prefetching never changes a result."""
-        if indices.shape[0] >= _REUSE_MIN_IDS:
-            self._until_count -= 1
-            if self._until_count <= 0:
-                self._until_count = _REUSE_EVERY
-                most = min(indices.shape[0] // _REUSE_USES, self._hot_rows)
-                self._hot = bool(self._loops["reused"](indices, most))
-        return self._hot
+    def _count_when_due(self, indices: IndexArray) -> None:
+        """Count this call's distinct ids when a count is due and set ``_hot`` by them
+        (see :data:`_REUSE_USES`). Threads racing here at most count twice: prefetching
+        never changes a result."""
+        self._until_count -= 1
+        if self._until_count <= 0:
+            self._until_count = _REUSE_EVERY
+            most = min(indices.shape[0] // _REUSE_USES, self._hot_rows)
+            self._hot = bool(self._loops["reused"](indices, most))
 
     def _counts(self, indices: IndexArray, offsets: IndexArray, num_bags: int
                 ) -> FloatArray:
