@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py [--threads 2] [--repeats 60] [--shapes a,b,c]
     python benchmarks/bench_kernels.py --matrix [--dims ...] [--bags ...] [--modes ...]
         [--traffic zipf1.1/poisson20,...] [--cache hot,cold] [--sweep]
+    python benchmarks/bench_kernels.py --torch-made [--seed 1]
 
 ``--shapes`` times every implementation (numba, numpy, ONNX CPU EP) on three fixed
 shapes with uniform ids. ``--matrix`` times what users send through the public API
@@ -10,7 +11,8 @@ shapes with uniform ids. ``--matrix`` times what users send through the public A
 included) and the kernel alone, next to torch, on skewed ids and ragged bags (see
 ``benchmarks/traffic.py``): hot cache (the same ids every call) and cold (fresh ids
 every call, 8 sets cycled); ``--sweep`` adds every id distribution and bag-length kind at
-one shape.
+one shape. ``--torch-made`` times skewed cases whose tables, ids and bag lengths torch
+draws (``TORCH_MADE``), hot, the same way.
 
 Every implementation runs the same ids on the same table with the same thread count;
 calls are interleaved round-robin so machine noise hits all of them alike, and the
@@ -226,6 +228,110 @@ def _table(rows: int, dim: int, cache: dict[tuple[int, int], np.ndarray], align:
     return cache[(rows, dim)]
 
 
+#: PyTorch-made cases, ``(rows, dim, bags, mean length, lengths, Zipf exponent, mode)``:
+#: tables from ``torch.randn`` (torch's allocator: rows on cache lines, 4 KiB pages), ids
+#: drawn by ``torch.multinomial`` over Zipf ranks scattered by ``torch.randperm``, bag
+#: lengths by ``torch.poisson`` or a geometric law from 0; none of it from
+#: ``benchmarks/traffic.py``, so the kernel's tuning never saw these exact inputs.
+TORCH_MADE = (
+    (1_000_000, 128, 2048, 32, "poisson", 1.1, "sum"),
+    (1_000_000, 128, 2048, 32, "poisson", 1.1, "mean"),
+    (1_000_000, 128, 2048, 32, "poisson", 1.1, "max"),
+    (30_522, 384, 256, 16, "poisson", 1.2, "sum"),
+    (30_522, 384, 256, 16, "poisson", 1.2, "mean"),
+    (100_000, 64, 4096, 8, "poisson", 1.05, "sum"),
+    (100_000, 64, 4096, 8, "poisson", 1.05, "max"),
+    (1_000_000, 64, 2048, 32, "poisson", 1.2, "weighted"),
+    (500_000, 32, 16384, 20, "poisson", 1.3, "sum"),
+    (200_000, 256, 512, 40, "poisson", 0.9, "mean"),
+    (200_000, 256, 512, 40, "poisson", 0.9, "sum"),
+    (50_000, 100, 1024, 10, "geometric", 1.5, "sum"),
+    (2_000_000, 16, 8192, 50, "poisson", 1.0, "sum"),
+    (300_000, 128, 256, 64, "poisson", 1.1, "weighted"),
+    (30_522, 768, 256, 16, "poisson", 1.2, "sum"),
+    (100_000, 1024, 256, 8, "poisson", 1.1, "sum"),
+    (250_000, 48, 2048, 12, "geometric", 1.3, "weighted"),
+)
+
+
+def _torch_made_call(rows: int, dim: int, bags: int, length: int, lengths: str,
+                     exponent: float, weighted: bool, generator: Any) -> tuple[Any, ...]:
+    """One PyTorch-made call: ``(table, ids, starts, weights or None)`` as tensors."""
+    import torch
+
+    table = torch.randn(rows, dim, generator=generator)
+    if lengths == "poisson":
+        counts = torch.poisson(torch.full((bags,), float(length)), generator=generator)
+    else:  # geometric from 0 with mean ``length``
+        uniform = torch.rand(bags, generator=generator, dtype=torch.float64)
+        counts = (uniform.log() / np.log(length / (length + 1))).floor()
+    counts = counts.long()
+    ranks = torch.arange(1, rows + 1, dtype=torch.float64).pow(-exponent)
+    drawn = torch.multinomial(ranks / ranks.sum(), int(counts.sum()), replacement=True,
+                              generator=generator)
+    ids = torch.randperm(rows, generator=generator)[drawn]
+    starts = torch.zeros(bags, dtype=torch.long)
+    starts[1:] = counts.cumsum(0)[:-1]
+    weights = torch.rand(ids.numel(), generator=generator) if weighted else None
+    return table, ids, starts, weights
+
+
+def _torch_made_cell(rows: int, dim: int, bags: int, length: int, lengths: str,
+                     exponent: float, mode: str, generator: Any) -> dict[str, float]:
+    """Median ms per call of torch, the public API and the kernel alone on one
+    PyTorch-made case, after checking the API's result against torch's."""
+    import torch
+
+    weighted = mode == "weighted"
+    pooling = "sum" if weighted else mode
+    table, ids, starts, weights = _torch_made_call(rows, dim, bags, length, lengths,
+                                                   exponent, weighted, generator)
+    bag = EmbeddingBag.from_pretrained(table.numpy(), mode=pooling)
+    ids_np, starts_np = ids.numpy(), starts.numpy()
+    weights_np = None if weights is None else weights.numpy()
+    flat = np.append(starts_np, ids_np.size)
+    embedding_bag = torch.nn.functional.embedding_bag
+
+    def torch_call(_: int) -> Any:
+        with torch.inference_mode():
+            return embedding_bag(ids, table, starts, mode=pooling, per_sample_weights=weights)
+
+    def api_call(_: int) -> Any:
+        return bag(ids_np, offsets=starts_np, per_sample_weights=weights_np)
+
+    def kernel_call(_: int) -> Any:
+        return bag.kernel(ids_np, flat, weights_np)
+
+    if weighted:
+        np.testing.assert_allclose(api_call(0), torch_call(0).numpy(), rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(api_call(0), torch_call(0).numpy())
+    start = time.perf_counter()
+    torch_call(0)
+    single = time.perf_counter() - start
+    repeats = int(min(100, max(6, 0.3 / max(single, 1e-6) / 5)))
+    medians = measure({"torch": torch_call, "api": api_call, "kernel": kernel_call}, repeats,
+                      1)
+    return {name: seconds * 1e3 for name, seconds in medians.items()}
+
+
+def run_torch_made(args: argparse.Namespace) -> None:
+    """Print the PyTorch-made cases (:data:`TORCH_MADE`), hot: the same call repeated."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(args.seed)
+    print("| table | bags x mean length | Zipf | mode | torch ms | api ms | kernel ms | "
+          "api x torch | kernel x torch |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    for rows, dim, bags, length, lengths, exponent, mode in TORCH_MADE:
+        ms = _torch_made_cell(rows, dim, bags, length, lengths, exponent, mode, generator)
+        print(f"| {rows:,}x{dim} | {bags}x{length} {lengths} | {exponent} | {mode} | "
+              f"{ms['torch']:.4f} | {ms['api']:.4f} | {ms['kernel']:.4f} | "
+              f"{ms['torch'] / ms['api']:.2f} | {ms['torch'] / ms['kernel']:.2f} |",
+              flush=True)
+
+
 def run_matrix(args: argparse.Namespace) -> None:
     """Print the traffic matrix: one row per (traffic, cache, table, bags, mode)."""
     import torch
@@ -285,6 +391,10 @@ def main() -> None:
                         help="also every id distribution x bag-length kind at one shape")
     parser.add_argument("--issue-cells", action="store_true",
                         help="also the kernel issue's three measured cells")
+    parser.add_argument("--torch-made", action="store_true",
+                        help="the PyTorch-made skewed cases instead (tables, ids and "
+                             "lengths drawn by torch)")
+    parser.add_argument("--seed", type=int, default=1, help="--torch-made's generator seed")
     args = parser.parse_args()
     import numba
 
@@ -292,6 +402,9 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"numpy {np.__version__}, numba {numba.__version__}, "
           f"{time.strftime('%Y-%m-%d')}")
+    if args.torch_made:
+        run_torch_made(args)
+        return
     if args.matrix:
         args.modes = args.modes or "sum,mean,max,weighted"
         run_matrix(args)
