@@ -252,26 +252,31 @@ def reused(indices, most):
     """Whether ``indices`` hold at most ``most`` distinct values, counted exactly in an
     open-addressing set that gives up once the count passes ``most``. The ids need not
     be valid: they are only compared."""
+    empty = np.iinfo(np.int64).min  # marks a free slot; the id itself is counted apart
     bits = 4
     while (1 << bits) < 2 * most + 2:  # at most half full
         bits += 1
-    keys = np.empty(1 << bits, dtype=np.int64)
-    used = np.zeros(1 << bits, dtype=np.bool_)
+    keys = np.full(1 << bits, empty, dtype=np.int64)
     mask = numba.uint64((1 << bits) - 1)
     shift = numba.uint64(64 - bits)
     distinct = 0
+    seen_empty = False
     for position in range(indices.shape[0]):
         key = indices[position]
-        # Fibonacci hashing: the product's top bits spread nearby and strided ids.
-        slot = (numba.uint64(key) * numba.uint64(0x9E3779B97F4A7C15)) >> shift
-        while used[slot] and keys[slot] != key:
-            slot = (slot + numba.uint64(1)) & mask
-        if not used[slot]:
-            distinct += 1
-            if distinct > most:
-                return False
-            used[slot] = True
-            keys[slot] = key
+        if key == empty:
+            if not seen_empty:
+                seen_empty = True
+                distinct += 1
+        else:
+            # Fibonacci hashing: the product's top bits spread nearby and strided ids.
+            slot = (numba.uint64(key) * numba.uint64(0x9E3779B97F4A7C15)) >> shift
+            while keys[slot] != key and keys[slot] != empty:
+                slot = (slot + numba.uint64(1)) & mask
+            if keys[slot] == empty:
+                keys[slot] = key
+                distinct += 1
+        if distinct > most:
+            return False
     return True
 
 
