@@ -63,7 +63,7 @@ _SHORT_QUANTIZED_ROW_LINES = 3
 #: Measured (2 threads, Zipf 1.5 ids, 256-2,048 bags): 1.05-1.3x faster; rows used 2-8
 #: times a call (Zipf 1.1) lose up to 0.76x without prefetching, and calls whose rows
 #: fill a quarter of the L2 or more lose 3-5% (16,384 bags of dim 64-128: the output
-#: streaming through the cache evicts them). A count costs about a call (0.1-3.5 ns an id,
+#: streaming through the cache evicts them). A count costs about a call (0.1-4.6 ns an id,
 #: stopping at its bound): once in 256 calls, under 0.5% of their time.
 _REUSE_USES = 8
 _REUSE_L2_SHARE = 4
