@@ -66,16 +66,11 @@ SHAPES = {
 ID_SETS = 8
 
 
-def last_level_cache_bytes() -> int:
-    """The L3 (last-level) cache size Linux reports, or 32 MiB when it says nothing."""
-    return cache_bytes(3, 32 << 20)
-
-
 def cold_sets(ids_per_set: int, row_bytes: int, most: int = 512) -> int:
     """How many id sets a cold cycle needs so that the rows it touches (``row_bytes``
     each) add up to four times the last-level cache: with fewer, rows gathered by the set
     before last are still cached when their set comes round again."""
-    need = 4 * last_level_cache_bytes()
+    need = 4 * cache_bytes(3, 32 << 20)  # the L3, or 32 MiB where Linux does not say
     return max(ID_SETS, min(most, -(-need // max(1, ids_per_set * row_bytes))))
 
 
@@ -200,14 +195,26 @@ def _matrix_cell(weight: np.ndarray, flow: traffic.Traffic, bags: int, mode: str
     def kernel_call(index: int) -> Any:
         return kernel(*flat[index])
 
-    np.testing.assert_allclose(api_call(0), torch_call(0).numpy(), rtol=1e-5, atol=1e-5)
+    return _checked_cell(torch_call, api_call, kernel_call, len(sets), exact=False)
+
+
+def _checked_cell(torch_call: Callable[[int], Any], api_call: Callable[[int], Any],
+                  kernel_call: Callable[[int], Any], id_sets: int, exact: bool
+                  ) -> dict[str, float]:
+    """Check the API's first answer against torch's (bit for bit when ``exact``, else
+    within 1e-5), then time the three: median ms per call over ``id_sets`` id sets."""
+    got, want = api_call(0), torch_call(0).numpy()
+    if exact:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     start = time.perf_counter()
     torch_call(0)
     single = time.perf_counter() - start
     # About a third of a second per implementation, in 5-call blocks.
     repeats = int(min(100, max(6, 0.3 / max(single, 1e-6) / 5)))
     medians = measure({"torch": torch_call, "api": api_call, "kernel": kernel_call}, repeats,
-                      len(sets))
+                      id_sets)
     return {name: seconds * 1e3 for name, seconds in medians.items()}
 
 
@@ -302,17 +309,7 @@ def _torch_made_cell(rows: int, dim: int, bags: int, length: int, lengths: str,
     def kernel_call(_: int) -> Any:
         return bag.kernel(ids_np, flat, weights_np)
 
-    if weighted:
-        np.testing.assert_allclose(api_call(0), torch_call(0).numpy(), rtol=1e-5, atol=1e-5)
-    else:
-        np.testing.assert_array_equal(api_call(0), torch_call(0).numpy())
-    start = time.perf_counter()
-    torch_call(0)
-    single = time.perf_counter() - start
-    repeats = int(min(100, max(6, 0.3 / max(single, 1e-6) / 5)))
-    medians = measure({"torch": torch_call, "api": api_call, "kernel": kernel_call}, repeats,
-                      1)
-    return {name: seconds * 1e3 for name, seconds in medians.items()}
+    return _checked_cell(torch_call, api_call, kernel_call, 1, exact=not weighted)
 
 
 def run_torch_made(args: argparse.Namespace) -> None:
