@@ -9,8 +9,9 @@ order, so results match ``torch.nn.functional.embedding_bag`` bit for bit on flo
 tables. Each tile prefetches its lines of the row ``PREFETCH_AHEAD`` ids ahead, fewer for
 wide rows of a table that fits the L2 caches, none for a table that fits one core's
 (see :func:`prefetch_distance`) nor while a kernel's calls gather few rows many times
-each (see :data:`_REUSE_USES`). The loops release the GIL so the service can run them in
-a worker thread.
+each (see :data:`kernels.numba_calls.REUSE_USES`). A call reaches the loops through one
+compiled entry (:mod:`kernels.numba_calls`). The loops release the GIL so the service can
+run them in a worker thread.
 """
 
 from __future__ import annotations
@@ -55,20 +56,9 @@ _L2_PREFETCH_BYTES = 4 << 10
 _SHORT_ROW_LINES = 2
 _SHORT_QUANTIZED_ROW_LINES = 3
 
-#: Rows a call gathers this many times or more on average, few enough to stay in the
-#: core's L2 cache between their uses (together at most ``_REUSE_L2_SHARE`` of it), are
-#: not prefetched: a prefetch per line per id only costs instructions there. A kernel
-#: counts the distinct ids of its first call and of one call in ``_REUSE_EVERY`` after it
-#: (of ``_REUSE_MIN_IDS`` ids or more) and stops prefetching while they stay that few.
-#: Measured (2 threads, Zipf 1.5 ids, 256-2,048 bags): 1.05-1.3x faster; rows used 2-8
-#: times a call (Zipf 1.1) lose up to 0.76x without prefetching, and calls whose rows
-#: fill a quarter of the L2 or more lose 3-5% (16,384 bags of dim 64-128: the output
-#: streaming through the cache evicts them). A count costs about a call (0.1-4.6 ns an id,
-#: stopping at its bound): once in 256 calls, under 0.5% of their time.
-_REUSE_USES = 8
+#: The rows a call may gather unprefetched (see :data:`kernels.numba_calls.REUSE_USES`)
+#: fill at most this share of the L2 cache.
 _REUSE_L2_SHARE = 4
-_REUSE_EVERY = 256
-_REUSE_MIN_IDS = 256
 
 _compile_lock = threading.Lock()
 _compiled: dict[str, Any] | None = None
@@ -87,9 +77,9 @@ def _kernels() -> dict[str, Any]:
     global _compiled
     with _compile_lock:
         if _compiled is None:
-            from kernels import numba_loops  # imports numba and compiles on first use
+            from kernels import numba_calls  # imports numba and compiles on first use
 
-            _compiled = numba_loops.build()
+            _compiled = numba_calls.build()
         return _compiled
 
 
@@ -273,19 +263,23 @@ class NumbaKernel:
         table = spec.table
         self._table = _read_only(table.data.view(VIEWS[table.storage]))
         self._dtype = table.compute_dtype
-        self._row_bytes = table.row_bytes
+        #: The result's dtype and width, for the entries to allocate it by.
+        self._like = np.empty((0, spec.embedding_dim), dtype=self._dtype)
         self._id_bytes = id_bytes(table)
-        self._prefetch = table_prefetch(table)
-        #: Whether the last count found the rows cache-resident (see _REUSE_USES): calls
-        #: then skip prefetching.
-        self._hot = False
-        #: The most distinct rows a call may gather unprefetched.
-        self._hot_rows = cache_bytes(2, 1 << 20) // _REUSE_L2_SHARE // self._id_bytes
-        self._until_count = 0  # calls (of _REUSE_MIN_IDS ids or more) to the next count
+        #: How far ahead the loops prefetch and whether the rows are cache-resident: an
+        #: array the compiled entries update (see kernels.numba_calls.PLAN_SIZE).
+        hot_rows = cache_bytes(2, 1 << 20) // _REUSE_L2_SHARE // self._id_bytes
+        self._plan = self._loops["new_plan"](table_prefetch(table), hot_rows)
         # None compiles loops with no padding compare at all (see numba_tiles._Tile).
         self._padding = spec.padding_idx
         #: max_norm's factor per row (float16/bfloat16/int4 tables): pooled as weights.
         self._row_scale = table.row_scale
+        #: The entries a call goes through in one dispatch; None where the row factors
+        #: make every call a scaled one (see _pool_scaled).
+        plain = self._row_scale is None
+        self._call = self._loops[f"call_{spec.mode}"] if plain else None
+        self._call_weighted = (self._loops["call_weighted"] if plain and spec.mode == "sum"
+                               else None)
 
     def __call__(
         self,
@@ -294,6 +288,9 @@ class NumbaKernel:
         per_sample_weights: FloatArray | None = None,
     ) -> FloatArray:
         out, invalid = self.pool(indices, offsets, offsets.shape[0] - 1, per_sample_weights)
+        if invalid < 0:
+            raise ValueError("offsets must start at 0 and end at len(indices): the kernel's "
+                             "input must be validated first")
         if invalid:
             raise ValueError(f"{invalid} bag(s) hold ids outside [0, "
                              f"{self.spec.num_embeddings}) or bad offsets: the kernel's input "
@@ -310,78 +307,83 @@ class NumbaKernel:
         """Pool ``num_bags`` bags, checking every id and bag bound on the way.
 
         Args:
-            indices: int64 ``[N]`` ids, not yet range-checked.
-            offsets: int64 ``[B + 1]`` CSR offsets, or ``[B]`` bag starts (the last bag
-                runs to ``N``); ``offsets[0]`` must be 0 when there are any.
+            indices: C-contiguous int64 ``[N]`` ids, not yet range-checked.
+            offsets: C-contiguous int64 ``[B + 1]`` CSR offsets (the last ``N``), or
+                ``[B]`` bag starts (the last bag runs to ``N``); the first 0.
             num_bags: ``B``.
-            per_sample_weights: ``None`` or ``[N]`` in the table dtype (sum mode).
+            per_sample_weights: ``None`` or C-contiguous ``[N]`` in the table dtype (sum
+                mode).
 
         Returns ``(out, invalid)``: the ``(B, D)`` result and how many bags had an id
         outside ``[0, num_embeddings)`` or a start past their end or past ``N`` (those rows
-        are zeros; the caller reports the error). Never reads outside the table.
+        are zeros; the caller reports the error); or an empty array and -1 when
+        ``offsets`` is empty, does not start at 0, or (``B + 1`` of them) does not end at
+        ``N``. Never reads outside the table.
         """
-        serial = runs_serially(num_bags, indices.shape[0] * self._id_bytes)
-        return self._pool(indices, offsets, num_bags, per_sample_weights, serial)
+        indices, offsets = _writable(indices), _writable(offsets)
+        if runs_serially(num_bags, indices.shape[0] * self._id_bytes):
+            chunks = 0
+        else:
+            chunks = call_threads(self.num_threads, self._get_threads, self._set_threads)
+        if per_sample_weights is None:
+            call = self._call
+            if call is not None:
+                return call(self._table, indices, offsets, num_bags,  # type: ignore[no-any-return]
+                            self._padding, self._plan, chunks, self._like)
+        else:
+            call = self._call_weighted
+            if call is not None:
+                return call(self._table, indices, offsets, num_bags,  # type: ignore[no-any-return]
+                            _writable(per_sample_weights), self._padding, self._plan,
+                            chunks, self._like)
+        return self._pool_scaled(indices, offsets, num_bags, per_sample_weights, chunks)
 
     def warm_up(self) -> None:
         """Compile (or load from numba's cache) every loop a call can reach: serial and
-        parallel, unweighted and, in sum mode, weighted, and the repeat count."""
+        parallel, unweighted and, in sum mode, weighted, and the distinct-id count."""
         ids = np.zeros(4, dtype=np.int64)
-        self._loops["reused"](ids, 1)
         offsets = np.array([0, 2, 4], dtype=np.int64)
+        plan = self._plan.copy()  # a count on 4 ids must not mark the table hot
+        self._loops["planned_prefetch"](np.zeros(512, dtype=np.int64), plan)
         weights = np.ones(4, dtype=self._dtype) if self.spec.mode == "sum" else None
-        for serial in (True, False):
+        for chunks in (0, 2):
             for scale in (None, weights) if weights is not None else (None,):
-                self._pool(ids, offsets, 2, scale, serial)
+                if self._call is None:
+                    self._pool_scaled(ids, offsets, 2, scale, chunks)
+                elif scale is None:
+                    self._call(self._table, ids, offsets, 2, self._padding, plan, chunks,
+                               self._like)
+                else:
+                    self._call_weighted(self._table, ids, offsets, 2, scale,  # type: ignore[misc]
+                                        self._padding, plan, chunks, self._like)
 
-    def _pool(self, indices: IndexArray, offsets: IndexArray, num_bags: int,
-              per_sample_weights: FloatArray | None, serial: bool) -> tuple[FloatArray, int]:
-        weight = self._table
+    def _pool_scaled(self, indices: IndexArray, offsets: IndexArray, num_bags: int,
+                     per_sample_weights: FloatArray | None, chunks: int
+                     ) -> tuple[FloatArray, int]:
+        """:meth:`pool` for tables with row factors (each id weighs its row's factor
+        times its own weight: a weighted sum, a weighted sum divided by the count for
+        mean, a max of scaled rows), and weights outside sum mode; ``chunks`` as the
+        entries take it."""
         out = np.empty((num_bags, self.spec.embedding_dim), dtype=self._dtype)
-        if num_bags == 0:
-            return out, 0
-        indices, offsets = _writable(indices), _writable(offsets)
-        # Serial loops take a range of bags; parallel ones the count and how many runs of
-        # bags to share out (one a thread).
-        if serial:
-            bags = (0, num_bags)
-        else:
-            threads = call_threads(self.num_threads, self._get_threads, self._set_threads)
-            bags = (num_bags, min(threads, num_bags))
-        prefetch = self._prefetch
-        if prefetch:
-            if indices.shape[0] >= _REUSE_MIN_IDS:
-                self._count_when_due(indices)
-            if self._hot:
-                prefetch = 0
-        mode = self.spec.mode
+        if num_bags == 0 or offsets.shape[0] == 0 or offsets[0] != 0:
+            return (out, 0) if num_bags == 0 else (out[:0], -1)
+        if offsets.shape[0] > num_bags and offsets[num_bags] != indices.shape[0]:
+            return out[:0], -1
+        prefetch = self._loops["planned_prefetch"](indices, self._plan)
         scale = per_sample_weights
         if self._row_scale is not None:
-            # Each id weighs its row's factor (times its own weight): a weighted sum, a
-            # weighted sum divided by the count (mean), or a max of scaled rows.
             factors = np.take(self._row_scale, indices, mode="clip")
             scale = factors if scale is None else factors * scale
-        if scale is None:
-            invalid = self._loops[mode][serial](weight, indices, offsets, *bags,
-                                                self._padding, prefetch, out)
-        else:
-            loop = "scaled_max" if mode == "max" else "weighted"
-            invalid = self._loops[loop][serial](weight, indices, offsets, *bags,
-                                                _writable(scale), self._padding,
-                                                prefetch, out)
-            if mode == "mean":
-                out /= self._counts(indices, offsets, num_bags)[:, None]
+        mode = self.spec.mode
+        loop = self._loops[("scaled_max" if mode == "max" else "weighted")
+                           if scale is not None else mode]
+        bags = (0, num_bags) if chunks == 0 else (num_bags, min(chunks, num_bags))
+        extra = () if scale is None else (_writable(scale),)
+        invalid = loop[chunks == 0](self._table, indices, offsets, *bags, *extra,
+                                    self._padding, prefetch, out)
+        if scale is not None and mode == "mean":
+            out /= self._counts(indices, offsets, num_bags)[:, None]
         return out, int(invalid)
-
-    def _count_when_due(self, indices: IndexArray) -> None:
-        """Count this call's distinct ids when a count is due and set ``_hot`` by them
-        (see :data:`_REUSE_USES`). Threads racing here at most count twice: prefetching
-        never changes a result."""
-        self._until_count -= 1
-        if self._until_count <= 0:
-            self._until_count = _REUSE_EVERY
-            most = min(indices.shape[0] // _REUSE_USES, self._hot_rows)
-            self._hot = bool(self._loops["reused"](indices, most))
 
     def _counts(self, indices: IndexArray, offsets: IndexArray, num_bags: int
                 ) -> FloatArray:

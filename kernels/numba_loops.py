@@ -133,8 +133,7 @@ def build() -> dict[str, Any]:
     Returns ``{"sum", "mean", "weighted", "max", "scaled_max"}`` each mapped to
     ``(parallel, serial)``, and ``"reused"`` to :func:`reused`.
     """
-    parallel = _parallel_loops(STAMP)
-    loops: dict[str, Any] = {name: (parallel[name], SERIAL[name]) for name in parallel}
+    loops: dict[str, Any] = {name: (PARALLEL[name], SERIAL[name]) for name in PARALLEL}
     loops["reused"] = reused
     return loops
 
@@ -541,3 +540,11 @@ def _parallel_loops(stamp):
 
     return {"sum": pool_sum, "mean": pool_mean, "weighted": pool_weighted, "max": pool_max,
             "scaled_max": pool_scaled_max}
+
+
+#: As :data:`SERIAL`, over bags ``[0, num_bags)`` in ``chunks`` runs on numba's threads:
+#: ``(weight, indices, offsets, num_bags, chunks, [scale,] padding, prefetch, out) ->
+#: invalid``.
+PARALLEL = _parallel_loops(STAMP)
+parallel_sum, parallel_mean = PARALLEL["sum"], PARALLEL["mean"]
+parallel_weighted, parallel_max = PARALLEL["weighted"], PARALLEL["max"]

@@ -11,7 +11,7 @@ import numpy.typing as npt
 
 from kernels import COMPUTE_DTYPES, MODES, Kernel, Mode, TableSpec, make_kernel
 from kernels.storage import StorageDtype, StoredTable, storage_dtype, store
-from models.inputs import flatten_inputs, unchecked_call
+from models.inputs import flatten_inputs, unchecked_call, usual_bags
 from models.renorm import renormed_table
 
 
@@ -251,14 +251,17 @@ class EmbeddingBag:
         if pool is not None:
             # The kernel checks ids and bag bounds as it pools: no separate pass over the
             # ids. Anything it or the cheap checks refuse is worded by flatten_inputs.
-            call = unchecked_call(input, offsets, per_sample_weights, mode=self.mode,
-                                  include_last_offset=self.include_last_offset,
-                                  dtype=self._dtype)
-            if call is not None:
-                out, invalid = pool(call.indices, call.offsets, call.num_bags,
-                                    call.per_sample_weights)
-                if not invalid:
-                    return out  # type: ignore[no-any-return]
+            bags = usual_bags(input, offsets, per_sample_weights, self.mode,
+                              self.include_last_offset, self._dtype)
+            if bags >= 0:
+                out, invalid = pool(input, offsets, bags, per_sample_weights)
+            else:
+                call = unchecked_call(input, offsets, per_sample_weights, mode=self.mode,
+                                      include_last_offset=self.include_last_offset,
+                                      dtype=self._dtype)
+                out, invalid = (None, -1) if call is None else pool(*call)
+            if not invalid:
+                return out  # type: ignore[no-any-return]
         batch = flatten_inputs(input, offsets, per_sample_weights,
                                num_embeddings=self.num_embeddings, mode=self.mode,
                                include_last_offset=self.include_last_offset,

@@ -249,9 +249,6 @@ def unchecked_call(
         InvalidInputError: ``input`` or ``offsets`` do not hold integers, or the weights
             are invalid (the same errors :func:`flatten_inputs` raises first).
     """
-    usual = _usual_call(input, offsets, per_sample_weights, mode, include_last_offset, dtype)
-    if usual is not None:
-        return usual
     ids = _integer_array("input", input)
     shape = ids.shape
     if ids.ndim == 2 and offsets is None:
@@ -276,34 +273,34 @@ def unchecked_call(
     return UncheckedCall(ids, starts, num_bags, weights)
 
 
-def _usual_call(input: Any, offsets: Any, per_sample_weights: Any, mode: Mode,
-                include_last_offset: bool, dtype: Any) -> UncheckedCall | None:
-    """:func:`unchecked_call` for the usual call, or ``None`` for anything else: 1-D
-    contiguous native int64 ids and offsets, the first offset 0 (and the last ``N`` with
-    ``include_last_offset``), weights absent or 1-D contiguous in the table dtype (``dtype``
-    an ``np.dtype``) in mode ``"sum"``. Tested by type, identity and attribute reads
-    only: right after another library's large call, with the interpreter's working set
-    out of the caches, each NumPy call costs 2-5 us (``ids.dtype == np.int64`` alone
-    ~2 us), and the general path cost a 256-bag call 10-20 us; this one about half. (The
-    same identity tests inside ``_integer_array`` and ``_check_weights`` instead, with
-    this function gone, measured 1.4-1.5x its time there: the general path's extra calls
-    cost as much from cold caches as the NumPy calls they skip.)"""
+def usual_bags(input: Any, offsets: Any, per_sample_weights: Any, mode: Mode,
+               include_last_offset: bool, dtype: np.dtype[Any]) -> int:
+    """The bag count of the usual call, or -1 for anything else (the caller then takes
+    :func:`unchecked_call`). Usual: ids and offsets 1-D C-contiguous writable native
+    int64 arrays, weights absent or (mode ``"sum"``) a 1-D C-contiguous writable array
+    of ``input``'s shape in the table dtype ``dtype``: the arrays a kernel's compiled
+    entry takes as they are (any other layout would compile another specialisation).
+    The offsets' values are left to the kernel (see ``NumbaKernel.pool``).
+
+    Tested by type, identity and attribute reads only: right after another library's
+    large call, with the interpreter's working set out of the caches, each NumPy call
+    costs 2-5 us (``ids.dtype == np.int64`` alone ~2 us), and the general path cost a
+    256-bag call 10-20 us; this one a few."""
     if not (type(input) is np.ndarray and type(offsets) is np.ndarray
             and input.dtype is _INT64 and offsets.dtype is _INT64
-            and input.ndim == 1 and offsets.ndim == 1
-            and input.flags.c_contiguous and offsets.flags.c_contiguous):
-        return None
-    num_bags = offsets.shape[0]
-    if num_bags == 0 or offsets.item(0) != 0:
-        return None
-    if include_last_offset:
-        if offsets.item(num_bags - 1) != input.shape[0]:
-            return None
-        num_bags -= 1
-    if per_sample_weights is not None and not (
-            mode == "sum" and type(per_sample_weights) is np.ndarray
-            and per_sample_weights.dtype is dtype
-            and per_sample_weights.shape == input.shape
-            and per_sample_weights.flags.c_contiguous):
-        return None
-    return UncheckedCall(input, offsets, num_bags, per_sample_weights)
+            and input.ndim == 1 and offsets.ndim == 1):
+        return -1
+    flags, offset_flags = input.flags, offsets.flags
+    if not (flags.c_contiguous and flags.writeable and offset_flags.c_contiguous
+            and offset_flags.writeable):
+        return -1
+    if per_sample_weights is not None:
+        if not (mode == "sum" and type(per_sample_weights) is np.ndarray
+                and per_sample_weights.dtype is dtype
+                and per_sample_weights.shape == input.shape):
+            return -1
+        weight_flags = per_sample_weights.flags
+        if not (weight_flags.c_contiguous and weight_flags.writeable):
+            return -1
+    count: int = offsets.shape[0]
+    return count - 1 if include_last_offset else count

@@ -17,6 +17,7 @@ from kernels import (
     NumpyKernel,
     TableSpec,
     make_kernel,
+    numba_calls,
     numba_kernel,
     numba_tiles,
 )
@@ -148,7 +149,7 @@ def test_serial_parallel_and_prefetch_paths_give_the_same_results(
     indices, offsets = _batch(rng, 2000, 200, 30)
     spec = TableSpec(weight, mode)  # type: ignore[arg-type]
     kernel = NumbaKernel(spec)
-    kernel._prefetch = prefetch
+    kernel._plan[numba_calls.PLAN_PREFETCH] = prefetch
     np.testing.assert_array_equal(kernel(indices, offsets), NumpyKernel(spec)(indices, offsets))
     if mode == "sum":
         weights = rng.standard_normal(indices.size).astype(np.float32)
@@ -179,37 +180,39 @@ def test_prefetching_stops_while_few_rows_repeat_and_results_stay(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A kernel skips prefetching after a call that gathers at most ``_hot_rows``
     distinct rows ``_REUSE_USES`` times or more each, counted again every
-    ``_REUSE_EVERY`` calls of ``_REUSE_MIN_IDS`` ids or more (smaller calls neither
+    ``REUSE_EVERY`` calls of ``REUSE_MIN_IDS`` ids or more (smaller calls neither
     count nor move the countdown); results never depend on it."""
     monkeypatch.setattr(numba_kernel, "cache_bytes", lambda level, default: 1 << 20)
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((5000, 64)).astype(np.float32)  # 1.3 MB: prefetched
     spec = TableSpec(weight, "sum")
     kernel, reference = NumbaKernel(spec), NumpyKernel(spec)
-    assert kernel._prefetch > 0 and kernel._hot_rows == 1024  # a quarter of 1 MiB / 256 B
+    plan = kernel._plan
+    assert plan[numba_calls.PLAN_PREFETCH] > 0
+    assert plan[numba_calls.PLAN_HOT_ROWS] == 1024  # a quarter of 1 MiB / 256 B
 
     def call(ids: np.ndarray) -> None:
-        offsets = np.arange(0, ids.size + 1, 8, dtype=np.int64)
+        offsets = np.append(np.arange(0, ids.size, 8, dtype=np.int64), ids.size)
         np.testing.assert_array_equal(kernel(ids, offsets), reference(ids, offsets))
 
     hot = rng.permutation(np.repeat(rng.choice(5000, 1000, replace=False), 8))
     spread = rng.integers(0, 5000, 4096)
     call(hot)
-    assert kernel._hot
+    assert plan[numba_calls.PLAN_HOT]
     call(hot[:200])  # too few ids to count
-    for _ in range(numba_kernel._REUSE_EVERY - 1):
+    for _ in range(numba_calls.REUSE_EVERY - 1):
         call(spread)
-        assert kernel._hot  # not counted again yet
+        assert plan[numba_calls.PLAN_HOT]  # not counted again yet
     call(spread)
-    assert not kernel._hot
+    assert not plan[numba_calls.PLAN_HOT]
     # Rows used 8 times but more of them than a quarter of the L2 holds: prefetched.
-    kernel._until_count = 0
+    plan[numba_calls.PLAN_UNTIL_COUNT] = 0
     call(rng.permutation(np.repeat(rng.choice(5000, 1100, replace=False), 8)))
-    assert not kernel._hot
+    assert not plan[numba_calls.PLAN_HOT]
     # Few rows used fewer than 8 times each: prefetched.
-    kernel._until_count = 0
+    plan[numba_calls.PLAN_UNTIL_COUNT] = 0
     call(rng.permutation(np.repeat(rng.choice(5000, 500, replace=False), 7)))
-    assert not kernel._hot
+    assert not plan[numba_calls.PLAN_HOT]
 
 
 @pytest.mark.parametrize("storage", ["float32", "float64", "float16", "bfloat16", "int8",
@@ -243,7 +246,7 @@ def test_every_pass_shape_matches_the_numpy_kernel(storage: str) -> None:
             padding = 3 if storage == "float32" and dim % 2 else None
             spec = TableSpec(table, mode, padding)  # type: ignore[arg-type]
             kernel, reference = NumbaKernel(spec), NumpyKernel(spec)
-            kernel._prefetch = dim % 3
+            kernel._plan[numba_calls.PLAN_PREFETCH] = dim % 3
             for scale in (None, weights) if mode == "sum" else (None,):
                 got, want = kernel(indices, offsets, scale), reference(indices, offsets, scale)
                 if exact and scale is None:
@@ -373,13 +376,14 @@ def test_a_thread_sets_from_how_many_bytes_its_calls_run_in_parallel(
     indices, offsets = _batch(rng, 300, 64, 20)
     kernel = NumbaKernel(TableSpec(weight, "sum"), num_threads=2)  # type: ignore[arg-type]
     chosen: list[bool] = []
-    pool = kernel._pool
+    call = kernel._call
+    assert call is not None
 
     def spy(*args: object) -> object:
-        chosen.append(bool(args[-1]))  # the serial flag
-        return pool(*args)  # type: ignore[arg-type]
+        chosen.append(args[-2] == 0)  # chunks: 0 runs serially
+        return call(*args)
 
-    monkeypatch.setattr(kernel, "_pool", spy)
+    monkeypatch.setattr(kernel, "_call", spy)
     expected = NumpyKernel(TableSpec(weight, "sum"))(indices, offsets)  # type: ignore[arg-type]
     gathered = indices.shape[0] * 8  # int64 ids: 8 bytes each at least
     for least, serial in ((None, True), (gathered * 100, True), (1, False)):

@@ -153,59 +153,80 @@ def test_ragged_nested_lists_are_named_not_numpys_error() -> None:
 
 
 def _outcome(call: Any) -> Any:
-    """What ``unchecked_call`` made of a call: None, its error, or its arrays."""
+    """What a forward call gave: its error's words, or its rows."""
     try:
-        result = call()
+        return call().tolist()
     except InvalidInputError as error:
         return ("error", str(error))
-    if result is None:
-        return None
-    weights = result.per_sample_weights
-    arrays = [result.indices, result.offsets] + ([] if weights is None else [weights])
-    return ([(a.dtype.str, a.flags.c_contiguous, a.tolist()) for a in arrays],
-            result.num_bags)
 
 
 def test_the_usual_call_takes_the_short_path_and_its_near_misses_the_general_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The usual call (1-D contiguous native int64 ids and offsets, float32 weights) is
-    recognised by type and identity tests, its arrays passed on as they are; every near
-    miss gives what the general path gives (the same arrays, the same refusal)."""
-    from models import inputs
+    """The usual call (1-D contiguous writable native int64 ids and offsets, float32
+    weights) is recognised by type and identity tests and handed to the kernel as it is;
+    every near miss is refused there, and every call, usual or not, gives what the
+    general path gives (the same rows, the same refusal) and what the validated NumPy
+    kernel gives."""
+    from kernels import NumpyKernel, TableSpec
+    from models import embedding_bag, inputs
 
     ids = np.array([1, 2, 3, 4, 5, 6], dtype=np.int64)
     starts = np.array([0, 2, 2], dtype=np.int64)
     weights = np.linspace(0.5, 3.0, 6, dtype=np.float32)
     f32 = np.dtype(np.float32)
-    usual = inputs.unchecked_call(ids, starts, weights, mode="sum", dtype=f32)
-    assert usual is not None and inputs._usual_call(ids, starts, weights, "sum", False, f32)
-    assert usual.indices is ids and usual.offsets is starts
-    assert usual.per_sample_weights is weights and usual.num_bags == 3
+    read_only = ids.copy()
+    read_only.setflags(write=False)
+    assert inputs.usual_bags(ids, starts, weights, "sum", False, f32) == 3
+    assert inputs.usual_bags(ids, starts, None, "max", True, f32) == 2
+    refused: list[tuple[Any, Any, Any, str]] = [
+        (ids.astype(np.int32), starts, None, "sum"),
+        (ids.astype(">i8"), starts.astype(">i8"), None, "sum"),  # byte-swapped
+        (np.repeat(ids, 2)[::2], starts, None, "sum"),  # not contiguous
+        (read_only, starts, None, "sum"),
+        (ids.reshape(2, 3), None, None, "sum"),
+        (ids.tolist(), starts.tolist(), None, "sum"),
+        (ids, starts, weights.astype(np.float64), "sum"),
+        (ids, starts, np.repeat(weights, 2)[::2], "sum"),
+        (ids, starts, weights[:5], "sum"),
+        (ids, starts, weights, "mean"),
+    ]
+    for input, offsets, scale, mode in refused:
+        assert inputs.usual_bags(input, offsets, scale, mode, False, f32) == -1, (
+            input, offsets, scale, mode)
     calls: list[tuple[Any, Any, Any, str, bool]] = [
         (ids, starts, None, "mean", False),
         (ids, starts, weights, "sum", False),
-        (ids, np.array([0, 2, 6], np.int64), None, "sum", True),
+        (ids, np.array([0, 2, 6], np.int64), None, "max", True),
         (ids, np.array([0, 2, 5], np.int64), None, "sum", True),  # last offset not N
         (ids, np.array([1, 2], np.int64), None, "sum", False),  # first offset not 0
+        (ids, np.array([0, 4, 2], np.int64), None, "sum", False),  # decreasing
+        (ids, np.array([0, 2, 7], np.int64), None, "sum", False),  # past the end
         (ids, np.array([], np.int64), None, "sum", False),
-        (ids.astype(np.int32), starts, None, "sum", False),
-        (ids.astype(">i8"), starts.astype(">i8"), None, "sum", False),  # byte-swapped
-        (np.repeat(ids, 2)[::2], starts, None, "sum", False),  # not contiguous
-        (ids.reshape(2, 3), None, None, "sum", False),
-        (ids.tolist(), starts.tolist(), weights.tolist(), "sum", False),
-        (ids, starts, weights.astype(np.float64), "sum", False),
-        (ids, starts, np.repeat(weights, 2)[::2], "sum", False),
+        (np.array([], np.int64), np.array([0], np.int64), None, "sum", True),  # no bags
+        (np.array([1, 9], np.int64), np.array([0, 1], np.int64), None, "sum", False),
         (ids, starts, weights[:5], "sum", False),  # shape differs: refused
         (ids, starts, weights, "mean", False),  # weights outside sum: refused
         (ids.astype(np.float32), starts, None, "sum", False),  # refused
+        *((input, offsets, scale, mode, False) for input, offsets, scale, mode in refused),
     ]
+    table = np.arange(8 * 3, dtype=np.float32).reshape(8, 3) - 7
     for input, offsets, scale, mode, last in calls:
-        def call(input: Any = input, offsets: Any = offsets, scale: Any = scale,
-                 mode: str = mode, last: bool = last) -> Any:
-            return inputs.unchecked_call(input, offsets, scale, mode=mode,  # type: ignore[arg-type]
-                                         include_last_offset=last, dtype=f32)
+        bag = EmbeddingBag.from_pretrained(table, mode=mode, include_last_offset=last)
+        assert bag.kernel.name == "numba"
+
+        def call(bag: Any = bag, input: Any = input, offsets: Any = offsets,
+                 scale: Any = scale) -> Any:
+            return bag(input, offsets, scale)
+
+        def reference(input: Any = input, offsets: Any = offsets, scale: Any = scale,
+                      mode: Any = mode, last: bool = last) -> Any:
+            batch = flatten_inputs(input, offsets, scale, num_embeddings=8, mode=mode,
+                                   include_last_offset=last)
+            kernel = NumpyKernel(TableSpec(table, mode))
+            return kernel(batch.indices, batch.offsets, batch.per_sample_weights)
 
         got = _outcome(call)
+        assert got == _outcome(reference), (input, offsets, scale, mode, last)
         with monkeypatch.context() as patch:
-            patch.setattr(inputs, "_usual_call", lambda *args: None)
+            patch.setattr(embedding_bag, "usual_bags", lambda *args: -1)
             assert _outcome(call) == got, (input, offsets, scale, mode, last)

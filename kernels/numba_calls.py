@@ -1,0 +1,176 @@
+"""One compiled step per kernel call: the entries behind :meth:`NumbaKernel.pool`.
+
+Each entry checks the offsets' ends, allocates the output, picks how far ahead to prefetch
+(counting the call's distinct ids when a count is due) and runs the serial or the parallel
+loop of :mod:`kernels.numba_loops`, all behind one dispatch from Python. Interpreted,
+those steps cost the public API 15-40 us a call right after a large call (each Python
+function and NumPy call a few us while the interpreter's working set is out of the
+caches), 4-8% of a 2,048-bag call and more of a 256-bag one; see BENCHMARKS.md.
+
+Compiled by numba, not run as Python, so mypy skips it (see pyproject.toml). Written out
+once per loop, not made by a factory, for the reason :func:`numba_loops._parallel_loops`
+gives; their closures hold only ``STAMP``.
+
+Every entry returns ``(out, invalid)``: the ``(bags, dim)`` result and how many bags were
+invalid (an id outside the table or bad bounds: their rows are zeros), or an empty
+``(0, dim)`` array and -1 when ``offsets`` is empty, does not start at 0, or holds
+``bags + 1`` entries whose last is not ``N``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+
+from kernels import numba_loops
+from kernels.numba_loops import (
+    parallel_max,
+    parallel_mean,
+    parallel_sum,
+    parallel_weighted,
+    reused,
+    serial_max,
+    serial_mean,
+    serial_sum,
+    serial_weighted,
+)
+
+#: The entries inline code of the loops' files: their hash retires cached entries when
+#: those change (numba keys an entry by its own file only).
+STAMP = hashlib.sha256(numba_loops.STAMP.encode()
+                       + Path(numba_loops.__file__).read_bytes()).hexdigest()
+
+#: A kernel's plan, an int64 array the entries read and update: how many ids ahead its
+#: table is prefetched, the most distinct rows a call may gather unprefetched, calls (of
+#: ``REUSE_MIN_IDS`` ids or more) to the next count of distinct ids, and whether the last
+#: count found the rows cache-resident (1) or not (0).
+PLAN_PREFETCH, PLAN_HOT_ROWS, PLAN_UNTIL_COUNT, PLAN_HOT = range(4)
+PLAN_SIZE = 4
+#: Rows a call gathers this many times or more on average, few enough to stay in the
+#: core's L2 cache between their uses (together at most a quarter of it: the kernel's
+#: ``hot_rows``), are not prefetched: a prefetch per line per id only costs instructions
+#: there. A kernel counts the distinct ids of its first call and of one call in
+#: ``REUSE_EVERY`` after it (of ``REUSE_MIN_IDS`` ids or more) and stops prefetching while
+#: they stay that few. Measured (2 threads, Zipf 1.5 ids, 256-2,048 bags): 1.05-1.3x
+#: faster; rows used 2-8 times a call (Zipf 1.1) lose up to 0.76x without prefetching,
+#: and calls whose rows fill a quarter of the L2 or more lose 3-5% (16,384 bags of dim
+#: 64-128: the output streaming through the cache evicts them). A count costs about a
+#: call (0.1-4.6 ns an id, stopping at its bound): once in 256 calls, under 0.5% of their
+#: time.
+REUSE_USES = 8
+REUSE_EVERY = 256
+REUSE_MIN_IDS = 256
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def planned_prefetch(indices, plan):
+    """How many ids ahead this call prefetches: the plan's distance, or 0 while its rows
+    are cache-resident (counted again when a count is due). Threads racing here at most
+    count twice: prefetching never changes a result."""
+    prefetch = plan[PLAN_PREFETCH]
+    if prefetch == 0:
+        return 0
+    if indices.shape[0] >= REUSE_MIN_IDS:
+        plan[PLAN_UNTIL_COUNT] -= 1
+        if plan[PLAN_UNTIL_COUNT] <= 0:
+            plan[PLAN_UNTIL_COUNT] = REUSE_EVERY
+            most = min(indices.shape[0] // REUSE_USES, plan[PLAN_HOT_ROWS])
+            plan[PLAN_HOT] = 1 if reused(indices, most) else 0
+    return 0 if plan[PLAN_HOT] else prefetch
+
+
+@numba.njit(inline="always")
+def output(indices, offsets, bags, like):
+    """``(out, bags)``: the uninitialised ``(bags, dim)`` result in ``like``'s dtype
+    (``like`` is ``(0, dim)``), or an empty one and -1 when the offsets' ends are wrong."""
+    count = offsets.shape[0]
+    if count == 0 or offsets[0] != 0 or (count > bags and offsets[bags] != indices.shape[0]):
+        return np.empty((0, like.shape[1]), like.dtype), -1
+    return np.empty((bags, like.shape[1]), like.dtype), bags
+
+
+def _entries(stamp):
+    # ``chunks``: 0 runs the serial loop on the calling thread, else the parallel loop
+    # in that many runs of bags (the caller passes numba's thread count; reading it in
+    # here would stop numba's cache).
+    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+
+    @jit
+    def call_sum(weight, indices, offsets, bags, padding, plan, chunks, like):
+        assert stamp
+        out, bags = output(indices, offsets, bags, like)
+        if bags <= 0:
+            return out, bags
+        prefetch = planned_prefetch(indices, plan)
+        if chunks == 0:
+            return out, serial_sum(weight, indices, offsets, 0, bags, padding, prefetch, out)
+        return out, parallel_sum(weight, indices, offsets, bags, min(chunks, bags), padding,
+                                 prefetch, out)
+
+    @jit
+    def call_mean(weight, indices, offsets, bags, padding, plan, chunks, like):
+        assert stamp
+        out, bags = output(indices, offsets, bags, like)
+        if bags <= 0:
+            return out, bags
+        prefetch = planned_prefetch(indices, plan)
+        if chunks == 0:
+            return out, serial_mean(weight, indices, offsets, 0, bags, padding, prefetch, out)
+        return out, parallel_mean(weight, indices, offsets, bags, min(chunks, bags), padding,
+                                  prefetch, out)
+
+    @jit
+    def call_max(weight, indices, offsets, bags, padding, plan, chunks, like):
+        assert stamp
+        out, bags = output(indices, offsets, bags, like)
+        if bags <= 0:
+            return out, bags
+        prefetch = planned_prefetch(indices, plan)
+        if chunks == 0:
+            return out, serial_max(weight, indices, offsets, 0, bags, padding, prefetch, out)
+        return out, parallel_max(weight, indices, offsets, bags, min(chunks, bags), padding,
+                                 prefetch, out)
+
+    @jit
+    def call_weighted(weight, indices, offsets, bags, scale, padding, plan, chunks, like):
+        assert stamp
+        out, bags = output(indices, offsets, bags, like)
+        if bags <= 0:
+            return out, bags
+        prefetch = planned_prefetch(indices, plan)
+        if chunks == 0:
+            return out, serial_weighted(weight, indices, offsets, 0, bags, scale, padding,
+                                        prefetch, out)
+        return out, parallel_weighted(weight, indices, offsets, bags, min(chunks, bags),
+                                      scale, padding, prefetch, out)
+
+    return {"sum": call_sum, "mean": call_mean, "max": call_max, "weighted": call_weighted}
+
+
+#: ``{"sum", "mean", "max"}`` -> ``(weight, indices, offsets, bags, padding, plan,
+#: chunks, like) -> (out, invalid)``; ``"weighted"`` takes ``scale`` after ``bags``.
+CALLS = _entries(STAMP)
+
+
+def new_plan(prefetch: int, hot_rows: int) -> np.ndarray:
+    """A kernel's plan (see :data:`PLAN_SIZE`): ``prefetch`` ids ahead, at most
+    ``hot_rows`` rows gathered unprefetched, the first call of ``REUSE_MIN_IDS`` ids or
+    more counted."""
+    plan = np.zeros(PLAN_SIZE, dtype=np.int64)
+    plan[PLAN_PREFETCH], plan[PLAN_HOT_ROWS] = prefetch, hot_rows
+    return plan
+
+
+def build() -> dict[str, Any]:
+    """:func:`numba_loops.build`'s loops, and ``"call_sum"``, ``"call_mean"``,
+    ``"call_max"``, ``"call_weighted"`` (the entries), ``"planned_prefetch"`` and
+    ``"new_plan"``."""
+    built = numba_loops.build()
+    built.update({f"call_{name}": entry for name, entry in CALLS.items()})
+    built["planned_prefetch"] = planned_prefetch
+    built["new_plan"] = new_plan
+    return built
