@@ -28,15 +28,12 @@ import numpy as np
 
 from kernels import numba_loops
 from kernels.numba_loops import (
-    parallel_max,
-    parallel_mean,
-    parallel_sum,
-    parallel_weighted,
     reused,
     serial_max,
     serial_mean,
     serial_sum,
     serial_weighted,
+    split,
 )
 
 #: The entries inline code of the loops' files: their hash retires cached entries when
@@ -93,11 +90,16 @@ def output(indices, offsets, bags, like):
     return np.empty((bags, like.shape[1]), like.dtype), bags
 
 
+FIRST = np.int64(0)
+
+
 def _entries(stamp):
+    # ``FIRST`` is typed int64 where a literal 0 would compile the serial loop once more
+    # (for a first bag of Literal[int](0)), 2-3 s at every cold start.
     # ``chunks``: 0 runs the serial loop on the calling thread, else the parallel loop
     # in that many runs of bags (the caller passes numba's thread count; reading it in
     # here would stop numba's cache).
-    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+    jit = numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
 
     @jit
     def call_sum(weight, indices, offsets, bags, padding, plan, chunks, like):
@@ -107,9 +109,15 @@ def _entries(stamp):
             return out, bags
         prefetch = planned_prefetch(indices, plan)
         if chunks == 0:
-            return out, serial_sum(weight, indices, offsets, 0, bags, padding, prefetch, out)
-        return out, parallel_sum(weight, indices, offsets, bags, min(chunks, bags), padding,
-                                 prefetch, out)
+            return out, serial_sum(weight, indices, offsets, FIRST, bags, padding, prefetch,
+                                    out)
+        chunks = min(chunks, bags)
+        edges = split(offsets, bags, indices.shape[0], chunks)
+        invalid = 0
+        for chunk in numba.prange(chunks):
+            invalid += serial_sum(weight, indices, offsets, edges[chunk],
+                                     edges[chunk + 1], padding, prefetch, out)
+        return out, invalid
 
     @jit
     def call_mean(weight, indices, offsets, bags, padding, plan, chunks, like):
@@ -119,9 +127,15 @@ def _entries(stamp):
             return out, bags
         prefetch = planned_prefetch(indices, plan)
         if chunks == 0:
-            return out, serial_mean(weight, indices, offsets, 0, bags, padding, prefetch, out)
-        return out, parallel_mean(weight, indices, offsets, bags, min(chunks, bags), padding,
-                                  prefetch, out)
+            return out, serial_mean(weight, indices, offsets, FIRST, bags, padding, prefetch,
+                                     out)
+        chunks = min(chunks, bags)
+        edges = split(offsets, bags, indices.shape[0], chunks)
+        invalid = 0
+        for chunk in numba.prange(chunks):
+            invalid += serial_mean(weight, indices, offsets, edges[chunk],
+                                      edges[chunk + 1], padding, prefetch, out)
+        return out, invalid
 
     @jit
     def call_max(weight, indices, offsets, bags, padding, plan, chunks, like):
@@ -131,9 +145,15 @@ def _entries(stamp):
             return out, bags
         prefetch = planned_prefetch(indices, plan)
         if chunks == 0:
-            return out, serial_max(weight, indices, offsets, 0, bags, padding, prefetch, out)
-        return out, parallel_max(weight, indices, offsets, bags, min(chunks, bags), padding,
-                                 prefetch, out)
+            return out, serial_max(weight, indices, offsets, FIRST, bags, padding, prefetch,
+                                    out)
+        chunks = min(chunks, bags)
+        edges = split(offsets, bags, indices.shape[0], chunks)
+        invalid = 0
+        for chunk in numba.prange(chunks):
+            invalid += serial_max(weight, indices, offsets, edges[chunk],
+                                     edges[chunk + 1], padding, prefetch, out)
+        return out, invalid
 
     @jit
     def call_weighted(weight, indices, offsets, bags, scale, padding, plan, chunks, like):
@@ -143,10 +163,15 @@ def _entries(stamp):
             return out, bags
         prefetch = planned_prefetch(indices, plan)
         if chunks == 0:
-            return out, serial_weighted(weight, indices, offsets, 0, bags, scale, padding,
+            return out, serial_weighted(weight, indices, offsets, FIRST, bags, scale, padding,
                                         prefetch, out)
-        return out, parallel_weighted(weight, indices, offsets, bags, min(chunks, bags),
-                                      scale, padding, prefetch, out)
+        chunks = min(chunks, bags)
+        edges = split(offsets, bags, indices.shape[0], chunks)
+        invalid = 0
+        for chunk in numba.prange(chunks):
+            invalid += serial_weighted(weight, indices, offsets, edges[chunk],
+                                       edges[chunk + 1], scale, padding, prefetch, out)
+        return out, invalid
 
     return {"sum": call_sum, "mean": call_mean, "max": call_max, "weighted": call_weighted}
 

@@ -178,8 +178,8 @@ def test_reused_counts_distinct_ids_exactly() -> None:
 
 def test_prefetching_stops_while_few_rows_repeat_and_results_stay(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kernel skips prefetching after a call that gathers at most ``_hot_rows``
-    distinct rows ``_REUSE_USES`` times or more each, counted again every
+    """A kernel skips prefetching after a call that gathers at most its plan's hot rows
+    (distinct rows) ``REUSE_USES`` times or more each, counted again every
     ``REUSE_EVERY`` calls of ``REUSE_MIN_IDS`` ids or more (smaller calls neither
     count nor move the countdown); results never depend on it."""
     monkeypatch.setattr(numba_kernel, "cache_bytes", lambda level, default: 1 << 20)
