@@ -7,9 +7,10 @@ those steps cost the public API 15-40 us a call right after a large call (each P
 function and NumPy call a few us while the interpreter's working set is out of the
 caches), 4-8% of a 2,048-bag call and more of a 256-bag one; see BENCHMARKS.md.
 
-Compiled by numba, not run as Python, so mypy skips it (see pyproject.toml). Written out
-once per loop, not made by a factory, for the reason :func:`numba_loops._parallel_loops`
-gives; their closures hold only ``STAMP``.
+Compiled by numba, not run as Python, so mypy skips it (see pyproject.toml). One entry
+per loop, each a call of the inlined :func:`pooled` naming its loop, not made by a
+factory, for the reason :func:`numba_loops._parallel_loops` gives; their closures hold
+only ``STAMP``.
 
 Every entry returns ``(out, invalid)``: the ``(bags, dim)`` result and how many bags were
 invalid (an id outside the table or bad bounds: their rows are zeros), or an empty
@@ -80,7 +81,7 @@ def planned_prefetch(indices, plan):
     return 0 if plan[PLAN_HOT] else prefetch
 
 
-@numba.njit(inline="always")
+@numba.njit(inline="always", cache=True)
 def output(indices, offsets, bags, like):
     """``(out, bags)``: the uninitialised ``(bags, dim)`` result in ``like``'s dtype
     (``like`` is ``(0, dim)``), or an empty one and -1 when the offsets' ends are wrong."""
@@ -90,88 +91,63 @@ def output(indices, offsets, bags, like):
     return np.empty((bags, like.shape[1]), like.dtype), bags
 
 
+#: The serial branch's first bag, typed int64: a literal 0 would compile each serial loop
+#: once more (for a first bag of Literal[int](0)), 2-3 s at every cold start.
 FIRST = np.int64(0)
 
 
+@numba.njit(inline="always")
+def pooled(loop, weight, indices, offsets, bags, extra, padding, plan, chunks, like):
+    """One call of the serial ``loop`` (``extra``: the arguments it takes between the bag
+    range and ``padding``, ``(scale,)`` or none): the output allocated, the prefetch
+    planned, then the loop on the calling thread (``chunks`` 0) or over ``chunks`` runs
+    of bags in parallel. Inlined into each entry, so each entry links its own loop."""
+    out, bags = output(indices, offsets, bags, like)
+    if bags <= 0:
+        return out, bags
+    prefetch = planned_prefetch(indices, plan)
+    if chunks == 0:
+        return out, loop(weight, indices, offsets, FIRST, bags, *extra, padding, prefetch,
+                         out)
+    chunks = min(chunks, bags)
+    edges = split(offsets, bags, indices.shape[0], chunks)
+    invalid = 0
+    for chunk in numba.prange(chunks):
+        invalid += loop(weight, indices, offsets, edges[chunk], edges[chunk + 1], *extra,
+                        padding, prefetch, out)
+    return out, invalid
+
+
 def _entries(stamp):
-    # ``FIRST`` is typed int64 where a literal 0 would compile the serial loop once more
-    # (for a first bag of Literal[int](0)), 2-3 s at every cold start.
     # ``chunks``: 0 runs the serial loop on the calling thread, else the parallel loop
     # in that many runs of bags (the caller passes numba's thread count; reading it in
-    # here would stop numba's cache).
+    # here would stop numba's cache). Each entry names its loop as a global: a loop
+    # held in a closure would pickle differently in every process (see above).
     jit = numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
 
     @jit
     def call_sum(weight, indices, offsets, bags, padding, plan, chunks, like):
         assert stamp
-        out, bags = output(indices, offsets, bags, like)
-        if bags <= 0:
-            return out, bags
-        prefetch = planned_prefetch(indices, plan)
-        if chunks == 0:
-            return out, serial_sum(weight, indices, offsets, FIRST, bags, padding, prefetch,
-                                    out)
-        chunks = min(chunks, bags)
-        edges = split(offsets, bags, indices.shape[0], chunks)
-        invalid = 0
-        for chunk in numba.prange(chunks):
-            invalid += serial_sum(weight, indices, offsets, edges[chunk],
-                                     edges[chunk + 1], padding, prefetch, out)
-        return out, invalid
+        return pooled(serial_sum, weight, indices, offsets, bags, (), padding, plan, chunks,
+                      like)
 
     @jit
     def call_mean(weight, indices, offsets, bags, padding, plan, chunks, like):
         assert stamp
-        out, bags = output(indices, offsets, bags, like)
-        if bags <= 0:
-            return out, bags
-        prefetch = planned_prefetch(indices, plan)
-        if chunks == 0:
-            return out, serial_mean(weight, indices, offsets, FIRST, bags, padding, prefetch,
-                                     out)
-        chunks = min(chunks, bags)
-        edges = split(offsets, bags, indices.shape[0], chunks)
-        invalid = 0
-        for chunk in numba.prange(chunks):
-            invalid += serial_mean(weight, indices, offsets, edges[chunk],
-                                      edges[chunk + 1], padding, prefetch, out)
-        return out, invalid
+        return pooled(serial_mean, weight, indices, offsets, bags, (), padding, plan, chunks,
+                      like)
 
     @jit
     def call_max(weight, indices, offsets, bags, padding, plan, chunks, like):
         assert stamp
-        out, bags = output(indices, offsets, bags, like)
-        if bags <= 0:
-            return out, bags
-        prefetch = planned_prefetch(indices, plan)
-        if chunks == 0:
-            return out, serial_max(weight, indices, offsets, FIRST, bags, padding, prefetch,
-                                    out)
-        chunks = min(chunks, bags)
-        edges = split(offsets, bags, indices.shape[0], chunks)
-        invalid = 0
-        for chunk in numba.prange(chunks):
-            invalid += serial_max(weight, indices, offsets, edges[chunk],
-                                     edges[chunk + 1], padding, prefetch, out)
-        return out, invalid
+        return pooled(serial_max, weight, indices, offsets, bags, (), padding, plan, chunks,
+                      like)
 
     @jit
     def call_weighted(weight, indices, offsets, bags, scale, padding, plan, chunks, like):
         assert stamp
-        out, bags = output(indices, offsets, bags, like)
-        if bags <= 0:
-            return out, bags
-        prefetch = planned_prefetch(indices, plan)
-        if chunks == 0:
-            return out, serial_weighted(weight, indices, offsets, FIRST, bags, scale, padding,
-                                        prefetch, out)
-        chunks = min(chunks, bags)
-        edges = split(offsets, bags, indices.shape[0], chunks)
-        invalid = 0
-        for chunk in numba.prange(chunks):
-            invalid += serial_weighted(weight, indices, offsets, edges[chunk],
-                                       edges[chunk + 1], scale, padding, prefetch, out)
-        return out, invalid
+        return pooled(serial_weighted, weight, indices, offsets, bags, (scale,), padding,
+                      plan, chunks, like)
 
     return {"sum": call_sum, "mean": call_mean, "max": call_max, "weighted": call_weighted}
 
@@ -192,10 +168,11 @@ def new_plan(prefetch: int, hot_rows: int) -> np.ndarray:
 
 def build() -> dict[str, Any]:
     """:func:`numba_loops.build`'s loops, and ``"call_sum"``, ``"call_mean"``,
-    ``"call_max"``, ``"call_weighted"`` (the entries), ``"planned_prefetch"`` and
-    ``"new_plan"``."""
+    ``"call_max"``, ``"call_weighted"`` (the entries), ``"planned_prefetch"``,
+    ``"output"`` and ``"new_plan"``."""
     built = numba_loops.build()
     built.update({f"call_{name}": entry for name, entry in CALLS.items()})
     built["planned_prefetch"] = planned_prefetch
+    built["output"] = output
     built["new_plan"] = new_plan
     return built

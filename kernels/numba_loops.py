@@ -131,11 +131,10 @@ def build() -> dict[str, Any]:
     """Compile the loops lazily so ``import kernels`` does not pay for numba.
 
     Returns ``{"sum", "mean", "weighted", "max", "scaled_max"}`` each mapped to
-    ``(parallel, serial)``, and ``"reused"`` to :func:`reused`.
+    ``(parallel, serial)``.
     """
-    loops: dict[str, Any] = {name: (PARALLEL[name], SERIAL[name]) for name in PARALLEL}
-    loops["reused"] = reused
-    return loops
+    parallel = _parallel_loops(STAMP)
+    return {name: (parallel[name], SERIAL[name]) for name in parallel}
 
 
 #: numba's cache keys a loop by its own file and closure, not by the files it calls: the
@@ -540,11 +539,3 @@ def _parallel_loops(stamp):
 
     return {"sum": pool_sum, "mean": pool_mean, "weighted": pool_weighted, "max": pool_max,
             "scaled_max": pool_scaled_max}
-
-
-#: As :data:`SERIAL`, over bags ``[0, num_bags)`` in ``chunks`` runs on numba's threads:
-#: ``(weight, indices, offsets, num_bags, chunks, [scale,] padding, prefetch, out) ->
-#: invalid``.
-PARALLEL = _parallel_loops(STAMP)
-parallel_sum, parallel_mean = PARALLEL["sum"], PARALLEL["mean"]
-parallel_weighted, parallel_max = PARALLEL["weighted"], PARALLEL["max"]
