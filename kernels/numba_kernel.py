@@ -364,11 +364,9 @@ class NumbaKernel:
         times its own weight: a weighted sum, a weighted sum divided by the count for
         mean, a max of scaled rows), and weights outside sum mode; ``chunks`` as the
         entries take it."""
-        out = np.empty((num_bags, self.spec.embedding_dim), dtype=self._dtype)
-        if num_bags == 0 or offsets.shape[0] == 0 or offsets[0] != 0:
-            return (out, 0) if num_bags == 0 else (out[:0], -1)
-        if offsets.shape[0] > num_bags and offsets[num_bags] != indices.shape[0]:
-            return out[:0], -1
+        out, num_bags = self._loops["output"](indices, offsets, num_bags, self._like)
+        if num_bags <= 0:
+            return out, num_bags
         prefetch = self._loops["planned_prefetch"](indices, self._plan)
         scale = per_sample_weights
         if self._row_scale is not None:
