@@ -1,8 +1,9 @@
 """One compiled step per kernel call: the entries behind :meth:`NumbaKernel.pool`.
 
 Each entry checks the offsets' ends, allocates the output, picks how far ahead to prefetch
-(counting the call's distinct ids when a count is due) and runs the serial or the parallel
-loop of :mod:`kernels.numba_loops`, all behind one dispatch from Python. Interpreted,
+(counting the call's distinct ids when a count is due) and which lines (timing the call
+when a prefetch trial runs), and runs the serial or the parallel loop of
+:mod:`kernels.numba_loops`, all behind one dispatch from Python. Interpreted,
 those steps cost the public API 15-40 us a call right after a large call (each Python
 function and NumPy call a few us while the interpreter's working set is out of the
 caches), 4-8% of a 2,048-bag call and more of a 256-bag one; see BENCHMARKS.md.
@@ -36,6 +37,16 @@ from kernels.numba_loops import (
     serial_weighted,
     split,
 )
+from kernels.numba_tiles import (
+    HAS_CYCLES,
+    LEAD_LINES,
+    LINE_BYTES,
+    MOST_VECTORS,
+    VECTOR_BYTES,
+    WIDE_FROM,
+    WIDE_VECTORS,
+    cycles,
+)
 
 #: The entries inline code of the loops' files: their hash retires cached entries when
 #: those change (numba keys an entry by its own file only).
@@ -47,7 +58,14 @@ STAMP = hashlib.sha256(numba_loops.STAMP.encode()
 #: ``REUSE_MIN_IDS`` ids or more) to the next count of distinct ids, and whether the last
 #: count found the rows cache-resident (1) or not (0).
 PLAN_PREFETCH, PLAN_HOT_ROWS, PLAN_UNTIL_COUNT, PLAN_HOT = range(4)
-PLAN_SIZE = 4
+#: The plan's prefetch trial (see :data:`TRIAL_CALLS`): whether the table's row parts
+#: span more lines than ``numba_tiles.LEAD_LINES`` (else both choices are the same code),
+#: the choice kept (1: the lead lines only, 0: every line), calls to the next trial, the
+#: running trial's step (0: none running), and the fewest cycles per 1,024 ids each choice
+#: took in it.
+(PLAN_TUNABLE, PLAN_LEAD_ONLY, PLAN_UNTIL_TRIAL, PLAN_TRIAL_STEP, PLAN_BEST_EVERY,
+ PLAN_BEST_LEAD) = range(4, 10)
+PLAN_SIZE = 10
 #: Rows a call gathers this many times or more on average, few enough to stay in the
 #: core's L2 cache between their uses (together at most a quarter of it: the kernel's
 #: ``hot_rows``), are not prefetched: a prefetch per line per id only costs instructions
@@ -62,6 +80,57 @@ PLAN_SIZE = 4
 REUSE_USES = 8
 REUSE_EVERY = 256
 REUSE_MIN_IDS = 256
+
+
+#: Whether a table's rows are best prefetched whole or by their first lines depends on
+#: where they are (memory or the caches: see ``numba_tiles.LEAD_LINES``), which nothing in
+#: a call tells. So a kernel whose rows span more than those lines times both: its first
+#: call of ``TRIAL_MIN_IDS`` ids or more, and one in ``TRIAL_EVERY`` after each trial,
+#: start a trial of ``2 * TRIAL_CALLS`` such calls alternating the two, and the kernel
+#: keeps the lead lines only if their fastest call beat every line's fastest by more than
+#: 1/32 (the fastest: noise on a shared machine only ever slows a call). Results never
+#: depend on it; the slower choice's 4 calls in 264 cost under 0.2% at a 10% gap. Measured
+#: (2 threads, float32 dim 128, Zipf 1.1): rows in the caches kept the lead lines 47-50
+#: times in 50 trials, 16,384-bag calls from memory every line 45-50 times in 50.
+TRIAL_CALLS = 4
+TRIAL_EVERY = 256
+TRIAL_MIN_IDS = 1024
+_SLOWEST = np.int64(1) << 62
+
+
+@numba.njit(inline="always")
+def trial_prefetch(plan, prefetch, ids):
+    """``(prefetch, step)``: ``prefetch`` as the loops take it for this call (negative for
+    the lead lines only) and the trial step it times (0: none)."""
+    step = 0
+    if prefetch != 0 and plan[PLAN_TUNABLE] != 0 and ids >= TRIAL_MIN_IDS:
+        step = plan[PLAN_TRIAL_STEP]
+        if step == 0:
+            plan[PLAN_UNTIL_TRIAL] -= 1
+            if plan[PLAN_UNTIL_TRIAL] <= 0:
+                step = 1
+                plan[PLAN_TRIAL_STEP] = 1
+                plan[PLAN_BEST_EVERY] = _SLOWEST
+                plan[PLAN_BEST_LEAD] = _SLOWEST
+    lead_only = step % 2 == 1 if step != 0 else plan[PLAN_LEAD_ONLY] != 0
+    return (-prefetch if lead_only else prefetch), step
+
+
+@numba.njit(inline="always")
+def trial_record(plan, step, spent, ids):
+    """Count ``spent`` cycles over ``ids`` for trial ``step``; the trial's last step
+    decides. Threads racing here lose a step at worst: a step another thread already
+    took is ignored."""
+    if step == 0 or plan[PLAN_TRIAL_STEP] != step:
+        return
+    slot = PLAN_BEST_LEAD if step % 2 == 1 else PLAN_BEST_EVERY
+    plan[slot] = min(plan[slot], spent * 1024 // ids)
+    if step < 2 * TRIAL_CALLS:
+        plan[PLAN_TRIAL_STEP] = step + 1
+        return
+    plan[PLAN_LEAD_ONLY] = 1 if plan[PLAN_BEST_LEAD] * 32 < plan[PLAN_BEST_EVERY] * 31 else 0
+    plan[PLAN_TRIAL_STEP] = 0
+    plan[PLAN_UNTIL_TRIAL] = TRIAL_EVERY
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -105,16 +174,20 @@ def pooled(loop, weight, indices, offsets, bags, extra, padding, plan, chunks, l
     out, bags = output(indices, offsets, bags, like)
     if bags <= 0:
         return out, bags
-    prefetch = planned_prefetch(indices, plan)
-    if chunks == 0:
-        return out, loop(weight, indices, offsets, FIRST, bags, *extra, padding, prefetch,
-                         out)
-    chunks = min(chunks, bags)
-    edges = split(offsets, bags, indices.shape[0], chunks)
+    ids = indices.shape[0]
+    prefetch, step = trial_prefetch(plan, planned_prefetch(indices, plan), ids)
+    began = cycles() if step != 0 else 0
     invalid = 0
-    for chunk in numba.prange(chunks):
-        invalid += loop(weight, indices, offsets, edges[chunk], edges[chunk + 1], *extra,
-                        padding, prefetch, out)
+    if chunks == 0:
+        invalid = loop(weight, indices, offsets, FIRST, bags, *extra, padding, prefetch, out)
+    else:
+        chunks = min(chunks, bags)
+        edges = split(offsets, bags, ids, chunks)
+        for chunk in numba.prange(chunks):
+            invalid += loop(weight, indices, offsets, edges[chunk], edges[chunk + 1], *extra,
+                            padding, prefetch, out)
+    if step != 0:
+        trial_record(plan, step, cycles() - began, ids)
     return out, invalid
 
 
@@ -157,12 +230,25 @@ def _entries(stamp):
 CALLS = _entries(STAMP)
 
 
-def new_plan(prefetch: int, hot_rows: int) -> np.ndarray:
-    """A kernel's plan (see :data:`PLAN_SIZE`): ``prefetch`` ids ahead, at most
-    ``hot_rows`` rows gathered unprefetched, the first call of ``REUSE_MIN_IDS`` ids or
-    more counted."""
+#: Bits a stored value takes, by storage dtype (int8/int4 rows' scale and bias aside).
+_VALUE_BITS = {"float32": 32, "float64": 64, "float16": 16, "bfloat16": 16, "int8": 8,
+               "int4": 4}
+
+
+def new_plan(prefetch: int, hot_rows: int, storage: str, dim: int
+             ) -> np.ndarray:
+    """A kernel's plan (see :data:`PLAN_SIZE`) for a table of ``storage`` rows of ``dim``
+    values: ``prefetch`` ids ahead, at most ``hot_rows`` rows gathered unprefetched, the
+    first call of ``REUSE_MIN_IDS`` ids or more counted; where a pass over a row reads more
+    than the lead lines and a clock can time calls, the first call of ``TRIAL_MIN_IDS`` ids
+    or more starts a prefetch trial."""
+    lanes = VECTOR_BYTES // (8 if storage == "float64" else 4)
+    registers = WIDE_VECTORS if dim // lanes > WIDE_FROM else MOST_VECTORS
+    pass_bytes = min(dim, registers * lanes) * _VALUE_BITS[storage] // 8
     plan = np.zeros(PLAN_SIZE, dtype=np.int64)
     plan[PLAN_PREFETCH], plan[PLAN_HOT_ROWS] = prefetch, hot_rows
+    plan[PLAN_TUNABLE] = int(HAS_CYCLES and pass_bytes > LEAD_LINES * LINE_BYTES)
+    plan[PLAN_UNTIL_TRIAL] = 1
     return plan
 
 

@@ -9,7 +9,9 @@ order, so results match ``torch.nn.functional.embedding_bag`` bit for bit on flo
 tables. Each tile prefetches its lines of the row ``PREFETCH_AHEAD`` ids ahead, fewer for
 wide rows of a table that fits the L2 caches, none for a table that fits one core's
 (see :func:`prefetch_distance`) nor while a kernel's calls gather few rows many times
-each (see :data:`kernels.numba_calls.REUSE_USES`). A call reaches the loops through one
+each (see :data:`kernels.numba_calls.REUSE_USES`); where a row part spans more than
+four lines, only its first four when timed calls find that faster (rows in the caches:
+see :data:`kernels.numba_calls.TRIAL_CALLS`). A call reaches the loops through one
 compiled entry (:mod:`kernels.numba_calls`). The loops release the GIL so the service can
 run them in a worker thread.
 """
@@ -269,7 +271,8 @@ class NumbaKernel:
         #: How far ahead the loops prefetch and whether the rows are cache-resident: an
         #: array the compiled entries update (see kernels.numba_calls.PLAN_SIZE).
         hot_rows = cache_bytes(2, 1 << 20) // _REUSE_L2_SHARE // self._id_bytes
-        self._plan = self._loops["new_plan"](table_prefetch(table), hot_rows)
+        self._plan = self._loops["new_plan"](table_prefetch(table), hot_rows, table.storage,
+                                              table.dim)
         # None compiles loops with no padding compare at all (see numba_tiles._Tile).
         self._padding = spec.padding_idx
         #: max_norm's factor per row (float16/bfloat16/int4 tables): pooled as weights.

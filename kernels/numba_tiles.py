@@ -22,6 +22,7 @@ only exist inside numba-compiled code.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,7 +34,7 @@ from numba.extending import intrinsic
 
 from kernels import numba_decode
 
-_LINE_BYTES = 64
+LINE_BYTES = 64
 _I8P = ir.IntType(8).as_pointer()
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
@@ -59,6 +60,16 @@ def _vector_bytes() -> int:
 
 #: Bytes of one SIMD register of the tiles (see :func:`_vector_bytes`).
 VECTOR_BYTES = _vector_bytes()
+
+
+#: The lines of a row part a negative ``prefetch`` still prefetches (the first 256 bytes).
+#: Rows gathered from the caches run faster prefetched only so far: the core's own
+#: prefetchers fetch the rest as the loads reach it, and each prefetch skipped is a load
+#: slot and a fill buffer freed (float32 dim 128, Zipf 1.1 ids, rows in the L3: 1.08-1.13x
+#: torch instead of 0.97-1.02); rows read from memory need every line prefetched (cold
+#: 16,384-bag calls: 0.99-1.01x instead of 1.05-1.08). ``numba_calls`` picks per kernel by
+#: timing both (see ``kernels.numba_calls.TRIAL_CALLS``).
+LEAD_LINES = 4
 
 
 def _prefetch(builder: ir.IRBuilder, pointer: ir.Value) -> None:
@@ -269,13 +280,18 @@ class _Tile:
         # The clamps into [first, end] look redundant beside the loop's own bounds, but
         # without them weighted sums of short rows ran 15-20% slower (A/B, dims 12 and
         # 100, hot): LLVM uses the bound.
-        count = builder.extract_value(self.indices.shape, 0)
-        bound = builder.sub(count, self.prefetch)
-        bound = builder.select(builder.icmp_signed("<", bound, self.end), bound, self.end)
+        # A negative ``prefetch`` (-d) prefetches d ids ahead, only each row part's first
+        # LEAD_LINES lines (see LEAD_LINES).
         off = ir.Constant(_I64, 0)
-        limit = builder.select(builder.icmp_signed(">", self.prefetch, off), bound, first)
+        every_line = builder.icmp_signed(">", self.prefetch, off)
+        distance = builder.select(every_line, self.prefetch, builder.neg(self.prefetch))
+        count = builder.extract_value(self.indices.shape, 0)
+        bound = builder.sub(count, distance)
+        bound = builder.select(builder.icmp_signed("<", bound, self.end), bound, self.end)
+        limit = builder.select(builder.icmp_signed(">", distance, off), bound, first)
         limit = builder.select(builder.icmp_signed("<", limit, first), first, limit)
         tile_bytes = self.registers * self.decoder.vector_bytes
+        lead_bytes = LEAD_LINES * LINE_BYTES
         scale_line = None
         # Only in the wide tiles a row of 64+ codes starts with: the check alone cost the
         # short rows' tiles (int8 dim 16) 5-10%.
@@ -287,9 +303,9 @@ class _Tile:
             scale_line = builder.and_(
                 builder.icmp_signed("==", self.col, ir.Constant(_I64, 0)),
                 builder.icmp_signed(">=", offset,
-                                    ir.Constant(_I64, max(tile_bytes, _LINE_BYTES))))
+                                    ir.Constant(_I64, max(tile_bytes, LINE_BYTES))))
         straddles = None
-        if tile_bytes % _LINE_BYTES == 0:
+        if tile_bytes % LINE_BYTES == 0:
             # Rows need not start on a line: NumPy's large arrays start 16 bytes past one,
             # safetensors' tensors 8-aligned. Such a part of a row spans one line more
             # than its size, and its last byte's line is prefetched too (without it, dim
@@ -298,17 +314,22 @@ class _Tile:
             start_bytes = builder.add(builder.ptrtoint(self.table, _I64), self.col_bytes)
             straddles = builder.icmp_signed(
                 "!=", builder.and_(builder.or_(start_bytes, self.row_stride),
-                                   ir.Constant(_I64, _LINE_BYTES - 1)), ir.Constant(_I64, 0))
+                                   ir.Constant(_I64, LINE_BYTES - 1)), ir.Constant(_I64, 0))
         with _loop(builder, first, self.end) as position:
             with builder.if_then(builder.icmp_signed("<", position, limit), likely=True):
-                ahead = self.row(builder.add(position, self.prefetch))
+                ahead = self.row(builder.add(position, distance))
                 data = builder.gep(ahead, [self.col_bytes])
-                for line in range(0, tile_bytes, _LINE_BYTES):
+                for line in range(0, min(tile_bytes, lead_bytes), LINE_BYTES):
                     _prefetch(builder, builder.gep(data, [ir.Constant(_I64, line)]))
-                if straddles is not None:
-                    with builder.if_then(straddles):
-                        _prefetch(builder, builder.gep(data,
-                                                       [ir.Constant(_I64, tile_bytes - 1)]))
+                # The lines past the lead: all of them, or none on a negative prefetch.
+                with builder.if_then(every_line if tile_bytes > lead_bytes
+                                     else ir.Constant(ir.IntType(1), 1)):
+                    for line in range(lead_bytes, tile_bytes, LINE_BYTES):
+                        _prefetch(builder, builder.gep(data, [ir.Constant(_I64, line)]))
+                    if straddles is not None:
+                        with builder.if_then(straddles):
+                            _prefetch(builder, builder.gep(
+                                data, [ir.Constant(_I64, tile_bytes - 1)]))
                 if scale_line is not None:
                     with builder.if_then(scale_line):
                         _prefetch(builder, builder.gep(ahead, [offset]))
@@ -540,5 +561,26 @@ def is_padding(typingctx: Any, row_id: Any, padding: Any) -> Any:
         if not _names_padding(signature.args[1]):
             return ir.Constant(ir.IntType(1), 0)
         return builder.icmp_signed("==", args[0], args[1])
+
+    return signature, codegen
+
+
+#: Whether :func:`cycles` reads a clock: x86-64's time-stamp counter (constant-rate on
+#: every x86-64 CPU this runs on). Elsewhere LLVM's cycle counter may be a register user
+#: code cannot read (AArch64's PMCCNTR_EL0 traps), so it reads nothing.
+HAS_CYCLES = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@intrinsic
+def cycles(typingctx: Any) -> Any:
+    """The time-stamp counter (``rdtsc``) as an int64 where :data:`HAS_CYCLES`, else 0:
+    a clock cheap enough (~20 cycles) to time one kernel call from compiled code."""
+    signature = types.int64()
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
+                args: list[ir.Value]) -> Any:
+        if not HAS_CYCLES:
+            return ir.Constant(_I64, 0)
+        return builder.call(_function(builder, "llvm.readcyclecounter", _I64, []), [])
 
     return signature, codegen

@@ -135,7 +135,8 @@ def test_a_bags_vector_does_not_depend_on_its_batch(backend: str, mode: str) -> 
 
 
 @pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
-@pytest.mark.parametrize("prefetch", [0, 1, 16])
+# -16: 16 ids ahead, only each pass's first numba_tiles.LEAD_LINES lines.
+@pytest.mark.parametrize("prefetch", [0, 1, 16, -16])
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 # 40 columns: one pass of 5 registers; 300: 4 passes of 8 registers, then 5 and a
 # masked tail of 4 lanes.
@@ -215,6 +216,91 @@ def test_prefetching_stops_while_few_rows_repeat_and_results_stay(
     assert not plan[numba_calls.PLAN_HOT]
 
 
+def test_a_prefetch_trial_times_both_choices_and_keeps_the_faster() -> None:
+    """A kernel whose passes read more than ``LEAD_LINES`` lines times its first
+    ``2 * TRIAL_CALLS`` calls of ``TRIAL_MIN_IDS`` ids or more (smaller calls and calls
+    that prefetch nothing neither count nor move the countdown), alternating the lead
+    lines only and every line; it keeps the lead lines only when their fastest call beat
+    every line's by more than 1/32, and tries again ``TRIAL_EVERY`` calls later. Results
+    never depend on it."""
+    from kernels.numba_calls import (
+        PLAN_BEST_EVERY,
+        PLAN_BEST_LEAD,
+        PLAN_LEAD_ONLY,
+        PLAN_PREFETCH,
+        PLAN_TRIAL_STEP,
+        PLAN_TUNABLE,
+        PLAN_UNTIL_TRIAL,
+        TRIAL_CALLS,
+        TRIAL_EVERY,
+        TRIAL_MIN_IDS,
+        trial_record,
+    )
+
+    lanes = numba_tiles.VECTOR_BYTES // 4
+    # 50 registers: passes of 12 (WIDE_VECTORS), 384 or 768 bytes, past the lead's 256.
+    rng = np.random.default_rng(8)
+    weight = rng.standard_normal((1000, 50 * lanes)).astype(np.float32)
+    spec = TableSpec(weight, "sum")
+    kernel, reference = NumbaKernel(spec), NumpyKernel(spec)
+    plan = kernel._plan
+    assert plan[PLAN_PREFETCH] > 0
+    assert plan[PLAN_TUNABLE] == int(numba_tiles.HAS_CYCLES)
+    if not numba_tiles.HAS_CYCLES:  # no clock here: no trial ever starts
+        return
+
+    def call(ids: int) -> None:
+        indices = rng.integers(0, 1000, ids)
+        offsets = np.arange(0, ids + 1, 8, dtype=np.int64)
+        np.testing.assert_array_equal(kernel(indices, offsets), reference(indices, offsets))
+
+    call(TRIAL_MIN_IDS - 8)
+    assert plan[PLAN_TRIAL_STEP] == 0 and plan[PLAN_UNTIL_TRIAL] == 1
+    for step in range(1, 2 * TRIAL_CALLS):
+        call(TRIAL_MIN_IDS)
+        assert plan[PLAN_TRIAL_STEP] == step + 1
+        timed = plan[PLAN_BEST_LEAD if step % 2 else PLAN_BEST_EVERY]
+        assert 0 < timed < 1 << 62
+    call(TRIAL_MIN_IDS)
+    assert plan[PLAN_TRIAL_STEP] == 0 and plan[PLAN_UNTIL_TRIAL] == TRIAL_EVERY
+    faster = plan[PLAN_BEST_LEAD] * 32 < plan[PLAN_BEST_EVERY] * 31
+    assert plan[PLAN_LEAD_ONLY] == int(faster)
+    call(TRIAL_MIN_IDS)
+    assert plan[PLAN_UNTIL_TRIAL] == TRIAL_EVERY - 1
+    plan[PLAN_PREFETCH] = 0  # nothing prefetched: nothing to try
+    plan[PLAN_UNTIL_TRIAL] = 1
+    call(TRIAL_MIN_IDS)
+    assert plan[PLAN_TRIAL_STEP] == 0 and plan[PLAN_UNTIL_TRIAL] == 1
+    plan[PLAN_PREFETCH] = 16
+    for lead_only in (0, 1):  # kept either way, the results are the same
+        plan[PLAN_LEAD_ONLY] = lead_only
+        call(2 * TRIAL_MIN_IDS)
+
+    # The decision: the lead must win by more than 1/32; a step already taken is ignored.
+    last = 2 * TRIAL_CALLS
+    for lead, keeps in ((96, 1), (97, 0)):
+        plan[PLAN_TRIAL_STEP], plan[PLAN_BEST_LEAD], plan[PLAN_BEST_EVERY] = last, lead, 1000
+        trial_record(plan, last - 1, 50, 1024)
+        assert plan[PLAN_TRIAL_STEP] == last and plan[PLAN_BEST_LEAD] == lead
+        trial_record(plan, last, 100, 1024)  # 100 cycles per 1,024 ids
+        assert plan[PLAN_BEST_EVERY] == 100 and plan[PLAN_LEAD_ONLY] == keeps
+        assert plan[PLAN_TRIAL_STEP] == 0 and plan[PLAN_UNTIL_TRIAL] == TRIAL_EVERY
+
+
+@pytest.mark.parametrize(("storage", "dim", "past_lead_on_avx512"), [
+    ("float32", 16, False), ("float32", 64, False), ("float32", 65, True),
+    ("float64", 33, True), ("float16", 500, False), ("int8", 4096, False)])
+def test_only_passes_past_the_lead_lines_are_tried(storage: str, dim: int,
+                                                   past_lead_on_avx512: bool) -> None:
+    """A trial only where a pass reads more than the lead's 256 bytes: 8 registers of
+    32 bytes (AVX2) read exactly 256, so float32 rows need AVX-512's registers; float16
+    passes of 8 read at most 256, and int8 rows' passes never more."""
+    from kernels.numba_calls import PLAN_TUNABLE, new_plan
+
+    tried = numba_tiles.HAS_CYCLES and past_lead_on_avx512 and numba_tiles.VECTOR_BYTES == 64
+    assert new_plan(16, 1024, storage, dim)[PLAN_TUNABLE] == int(tried)
+
+
 @pytest.mark.parametrize("storage", ["float32", "float64", "float16", "bfloat16", "int8",
                                      "int4"])
 def test_every_pass_shape_matches_the_numpy_kernel(storage: str) -> None:
@@ -246,7 +332,7 @@ def test_every_pass_shape_matches_the_numpy_kernel(storage: str) -> None:
             padding = 3 if storage == "float32" and dim % 2 else None
             spec = TableSpec(table, mode, padding)  # type: ignore[arg-type]
             kernel, reference = NumbaKernel(spec), NumpyKernel(spec)
-            kernel._plan[numba_calls.PLAN_PREFETCH] = dim % 3
+            kernel._plan[numba_calls.PLAN_PREFETCH] = dim % 5 - 2  # -2: lead lines only
             for scale in (None, weights) if mode == "sum" else (None,):
                 got, want = kernel(indices, offsets, scale), reference(indices, offsets, scale)
                 if exact and scale is None:
