@@ -47,6 +47,7 @@ from kernels.numba_tiles import (
     WIDE_VECTORS,
     cycles,
 )
+from kernels.storage import StorageDtype, row_bytes
 
 #: The entries inline code of the loops' files: their hash retires cached entries when
 #: those change (numba keys an entry by its own file only).
@@ -230,13 +231,7 @@ def _entries(stamp):
 CALLS = _entries(STAMP)
 
 
-#: Bits a stored value takes, by storage dtype (int8/int4 rows' scale and bias aside).
-_VALUE_BITS = {"float32": 32, "float64": 64, "float16": 16, "bfloat16": 16, "int8": 8,
-               "int4": 4}
-
-
-def new_plan(prefetch: int, hot_rows: int, storage: str, dim: int
-             ) -> np.ndarray:
+def new_plan(prefetch: int, hot_rows: int, storage: StorageDtype, dim: int) -> np.ndarray:
     """A kernel's plan (see :data:`PLAN_SIZE`) for a table of ``storage`` rows of ``dim``
     values: ``prefetch`` ids ahead, at most ``hot_rows`` rows gathered unprefetched, the
     first call of ``REUSE_MIN_IDS`` ids or more counted; where a pass over a row reads more
@@ -244,7 +239,9 @@ def new_plan(prefetch: int, hot_rows: int, storage: str, dim: int
     or more starts a prefetch trial."""
     lanes = VECTOR_BYTES // (8 if storage == "float64" else 4)
     registers = WIDE_VECTORS if dim // lanes > WIDE_FROM else MOST_VECTORS
-    pass_bytes = min(dim, registers * lanes) * _VALUE_BITS[storage] // 8
+    # The stored bytes of the widest pass's values (with an int8/int4 row's scale and
+    # bias, which never bring such a pass past the lead).
+    pass_bytes = row_bytes(storage, min(dim, registers * lanes))
     plan = np.zeros(PLAN_SIZE, dtype=np.int64)
     plan[PLAN_PREFETCH], plan[PLAN_HOT_ROWS] = prefetch, hot_rows
     plan[PLAN_TUNABLE] = int(HAS_CYCLES and pass_bytes > LEAD_LINES * LINE_BYTES)
