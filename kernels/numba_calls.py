@@ -47,7 +47,7 @@ from kernels.numba_tiles import (
     WIDE_VECTORS,
     cycles,
 )
-from kernels.storage import StorageDtype, row_bytes
+from kernels.storage import StorageDtype, code_bytes, row_bytes
 
 #: The entries inline code of the loops' files: their hash retires cached entries when
 #: those change (numba keys an entry by its own file only).
@@ -62,11 +62,9 @@ PLAN_PREFETCH, PLAN_HOT_ROWS, PLAN_UNTIL_COUNT, PLAN_HOT = range(4)
 #: The plan's prefetch trial (see :data:`TRIAL_CALLS`): whether the table's row parts
 #: span more lines than ``numba_tiles.LEAD_LINES`` (else both choices are the same code),
 #: the choice kept (1: the lead lines only, 0: every line), calls to the next trial, the
-#: running trial's step (0: none running), and the fewest cycles per 1,024 ids each choice
-#: took in it.
-(PLAN_TUNABLE, PLAN_LEAD_ONLY, PLAN_UNTIL_TRIAL, PLAN_TRIAL_STEP, PLAN_BEST_EVERY,
- PLAN_BEST_LEAD) = range(4, 10)
-PLAN_SIZE = 10
+#: running trial's step (0: none running), then the cycles per 1,024 ids of each of its
+#: ``2 * TRIAL_CALLS`` calls in step order (odd steps: the lead lines only).
+PLAN_TUNABLE, PLAN_LEAD_ONLY, PLAN_UNTIL_TRIAL, PLAN_TRIAL_STEP, PLAN_TRIAL_TIMES = range(4, 9)
 #: Rows a call gathers this many times or more on average, few enough to stay in the
 #: core's L2 cache between their uses (together at most a quarter of it: the kernel's
 #: ``hot_rows``), are not prefetched: a prefetch per line per id only costs instructions
@@ -85,18 +83,26 @@ REUSE_MIN_IDS = 256
 
 #: Whether a table's rows are best prefetched whole or by their first lines depends on
 #: where they are (memory or the caches: see ``numba_tiles.LEAD_LINES``), which nothing in
-#: a call tells. So a kernel whose rows span more than those lines times both: its first
-#: call of ``TRIAL_MIN_IDS`` ids or more, and one in ``TRIAL_EVERY`` after each trial,
-#: start a trial of ``2 * TRIAL_CALLS`` such calls alternating the two, and the kernel
-#: keeps the lead lines only if their fastest call beat every line's fastest by more than
-#: 1/32 (the fastest: noise on a shared machine only ever slows a call). Results never
-#: depend on it; the slower choice's 4 calls in 264 cost under 0.2% at a 10% gap. Measured
-#: (2 threads, float32 dim 128, Zipf 1.1): rows in the caches kept the lead lines 47-50
-#: times in 50 trials, 16,384-bag calls from memory every line 45-50 times in 50.
-TRIAL_CALLS = 4
+#: a call tells. So a kernel whose rows span more than those lines times both: it
+#: prefetches every line (as FBGEMM) until its ``TRIAL_FIRST``-th call of
+#: ``TRIAL_MIN_IDS`` ids or more, which starts a trial of ``2 * TRIAL_CALLS`` such calls
+#: alternating the two, and keeps the lead lines only if their median call beat every
+#: line's by more than 1/32; it tries again ``TRIAL_EVERY`` calls after each trial.
+#: Results never depend on it; the slower choice's 8 calls in 272 cost 0.3% at a 10% gap.
+#: The first calls are left out and medians decide because single calls mislead: a
+#: kernel's first calls are warm-ups and checks that repeat one batch whose rows the call
+#: before left in the caches, and a call right after another library's is slowed by its
+#: spinning threads. Deciding on the fastest of 4 calls each from the first call on, a
+#: benchmark's check-then-warm-up start kept the lead lines for 1,000,000 x 128 cold
+#: 2,048-bag calls in 16 of 20 fresh kernels (now 0 of 20), while rows in the caches
+#: keep them 17-20 times in 20 (2 threads, float32 dims 128 and 384, Zipf 1.1). The lead
+#: lines on rows from memory cost those calls 1-5%, and 16,384-bag ones 8-12% (0.88-0.92x
+#: torch, not 0.97-1.06; BENCHMARKS.md, twelfth pass).
+TRIAL_CALLS = 8
+TRIAL_FIRST = 16
 TRIAL_EVERY = 256
 TRIAL_MIN_IDS = 1024
-_SLOWEST = np.int64(1) << 62
+PLAN_SIZE = PLAN_TRIAL_TIMES + 2 * TRIAL_CALLS
 
 
 @numba.njit(inline="always")
@@ -111,25 +117,32 @@ def trial_prefetch(plan, prefetch, ids):
             if plan[PLAN_UNTIL_TRIAL] <= 0:
                 step = 1
                 plan[PLAN_TRIAL_STEP] = 1
-                plan[PLAN_BEST_EVERY] = _SLOWEST
-                plan[PLAN_BEST_LEAD] = _SLOWEST
     lead_only = step % 2 == 1 if step != 0 else plan[PLAN_LEAD_ONLY] != 0
     return (-prefetch if lead_only else prefetch), step
 
 
 @numba.njit(inline="always")
+def middle(plan, first):
+    """The middle two (in time order) of the trial's times at ``first``, ``first + 2``,
+    ... (one choice's), summed: twice their median."""
+    times = np.sort(plan[first:PLAN_SIZE:2])
+    half = times.shape[0] // 2
+    return times[half - 1] + times[half]
+
+
+@numba.njit(inline="always")
 def trial_record(plan, step, spent, ids):
-    """Count ``spent`` cycles over ``ids`` for trial ``step``; the trial's last step
+    """Record ``spent`` cycles over ``ids`` for trial ``step``; the trial's last step
     decides. Threads racing here lose a step at worst: a step another thread already
     took is ignored."""
     if step == 0 or plan[PLAN_TRIAL_STEP] != step:
         return
-    slot = PLAN_BEST_LEAD if step % 2 == 1 else PLAN_BEST_EVERY
-    plan[slot] = min(plan[slot], spent * 1024 // ids)
+    plan[PLAN_TRIAL_TIMES + step - 1] = spent * 1024 // ids
     if step < 2 * TRIAL_CALLS:
         plan[PLAN_TRIAL_STEP] = step + 1
         return
-    plan[PLAN_LEAD_ONLY] = 1 if plan[PLAN_BEST_LEAD] * 32 < plan[PLAN_BEST_EVERY] * 31 else 0
+    lead, every = middle(plan, PLAN_TRIAL_TIMES), middle(plan, PLAN_TRIAL_TIMES + 1)
+    plan[PLAN_LEAD_ONLY] = 1 if lead * 32 < every * 31 else 0
     plan[PLAN_TRIAL_STEP] = 0
     plan[PLAN_UNTIL_TRIAL] = TRIAL_EVERY
 
@@ -235,17 +248,19 @@ def new_plan(prefetch: int, hot_rows: int, storage: StorageDtype, dim: int) -> n
     """A kernel's plan (see :data:`PLAN_SIZE`) for a table of ``storage`` rows of ``dim``
     values: ``prefetch`` ids ahead, at most ``hot_rows`` rows gathered unprefetched, the
     first call of ``REUSE_MIN_IDS`` ids or more counted; where a pass over a row reads more
-    than the lead lines and a clock can time calls, the first call of ``TRIAL_MIN_IDS`` ids
-    or more starts a prefetch trial."""
+    than the lead lines and a clock can time calls, the ``TRIAL_FIRST``-th call of
+    ``TRIAL_MIN_IDS`` ids or more starts a prefetch trial."""
     lanes = VECTOR_BYTES // (8 if storage == "float64" else 4)
     registers = WIDE_VECTORS if dim // lanes > WIDE_FROM else MOST_VECTORS
-    # The stored bytes of the widest pass's values (with an int8/int4 row's scale and
-    # bias, which never bring such a pass past the lead).
-    pass_bytes = row_bytes(storage, min(dim, registers * lanes))
+    # The bytes of the widest pass's values (an int8/int4 row's scale and bias have a
+    # prefetch of their own, taken either way).
+    values = min(dim, registers * lanes)
+    quantized = storage in ("int8", "int4")
+    pass_bytes = code_bytes(storage, values) if quantized else row_bytes(storage, values)
     plan = np.zeros(PLAN_SIZE, dtype=np.int64)
     plan[PLAN_PREFETCH], plan[PLAN_HOT_ROWS] = prefetch, hot_rows
     plan[PLAN_TUNABLE] = int(HAS_CYCLES and pass_bytes > LEAD_LINES * LINE_BYTES)
-    plan[PLAN_UNTIL_TRIAL] = 1
+    plan[PLAN_UNTIL_TRIAL] = TRIAL_FIRST
     return plan
 
 

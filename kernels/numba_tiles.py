@@ -62,14 +62,19 @@ def _vector_bytes() -> int:
 VECTOR_BYTES = _vector_bytes()
 
 
-#: The lines of a row part a negative ``prefetch`` still prefetches (the first 256 bytes).
+#: The lines of a row part a negative ``prefetch`` still prefetches (the first 128 bytes).
 #: Rows gathered from the caches run faster prefetched only so far: the core's own
 #: prefetchers fetch the rest as the loads reach it, and each prefetch skipped is a load
-#: slot and a fill buffer freed (float32 dim 128, Zipf 1.1 ids, rows in the L3: 1.08-1.13x
-#: torch instead of 0.97-1.02); rows read from memory need every line prefetched (cold
-#: 16,384-bag calls: 0.99-1.01x instead of 1.05-1.08). ``numba_calls`` picks per kernel by
-#: timing both (see ``kernels.numba_calls.TRIAL_CALLS``).
-LEAD_LINES = 4
+#: slot and a fill buffer freed; rows read from memory need every line prefetched.
+#: ``numba_calls`` picks per kernel by timing both (see ``kernels.numba_calls.TRIAL_CALLS``).
+#: Measured (float32, Zipf 1.1, sums, 2 threads; lead lines only x torch against every
+#: line's, one process each): dim 128 16,384 bags hot (rows in the L2 and L3) 1.19-1.21
+#: against 1.02-1.03 with 2 lines, 1.11-1.17 with 1 and 1.11-1.18 with 4; 2,048 bags cold
+#: (rows in the L3) 1.18-1.20 against 1.04-1.05 (1.10-1.13 with 4); dim 64 16,384 hot
+#: 1.10-1.15 against 1.02-1.05; dim 96 hot 3 lines 1.15-1.17, 4 lines 1.11-1.14,
+#: every line 1.00; rows from memory (16,384 bags cold) 0.95 with 2, 0.97 with 4, 0.88
+#: with 1, against 0.99-1.01 for every line.
+LEAD_LINES = 2
 
 
 def _prefetch(builder: ir.IRBuilder, pointer: ir.Value) -> None:

@@ -217,22 +217,22 @@ def test_prefetching_stops_while_few_rows_repeat_and_results_stay(
 
 
 def test_a_prefetch_trial_times_both_choices_and_keeps_the_faster() -> None:
-    """A kernel whose passes read more than ``LEAD_LINES`` lines times its first
-    ``2 * TRIAL_CALLS`` calls of ``TRIAL_MIN_IDS`` ids or more (smaller calls and calls
-    that prefetch nothing neither count nor move the countdown), alternating the lead
-    lines only and every line; it keeps the lead lines only when their fastest call beat
-    every line's by more than 1/32, and tries again ``TRIAL_EVERY`` calls later. Results
-    never depend on it."""
+    """A kernel whose passes read more than ``LEAD_LINES`` lines prefetches every line
+    until its ``TRIAL_FIRST``-th call of ``TRIAL_MIN_IDS`` ids or more (smaller calls and
+    calls that prefetch nothing neither count nor move the countdown), then times
+    ``2 * TRIAL_CALLS`` such calls, alternating the lead lines only and every line; it
+    keeps the lead lines only when their median call beat every line's by more than
+    1/32, and tries again ``TRIAL_EVERY`` calls later. Results never depend on it."""
     from kernels.numba_calls import (
-        PLAN_BEST_EVERY,
-        PLAN_BEST_LEAD,
         PLAN_LEAD_ONLY,
         PLAN_PREFETCH,
         PLAN_TRIAL_STEP,
+        PLAN_TRIAL_TIMES,
         PLAN_TUNABLE,
         PLAN_UNTIL_TRIAL,
         TRIAL_CALLS,
         TRIAL_EVERY,
+        TRIAL_FIRST,
         TRIAL_MIN_IDS,
         trial_record,
     )
@@ -246,6 +246,7 @@ def test_a_prefetch_trial_times_both_choices_and_keeps_the_faster() -> None:
     plan = kernel._plan
     assert plan[PLAN_PREFETCH] > 0
     assert plan[PLAN_TUNABLE] == int(numba_tiles.HAS_CYCLES)
+    assert plan[PLAN_LEAD_ONLY] == 0  # every line until a trial says otherwise
     if not numba_tiles.HAS_CYCLES:  # no clock here: no trial ever starts
         return
 
@@ -255,16 +256,20 @@ def test_a_prefetch_trial_times_both_choices_and_keeps_the_faster() -> None:
         np.testing.assert_array_equal(kernel(indices, offsets), reference(indices, offsets))
 
     call(TRIAL_MIN_IDS - 8)
-    assert plan[PLAN_TRIAL_STEP] == 0 and plan[PLAN_UNTIL_TRIAL] == 1
+    assert plan[PLAN_TRIAL_STEP] == 0 and plan[PLAN_UNTIL_TRIAL] == TRIAL_FIRST
+    for until in range(TRIAL_FIRST - 1, 0, -1):
+        call(TRIAL_MIN_IDS)
+        assert plan[PLAN_TRIAL_STEP] == 0 and plan[PLAN_UNTIL_TRIAL] == until
+    times = plan[PLAN_TRIAL_TIMES:]
+    assert times.size == 2 * TRIAL_CALLS and not times.any()
     for step in range(1, 2 * TRIAL_CALLS):
         call(TRIAL_MIN_IDS)
         assert plan[PLAN_TRIAL_STEP] == step + 1
-        timed = plan[PLAN_BEST_LEAD if step % 2 else PLAN_BEST_EVERY]
-        assert 0 < timed < 1 << 62
+        assert (times[:step] > 0).all() and not times[step:].any()
     call(TRIAL_MIN_IDS)
     assert plan[PLAN_TRIAL_STEP] == 0 and plan[PLAN_UNTIL_TRIAL] == TRIAL_EVERY
-    faster = plan[PLAN_BEST_LEAD] * 32 < plan[PLAN_BEST_EVERY] * 31
-    assert plan[PLAN_LEAD_ONLY] == int(faster)
+    lead, every = np.median(times[0::2]), np.median(times[1::2])
+    assert plan[PLAN_LEAD_ONLY] == int(lead * 32 < every * 31)
     call(TRIAL_MIN_IDS)
     assert plan[PLAN_UNTIL_TRIAL] == TRIAL_EVERY - 1
     plan[PLAN_PREFETCH] = 0  # nothing prefetched: nothing to try
@@ -276,28 +281,45 @@ def test_a_prefetch_trial_times_both_choices_and_keeps_the_faster() -> None:
         plan[PLAN_LEAD_ONLY] = lead_only
         call(2 * TRIAL_MIN_IDS)
 
-    # The decision: the lead must win by more than 1/32; a step already taken is ignored.
+    # The decision: medians, so no one call decides (a call slowed by a neighbour, or
+    # sped up by rows the call before left in the caches); the lead lines must win by
+    # more than 1/32; a step already taken is ignored.
     last = 2 * TRIAL_CALLS
-    for lead, keeps in ((96, 1), (97, 0)):
-        plan[PLAN_TRIAL_STEP], plan[PLAN_BEST_LEAD], plan[PLAN_BEST_EVERY] = last, lead, 1000
-        trial_record(plan, last - 1, 50, 1024)
-        assert plan[PLAN_TRIAL_STEP] == last and plan[PLAN_BEST_LEAD] == lead
-        trial_record(plan, last, 100, 1024)  # 100 cycles per 1,024 ids
-        assert plan[PLAN_BEST_EVERY] == 100 and plan[PLAN_LEAD_ONLY] == keeps
+    lucky, unlucky = [10] + [100] * (TRIAL_CALLS - 1), [100] * (TRIAL_CALLS - 1) + [9000]
+    for lead_times, every_times, keeps in (
+            (lucky, [101] * TRIAL_CALLS, 0),  # one fast call, the rest no faster
+            ([96] * TRIAL_CALLS, unlucky, 1),  # every line's one slow call ignored
+            ([96] * TRIAL_CALLS, [100] * TRIAL_CALLS, 1),
+            ([97] * TRIAL_CALLS, [100] * TRIAL_CALLS, 0)):  # not by more than 1/32
+        for step in range(1, last):
+            spent = (lead_times if step % 2 else every_times)[(step - 1) // 2]
+            plan[PLAN_TRIAL_STEP] = step
+            trial_record(plan, step, spent * 2, 2048)  # cycles per 1,024 ids: spent
+        assert plan[PLAN_TRIAL_STEP] == last
+        trial_record(plan, last - 1, 1, 1024)  # a step already taken: ignored
+        assert plan[PLAN_TRIAL_STEP] == last and times[last - 2] == lead_times[-1]
+        trial_record(plan, last, every_times[-1], 1024)
+        assert plan[PLAN_LEAD_ONLY] == keeps, (lead_times, every_times)
         assert plan[PLAN_TRIAL_STEP] == 0 and plan[PLAN_UNTIL_TRIAL] == TRIAL_EVERY
 
 
-@pytest.mark.parametrize(("storage", "dim", "past_lead_on_avx512"), [
-    ("float32", 16, False), ("float32", 64, False), ("float32", 65, True),
-    ("float64", 33, True), ("float16", 500, False), ("int8", 4096, False)])
-def test_only_passes_past_the_lead_lines_are_tried(storage: str, dim: int,
-                                                   past_lead_on_avx512: bool) -> None:
-    """A trial only where a pass reads more than the lead's 256 bytes: 8 registers of
-    32 bytes (AVX2) read exactly 256, so float32 rows need AVX-512's registers; float16
-    passes of 8 read at most 256, and int8 rows' passes never more."""
+@pytest.mark.parametrize(("storage", "dim", "on_avx2", "on_avx512"), [
+    ("float32", 32, False, False), ("float32", 33, True, True), ("float32", 64, True, True),
+    ("float64", 16, False, False), ("float64", 17, True, True),
+    ("float16", 64, False, False), ("float16", 500, False, True),
+    ("bfloat16", 65, False, True), ("int8", 128, False, False), ("int8", 4096, False, True),
+    ("int4", 4096, False, False)])
+def test_only_passes_past_the_lead_lines_are_tried(storage: str, dim: int, on_avx2: bool,
+                                                   on_avx512: bool) -> None:
+    """A trial only where a pass's values span more than the lead's 128 bytes: float32
+    rows of 33 values or more, float64 of 17; float16 passes of 8 AVX2 registers (64
+    values) read 128 bytes, of 8 AVX-512 ones 256; int8 codes only in AVX-512's passes
+    of 12 registers (rows past 768 values: 192 codes); int4 codes never (a quantized
+    row's scale and bias are prefetched either way)."""
     from kernels.numba_calls import PLAN_TUNABLE, new_plan
 
-    tried = numba_tiles.HAS_CYCLES and past_lead_on_avx512 and numba_tiles.VECTOR_BYTES == 64
+    past_lead = on_avx512 if numba_tiles.VECTOR_BYTES == 64 else on_avx2
+    tried = numba_tiles.HAS_CYCLES and past_lead
     assert new_plan(16, 1024, storage, dim)[PLAN_TUNABLE] == int(tried)
 
 
