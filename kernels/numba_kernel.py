@@ -9,11 +9,11 @@ order, so results match ``torch.nn.functional.embedding_bag`` bit for bit on flo
 tables. Each tile prefetches its lines of the row ``PREFETCH_AHEAD`` ids ahead, fewer for
 wide rows of a table that fits the L2 caches, none for a table that fits one core's
 (see :func:`prefetch_distance`) nor while a kernel's calls gather few rows many times
-each (see :data:`kernels.numba_calls.REUSE_USES`); where a row part spans more than
-two lines, only its first two when timed calls find that faster (rows in the caches:
-see :data:`kernels.numba_calls.TRIAL_CALLS`). A call reaches the loops through one
-compiled entry (:mod:`kernels.numba_calls`). The loops release the GIL so the service can
-run them in a worker thread.
+each (see :data:`kernels.numba_calls.REUSE_USES`); where a float32 or float64 row part
+spans more than two lines, only its first two when timed calls find that faster (rows in
+the caches: see :data:`kernels.numba_calls.TRIAL_CALLS`). A call reaches the loops
+through one compiled entry (:mod:`kernels.numba_calls`). The loops release the GIL so
+the service can run them in a worker thread.
 """
 
 from __future__ import annotations
