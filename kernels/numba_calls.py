@@ -37,17 +37,8 @@ from kernels.numba_loops import (
     serial_weighted,
     split,
 )
-from kernels.numba_tiles import (
-    HAS_CYCLES,
-    LEAD_LINES,
-    LINE_BYTES,
-    MOST_VECTORS,
-    VECTOR_BYTES,
-    WIDE_FROM,
-    WIDE_VECTORS,
-    cycles,
-)
-from kernels.storage import StorageDtype, row_bytes
+from kernels.numba_tiles import HAS_CYCLES, LEAD_LINES, LINE_BYTES, cycles
+from kernels.storage import StoredTable
 
 #: The entries inline code of the loops' files: their hash retires cached entries when
 #: those change (numba keys an entry by its own file only).
@@ -60,7 +51,7 @@ STAMP = hashlib.sha256(numba_loops.STAMP.encode()
 #: count found the rows cache-resident (1) or not (0).
 PLAN_PREFETCH, PLAN_HOT_ROWS, PLAN_UNTIL_COUNT, PLAN_HOT = range(4)
 #: The plan's prefetch trial (see :data:`TRIAL_CALLS`): whether the kernel tries (float32
-#: or float64 rows whose passes span more lines than ``numba_tiles.LEAD_LINES``; see
+#: or float64 rows that span more lines than ``numba_tiles.LEAD_LINES``; see
 #: :func:`new_plan`), the choice kept (1: the lead lines only, 0: every line), calls to
 #: the next trial, the running trial's step (0: none running), then the cycles per 1,024
 #: ids of each of its ``2 * TRIAL_CALLS`` calls in step order (odd steps: the lead lines).
@@ -244,20 +235,19 @@ def _entries(stamp):
 CALLS = _entries(STAMP)
 
 
-def new_plan(prefetch: int, hot_rows: int, storage: StorageDtype, dim: int) -> np.ndarray:
-    """A kernel's plan (see :data:`PLAN_SIZE`) for a table of ``storage`` rows of ``dim``
-    values: ``prefetch`` ids ahead, at most ``hot_rows`` rows gathered unprefetched, the
-    first call of ``REUSE_MIN_IDS`` ids or more counted; where a pass over a float32 or
-    float64 row reads more than the lead lines and a clock can time calls, the
-    ``TRIAL_FIRST``-th call of ``TRIAL_MIN_IDS`` ids or more starts a prefetch trial."""
-    lanes = VECTOR_BYTES // (8 if storage == "float64" else 4)
-    registers = WIDE_VECTORS if dim // lanes > WIDE_FROM else MOST_VECTORS
-    pass_bytes = row_bytes(storage, min(dim, registers * lanes))
-    # Only rows stored as values: decoding rows (float16, bfloat16, int8, int4) ran slower
-    # with the lead lines only wherever they were (2 threads, Zipf 1.1, hot and cold:
-    # float16 and bfloat16 dim 128 0.81-0.91x every line's speed, int8 dim 1,024 0.83x,
-    # float16 dim 1,024 0.98x), so a trial there would only cost calls.
-    tried = storage in ("float32", "float64") and pass_bytes > LEAD_LINES * LINE_BYTES
+def new_plan(prefetch: int, hot_rows: int, table: StoredTable) -> np.ndarray:
+    """A kernel's plan (see :data:`PLAN_SIZE`) for ``table``: ``prefetch`` ids ahead, at
+    most ``hot_rows`` rows gathered unprefetched, the first call of ``REUSE_MIN_IDS`` ids
+    or more counted; where float32 or float64 rows span more than the lead lines and a
+    clock can time calls, the ``TRIAL_FIRST``-th call of ``TRIAL_MIN_IDS`` ids or more
+    starts a prefetch trial."""
+    # A row's first pass holds the whole row or 8 registers (MOST_VECTORS, 256 bytes or
+    # more), so a row past the lead has a pass past it. Only rows stored as values: rows
+    # the loops decode (float16, bfloat16, int8, int4) ran slower with the lead lines only
+    # wherever they were (2 threads, Zipf 1.1, hot and cold: float16 and bfloat16 dim 128
+    # 0.81-0.91x every line's speed, int8 dim 1,024 0.83x, float16 dim 1,024 0.98x), so a
+    # trial there would only cost calls.
+    tried = table.is_float and table.row_bytes > LEAD_LINES * LINE_BYTES
     plan = np.zeros(PLAN_SIZE, dtype=np.int64)
     plan[PLAN_PREFETCH], plan[PLAN_HOT_ROWS] = prefetch, hot_rows
     plan[PLAN_TUNABLE] = int(HAS_CYCLES and tried)

@@ -271,8 +271,7 @@ class NumbaKernel:
         #: How far ahead the loops prefetch and whether the rows are cache-resident: an
         #: array the compiled entries update (see kernels.numba_calls.PLAN_SIZE).
         hot_rows = cache_bytes(2, 1 << 20) // _REUSE_L2_SHARE // self._id_bytes
-        self._plan = self._loops["new_plan"](table_prefetch(table), hot_rows, table.storage,
-                                              table.dim)
+        self._plan = self._loops["new_plan"](table_prefetch(table), hot_rows, table)
         # None compiles loops with no padding compare at all (see numba_tiles._Tile).
         self._padding = spec.padding_idx
         #: max_norm's factor per row (float16/bfloat16/int4 tables): pooled as weights.
