@@ -258,6 +258,9 @@ TORCH_MADE = (
     (30_522, 768, 256, 16, "poisson", 1.2, "sum"),
     (100_000, 1024, 256, 8, "poisson", 1.1, "sum"),
     (250_000, 48, 2048, 12, "geometric", 1.3, "weighted"),
+    # Short bags (a third of them empty): the per-bag work weighs as much as the rows.
+    (1_000_000, 64, 65_536, 1, "poisson", 1.1, "sum"),
+    (1_000_000, 16, 2048, 1, "poisson", 1.1, "weighted"),
 )
 
 

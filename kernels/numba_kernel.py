@@ -172,9 +172,10 @@ def parallel_min_bytes() -> int | None:
 
 
 def runs_serially(units: int, gathered_bytes: int) -> bool:
-    """Whether a call of ``units`` bags (or samples) gathering ``gathered_bytes`` of rows
-    runs serially on this thread: a single unit, a thread that never runs parallel
-    loops, or fewer bytes than its :func:`parallel_min_bytes`."""
+    """Whether a call of ``units`` bags (or samples) whose work weighs ``gathered_bytes``
+    (rows gathered, and for bags one id's worth each) runs serially on this thread: a
+    single unit, a thread that never runs parallel loops, or fewer bytes than its
+    :func:`parallel_min_bytes`."""
     least = parallel_min_bytes()
     return units == 1 or least is None or gathered_bytes < least
 
@@ -323,7 +324,11 @@ class NumbaKernel:
         ``N``. Never reads outside the table.
         """
         indices, offsets = _writable(indices), _writable(offsets)
-        if runs_serially(num_bags, indices.shape[0] * self._id_bytes):
+        # A bag costs about an id (its bounds, its output row written), as split() counts
+        # it: by ids alone, 2,048 bags of one or two ids ran serially and took 1.1-1.35x
+        # torch's two-thread time (dims 16 and 64, Zipf 1.1; BENCHMARKS.md, thirteenth
+        # pass).
+        if runs_serially(num_bags, (indices.shape[0] + num_bags) * self._id_bytes):
             chunks = 0
         else:
             chunks = call_threads(self.num_threads, self._get_threads, self._set_threads)

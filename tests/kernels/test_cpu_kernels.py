@@ -134,6 +134,27 @@ def test_a_bags_vector_does_not_depend_on_its_batch(backend: str, mode: str) -> 
         np.testing.assert_array_equal(batch[1], alone[0])
 
 
+def test_bags_count_like_ids_in_the_serial_or_parallel_choice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2,048 bags of one id each weigh twice their ids: short bags cost their bounds and
+    # output rows, so such a call is shared out as early as one of 4,096 ids would be.
+    weighed: list[tuple[int, int]] = []
+    original = numba_kernel.runs_serially
+
+    def spy(units: int, gathered_bytes: int) -> bool:
+        weighed.append((units, gathered_bytes))
+        return original(units, gathered_bytes)
+
+    monkeypatch.setattr(numba_kernel, "runs_serially", spy)
+    weight = np.ones((100, 16), np.float32)  # rows of 64 bytes, one line
+    kernel = NumbaKernel(TableSpec(weight, "sum"))
+    ids = np.arange(2048, dtype=np.int64) % 100
+    out = kernel(ids, np.arange(2049, dtype=np.int64))
+    np.testing.assert_array_equal(out, np.ones((2048, 16), np.float32))
+    assert weighed == [(2048, (2048 + 2048) * 64)]
+    assert original(2048, 2048 * 64) and not original(2048, 4096 * 64)
+
+
 @pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
 # -16: 16 ids ahead, only each pass's first numba_tiles.LEAD_LINES lines.
 @pytest.mark.parametrize("prefetch", [0, 1, 16, -16])
