@@ -33,6 +33,14 @@ logger = logging.getLogger(__name__)
 #: Calls gathering fewer bytes than this run on the calling thread: waking the pool costs
 #: more than the second core gives back (see BENCHMARKS.md, small calls).
 PARALLEL_MIN_BYTES = 256 << 10
+#: What a bag weighs in that choice besides its ids: its bounds and its output row cost
+#: about two short rows' gathering whatever the row width. Measured (2 threads, Zipf 1.1,
+#: bags of 1-2 ids on average, serial against parallel): two threads win from ~16 us of
+#: serial work, which ids alone misjudged both ways (dim 16: 1,536-2,048 one-id bags ran
+#: serially, 23-31 us against 19-24 in parallel; counting a bag as one more row, dim 64:
+#: 512 one-id bags ran in parallel, 13.9 us against 12.2); this weight sorts all 11
+#: measured calls (BENCHMARKS.md, thirteenth pass).
+BAG_BYTES = 128
 #: ... where a row counts at least one cache line: an id costs a line's fetch and its own
 #: loop trip however short its row (int8/int4 dim 16 and float32 dim 8 rows of 12-32
 #: bytes: two threads won from ~4,000 ids hot and cold, where bytes alone kept them serial
@@ -324,11 +332,7 @@ class NumbaKernel:
         ``N``. Never reads outside the table.
         """
         indices, offsets = _writable(indices), _writable(offsets)
-        # A bag costs about an id (its bounds, its output row written), as split() counts
-        # it: by ids alone, 2,048 bags of one or two ids ran serially and took 1.1-1.35x
-        # torch's two-thread time (dims 16 and 64, Zipf 1.1; BENCHMARKS.md, thirteenth
-        # pass).
-        if runs_serially(num_bags, (indices.shape[0] + num_bags) * self._id_bytes):
+        if runs_serially(num_bags, indices.shape[0] * self._id_bytes + num_bags * BAG_BYTES):
             chunks = 0
         else:
             chunks = call_threads(self.num_threads, self._get_threads, self._set_threads)

@@ -134,10 +134,10 @@ def test_a_bags_vector_does_not_depend_on_its_batch(backend: str, mode: str) -> 
         np.testing.assert_array_equal(batch[1], alone[0])
 
 
-def test_bags_count_like_ids_in_the_serial_or_parallel_choice(
+def test_bags_weigh_in_the_serial_or_parallel_choice(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    # 2,048 bags of one id each weigh twice their ids: short bags cost their bounds and
-    # output rows, so such a call is shared out as early as one of 4,096 ids would be.
+    # Short bags cost their bounds and output rows besides their ids: 2,048 one-id bags
+    # of 64-byte rows weigh as much as 6,144 ids, and are shared out.
     weighed: list[tuple[int, int]] = []
     original = numba_kernel.runs_serially
 
@@ -151,8 +151,8 @@ def test_bags_count_like_ids_in_the_serial_or_parallel_choice(
     ids = np.arange(2048, dtype=np.int64) % 100
     out = kernel(ids, np.arange(2049, dtype=np.int64))
     np.testing.assert_array_equal(out, np.ones((2048, 16), np.float32))
-    assert weighed == [(2048, (2048 + 2048) * 64)]
-    assert original(2048, 2048 * 64) and not original(2048, 4096 * 64)
+    assert weighed == [(2048, 2048 * 64 + 2048 * numba_kernel.BAG_BYTES)]
+    assert original(2048, 2048 * 64) and not original(2048, 2048 * (64 + 128))
 
 
 @pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
