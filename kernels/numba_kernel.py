@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 #: Calls gathering fewer bytes than this run on the calling thread: waking the pool costs
 #: more than the second core gives back (see BENCHMARKS.md, small calls).
 PARALLEL_MIN_BYTES = 256 << 10
+#: ... where a row counts at least one cache line: an id costs a line's fetch and its own
+#: loop trip however short its row (int8/int4 dim 16 and float32 dim 8 rows of 12-32
+#: bytes: two threads won from ~4,000 ids hot and cold, where bytes alone kept them serial
+#: up to 8,000-20,000 ids, 0.74-0.89x torch's quantized op at 256 bags).
+LINE_BYTES = 64
 #: What a bag weighs in that choice besides its ids: its bounds and its output row cost
 #: about two short rows' gathering whatever the row width. Measured (2 threads, Zipf 1.1,
 #: bags of 1-2 ids on average, serial against parallel): two threads win from ~16 us of
@@ -41,11 +46,6 @@ PARALLEL_MIN_BYTES = 256 << 10
 #: 512 one-id bags ran in parallel, 13.9 us against 12.2); this weight sorts all 11
 #: measured calls (BENCHMARKS.md, thirteenth pass).
 BAG_BYTES = 128
-#: ... where a row counts at least one cache line: an id costs a line's fetch and its own
-#: loop trip however short its row (int8/int4 dim 16 and float32 dim 8 rows of 12-32
-#: bytes: two threads won from ~4,000 ids hot and cold, where bytes alone kept them serial
-#: up to 8,000-20,000 ids, 0.74-0.89x torch's quantized op at 256 bags).
-LINE_BYTES = 64
 #: How many ids ahead a row is prefetched (FBGEMM's default distance; 8 measured slower
 #: on short bags, whose next rows belong to the next bags; 24-48 no better).
 PREFETCH_AHEAD = 16
@@ -181,9 +181,9 @@ def parallel_min_bytes() -> int | None:
 
 def runs_serially(units: int, gathered_bytes: int) -> bool:
     """Whether a call of ``units`` bags (or samples) whose work weighs ``gathered_bytes``
-    (rows gathered, and for bags one id's worth each) runs serially on this thread: a
-    single unit, a thread that never runs parallel loops, or fewer bytes than its
-    :func:`parallel_min_bytes`."""
+    (its rows gathered, each at least :data:`LINE_BYTES`, plus :data:`BAG_BYTES` a bag
+    where the caller counts bags) runs serially on this thread: a single unit, a thread
+    that never runs parallel loops, or fewer bytes than its :func:`parallel_min_bytes`."""
     least = parallel_min_bytes()
     return units == 1 or least is None or gathered_bytes < least
 

@@ -151,8 +151,9 @@ def test_bags_weigh_in_the_serial_or_parallel_choice(
     ids = np.arange(2048, dtype=np.int64) % 100
     out = kernel(ids, np.arange(2049, dtype=np.int64))
     np.testing.assert_array_equal(out, np.ones((2048, 16), np.float32))
-    assert weighed == [(2048, 2048 * 64 + 2048 * numba_kernel.BAG_BYTES)]
-    assert original(2048, 2048 * 64) and not original(2048, 2048 * (64 + 128))
+    bag_bytes = numba_kernel.BAG_BYTES
+    assert weighed == [(2048, 2048 * 64 + 2048 * bag_bytes)]
+    assert original(2048, 2048 * 64) and not original(2048, 2048 * (64 + bag_bytes))
 
 
 @pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
