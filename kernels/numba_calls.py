@@ -158,11 +158,16 @@ def planned_prefetch(indices, plan):
 @numba.njit(inline="always", cache=True)
 def output(indices, offsets, bags, like):
     """``(out, bags)``: the uninitialised ``(bags, dim)`` result in ``like``'s dtype
-    (``like`` is ``(0, dim)``), or an empty one and -1 when the offsets' ends are wrong."""
+    (``like`` is ``(0, dim)``), starting on a 64-byte line, or an empty one and -1 when
+    the offsets' ends are wrong."""
     count = offsets.shape[0]
     if count == 0 or offsets[0] != 0 or (count > bags and offsets[bags] != indices.shape[0]):
         return np.empty((0, like.shape[1]), like.dtype), -1
-    return np.empty((bags, like.shape[1]), like.dtype), bags
+    # numba aligns arrays to 32 bytes; streaming stores need whole lines (numba_loops.streams).
+    size = bags * like.shape[1]
+    block = np.empty(size + LINE_BYTES // like.itemsize, like.dtype)
+    skip = (LINE_BYTES - block.ctypes.data % LINE_BYTES) % LINE_BYTES // like.itemsize
+    return block[skip:skip + size].reshape((bags, like.shape[1])), bags
 
 
 #: The serial branch's first bag, typed int64: a literal 0 would compile each serial loop

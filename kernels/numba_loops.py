@@ -7,7 +7,8 @@ of up to 8 registers (12 for rows of more than 48), the last with the masked tai
 each pass walks the bag's ids once. A loop writes its bags' rows in order, so a row's
 last register, when ``dim`` is not a whole number of registers, is stored whole onto the
 first elements of the rows its loop writes next (a masked store costs ~3.5 ns a bag on
-AMD's cores); a loop's last row, and the collection kernel's, store it masked.
+AMD's cores); a loop's last row, and the collection kernel's, store it masked. The
+one-pass loops write outputs of 2 to 32 MiB with streaming stores (see :func:`streams`).
 
 Each loop exists twice: over the bags in parallel (``prange``), and serially for calls too
 small to pay for waking the thread pool. For rows of one pass (float32 dims up to 71, or
@@ -39,6 +40,7 @@ def _row_pooler(op):
     first elements may take the tail register's spare lanes, stored whole)."""
     lanes_of, most = numba_tiles.lanes, numba_tiles.MOST_VECTORS
     wide, wide_from = numba_tiles.WIDE_VECTORS, numba_tiles.WIDE_FROM
+    masked, spilled = numba_tiles.STORE_MASKED, numba_tiles.STORE_WHOLE
     run = numba_tiles.make_pass(op)
 
     @numba.njit(inline="always")
@@ -52,8 +54,8 @@ def _row_pooler(op):
         tail = dim - whole * lanes
         # The tail register stored whole writes lanes - tail elements past the row: on
         # the rows after it when they are contiguous and the caller writes them later.
-        spill = 1 if (after * dim >= lanes - tail
-                      and out.strides[0] == dim * out.itemsize) else 0
+        spill = spilled if (after * dim >= lanes - tail
+                            and out.strides[0] == dim * out.itemsize) else masked
         col = 0
         invalid = 0
         # Literal pass widths in the loops: each such call compiles to one case of the
@@ -155,6 +157,9 @@ compact_max_row = _compact_row_pooler("max")
 compact_scaled_max_row = _compact_row_pooler("scaled_max")
 skips, is_padding = numba_tiles.skips, numba_tiles.is_padding
 lanes_of, MOST = numba_tiles.lanes, numba_tiles.MOST_VECTORS
+STREAMS, LINE_BYTES = numba_tiles.STREAMS, numba_tiles.LINE_BYTES
+STORE_MASKED, STORE_WHOLE = numba_tiles.STORE_MASKED, numba_tiles.STORE_WHOLE
+STORE_STREAM, fence_stores = numba_tiles.STORE_STREAM, numba_tiles.fence_stores
 run_sum, run_weighted = numba_tiles.make_pass("sum"), numba_tiles.make_pass("weighted")
 
 
@@ -212,6 +217,36 @@ def one_pass(weight, out):
     return out.shape[1] // lanes_of(weight) <= MOST
 
 
+#: Outputs of at least this many bytes (and less than :data:`STREAM_BELOW`) are written by
+#: the one-pass loops with streaming stores (``numba_tiles.STORE_STREAM``): a normal store
+#: first reads its line, and an output past the core's L2 (2 MiB on the machines measured)
+#: is not there, so those reads compete with the gathered rows. Measured (float32, Zipf
+#: 1.1, PyTorch-made tables, Poisson bags of 1 id, api x torch, 2 threads, streaming
+#: against plain in alternating processes): dim 64 8,192 bags (2 MiB) 1.47 against 0.94,
+#: 16,384 (4 MiB) 1.05-1.41 against 0.82-0.88, 65,536 (16 MiB) 0.98-1.41 against 0.78-0.83;
+#: dim 32 65,536 bags 0.96 against 0.76; dim 128 16,384 1.32-1.39 against 0.99-1.01; bags of
+#: 3 ids 1.00-1.11 against 0.91-1.08. Outputs that fit the L2 lose (dim 64 2,048 bags 0.92
+#: against 1.08, dim 128 0.90 against 1.52): there the lines are the L2's, and the caller
+#: reads them from there next.
+STREAM_FROM = 2 << 20
+#: ... and less than this: glibc maps blocks of 32 MiB and more afresh at every allocation,
+#: and the kernel's zeroing of each new page leaves it in the caches, where streaming past
+#: them lost (dim 64 131,072 bags 0.82-0.83 against 0.96-0.97; dim 128 65,536 0.81 against
+#: 0.97-1.03).
+STREAM_BELOW = 32 << 20
+
+
+@numba.njit(inline="always")
+def streams(out):
+    """Whether the one-pass loops write ``out`` with streaming stores: where
+    ``numba_tiles.STREAMS``, for outputs of :data:`STREAM_FROM` to :data:`STREAM_BELOW`
+    bytes whose every row starts on a 64-byte line (so each whole register's store is
+    aligned; such rows have no tail register)."""
+    size = out.shape[0] * out.strides[0]
+    return (STREAMS and STREAM_FROM <= size < STREAM_BELOW
+            and out.strides[0] % LINE_BYTES == 0 and out.ctypes.data % LINE_BYTES == 0)
+
+
 @numba.njit(inline="always")
 def spill_before(weight, out, first, last):
     """The bags before this one may store their tail register whole: the spare lanes
@@ -223,6 +258,16 @@ def spill_before(weight, out, first, last):
     if tail == 0 or out.strides[0] != dim * out.itemsize:
         return first
     return last - (lanes - tail + dim - 1) // dim
+
+
+@numba.njit(inline="always")
+def store_plan(weight, out, first, last):
+    """``(stores, until)``: the one-pass loops store the bags before ``until`` as
+    ``stores`` says (``numba_tiles.make_pass``) and the rest masked: every bag streamed
+    where :func:`streams`, else whole tail registers before :func:`spill_before`."""
+    if streams(out):
+        return STORE_STREAM, last
+    return STORE_WHOLE, spill_before(weight, out, first, last)
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False, _nrt=False)
@@ -296,7 +341,7 @@ def _one_pass_loops(stamp):
         total = indices.shape[0]
         lanes = lanes_of(weight)
         whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
-        spilling = spill_before(weight, out, first, last)
+        stores, spilling = store_plan(weight, out, first, last)
         bad = 0
         for bag in range(first, last):
             start, end, valid = bounds(offsets, bag, total)
@@ -304,7 +349,10 @@ def _one_pass_loops(stamp):
                 start = end = 0
                 bad = 1
             bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                           prefetch, 1, tail, whole, 1 if bag < spilling else 0)
+                           prefetch, 1, tail, whole,
+                           stores if bag < spilling else STORE_MASKED)
+        if stores == STORE_STREAM:
+            fence_stores()
         return zero_invalid(weight, indices, offsets, first, last, out) if bad else 0
 
     @jit
@@ -313,7 +361,7 @@ def _one_pass_loops(stamp):
         total = indices.shape[0]
         lanes = lanes_of(weight)
         whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
-        spilling = spill_before(weight, out, first, last)
+        stores, spilling = store_plan(weight, out, first, last)
         bad = 0
         for bag in range(first, last):
             start, end, valid = bounds(offsets, bag, total)
@@ -322,7 +370,9 @@ def _one_pass_loops(stamp):
                 bad = 1
             bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
                            prefetch, counted(indices, start, end, padding), tail, whole,
-                           1 if bag < spilling else 0)
+                           stores if bag < spilling else STORE_MASKED)
+        if stores == STORE_STREAM:
+            fence_stores()
         return zero_invalid(weight, indices, offsets, first, last, out) if bad else 0
 
     @jit
@@ -331,7 +381,7 @@ def _one_pass_loops(stamp):
         total = indices.shape[0]
         lanes = lanes_of(weight)
         whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
-        spilling = spill_before(weight, out, first, last)
+        stores, spilling = store_plan(weight, out, first, last)
         bad = 0
         for bag in range(first, last):
             start, end, valid = bounds(offsets, bag, total)
@@ -339,7 +389,10 @@ def _one_pass_loops(stamp):
                 start = end = 0
                 bad = 1
             bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
-                                prefetch, 1, tail, whole, 1 if bag < spilling else 0)
+                                prefetch, 1, tail, whole,
+                                stores if bag < spilling else STORE_MASKED)
+        if stores == STORE_STREAM:
+            fence_stores()
         return zero_invalid(weight, indices, offsets, first, last, out) if bad else 0
 
     return {"sum": pool_sum, "mean": pool_mean, "weighted": pool_weighted}

@@ -35,6 +35,7 @@ from numba.extending import intrinsic
 from kernels import numba_decode
 
 LINE_BYTES = 64
+_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 _I8P = ir.IntType(8).as_pointer()
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
@@ -151,7 +152,7 @@ class _Tile:
         self.skips_padding = _names_padding(signature.args[5])
         self.out = context.make_array(out_type)(context, builder, args[7])
         (self.start, self.end, self.padding, self.col, self.bag, self.prefetch,
-         self.divisor, self.tail, self.spill) = (args[3], args[4], args[5], args[6], args[8],
+         self.divisor, self.tail, self.stores) = (args[3], args[4], args[5], args[6], args[8],
                                                  args[9], args[10], args[11], args[13])
         # Registers hold the output's dtype: float64 for float64 tables, else float32.
         self.element = context.get_data_type(out_type.dtype)
@@ -236,13 +237,21 @@ class _Tile:
         builder = self.builder
         pointer = self._pointer(base, vector)
         if self.mask is None or vector != self.vectors:
-            builder.store(value, pointer, align=self.itemsize)
+            stream = builder.icmp_signed("==", self.stores, ir.Constant(_I64, STORE_STREAM))
+            with builder.if_else(stream) as (streamed, plain):
+                with streamed:
+                    # The caller's promise: ``pointer`` is a register's width aligned.
+                    store = builder.store(value, pointer, align=VECTOR_BYTES)
+                    store.set_metadata("nontemporal", builder.module.add_metadata(
+                        [ir.Constant(_I32, 1)]))
+                with plain:
+                    builder.store(value, pointer, align=self.itemsize)
             return
-        # The tail register: whole when the caller allows it (``spill``: the lanes past
+        # The tail register: whole when the caller allows it (``STORE_WHOLE``: the lanes past
         # the row's end land on rows it writes later), else only its first ``tail``
         # lanes. A masked store is microcoded on AMD's cores: ~3.5 ns a bag here, 10-12%
         # of a bag of 8 ids at dims 12 and 50.
-        whole = builder.icmp_signed("!=", self.spill, ir.Constant(_I64, 0))
+        whole = builder.icmp_signed("==", self.stores, ir.Constant(_I64, STORE_WHOLE))
         with builder.if_else(whole, likely=True) as (plain, masked):
             with plain:
                 builder.store(value, pointer, align=self.itemsize)
@@ -430,6 +439,13 @@ WIDE_VECTORS = 12
 WIDE_FROM = 48
 
 
+#: How a pass stores its results (``make_pass``'s ``stores``): plain stores with the
+#: tail register masked; plain stores with the tail register whole; non-temporal
+#: (streaming) stores, which write whole lines without reading them first and leave the
+#: caches to the rows being gathered (see ``numba_loops.streams`` for when they pay).
+STORE_MASKED, STORE_WHOLE, STORE_STREAM = 0, 1, 2
+
+
 def make_pass(op: str) -> Any:
     """A numba intrinsic pooling one pass of one bag into ``out[bag, col:...]``: ``vectors``
     whole registers (0 to :data:`MOST_VECTORS`, or :data:`WIDE_VECTORS` with no tail) and,
@@ -438,7 +454,7 @@ def make_pass(op: str) -> Any:
     loop; the call picks one at run time.
 
     Call it from numba code as ``run(weight, indices, scale, start, end, padding, col,
-    out, bag, prefetch, divisor, tail, vectors, spill)``:
+    out, bag, prefetch, divisor, tail, vectors, stores)``:
 
     - ``weight``: the stored rows (C-contiguous), viewed as :mod:`kernels.numba_decode`
       says (float32/float64 tables as they are); ``indices``: int64 ids; ``scale``:
@@ -453,9 +469,13 @@ def make_pass(op: str) -> Any:
       ``out``, ``(B, dim)`` float64 for float64 tables, else float32;
     - ``prefetch``: prefetch the pass's lines of the row that many ids ahead (0: none);
       ``divisor`` > 1 divides the result (mean);
-    - ``spill`` != 0: the tail register may be stored whole, its lanes past the row's end
-      landing on the elements of ``out`` that follow (the caller's promise: they exist
-      and it writes them afterwards); 0 stores only the ``tail`` lanes.
+    - ``stores``: how the results reach ``out``: :data:`STORE_MASKED` (plain stores, only
+      the ``tail`` lanes of the tail register), :data:`STORE_WHOLE` (the tail register
+      stored whole, its lanes past the row's end landing on the elements of ``out`` that
+      follow: the caller's promise that they exist and it writes them afterwards) or
+      :data:`STORE_STREAM` (whole registers stored past the caches; the caller's promise:
+      each one's address is :data:`VECTOR_BYTES`-aligned, and it calls
+      :func:`fence_stores` before the results are read).
 
     ``op`` is ``"sum"``, ``"weighted"``, ``"max"`` or ``"scaled_max"``. Arguments are
     int64 where integer; any other ``vectors`` (or 0 with no tail) pools nothing and
@@ -469,9 +489,9 @@ def make_pass(op: str) -> Any:
     @intrinsic(prefer_literal=True)
     def run(typingctx: Any, weight: Any, indices: Any, scale: Any, start: Any, end: Any,
             padding: Any, col: Any, out: Any, bag: Any, prefetch: Any, divisor: Any,
-            tail: Any, vectors: Any, spill: Any) -> Any:
+            tail: Any, vectors: Any, stores: Any) -> Any:
         signature = types.int64(weight, indices, scale, start, end, padding, col, out, bag,
-                                prefetch, divisor, tail, vectors, spill)
+                                prefetch, divisor, tail, vectors, stores)
 
         def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
                     args: list[ir.Value]) -> Any:
@@ -570,10 +590,31 @@ def is_padding(typingctx: Any, row_id: Any, padding: Any) -> Any:
     return signature, codegen
 
 
+#: Whether passes may stream their stores (:data:`STORE_STREAM`): on x86-64, where an
+#: ``sfence`` (:func:`fence_stores`) orders them before the results are read.
+STREAMS = _X86_64
+
+
+@intrinsic
+def fence_stores(typingctx: Any) -> Any:
+    """An ``sfence`` where :data:`STREAMS` (else nothing): the streaming stores before it
+    reach memory before any store after it, so a thread's results are all visible once
+    its loop returns. Returns 0."""
+    signature = types.int64()
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any,
+                args: list[ir.Value]) -> Any:
+        if STREAMS:
+            builder.call(_function(builder, "llvm.x86.sse.sfence", ir.VoidType(), []), [])
+        return ir.Constant(_I64, 0)
+
+    return signature, codegen
+
+
 #: Whether :func:`cycles` reads a clock: x86-64's time-stamp counter (constant-rate on
 #: every x86-64 CPU this runs on). Elsewhere LLVM's cycle counter may be a register user
 #: code cannot read (AArch64's PMCCNTR_EL0 traps), so it reads nothing.
-HAS_CYCLES = platform.machine().lower() in ("x86_64", "amd64")
+HAS_CYCLES = _X86_64
 
 
 @intrinsic

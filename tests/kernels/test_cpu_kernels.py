@@ -461,6 +461,64 @@ def test_pool_counts_bags_with_bad_ids_or_bounds_and_zeroes_them(
         kernel(ids, np.array([0, 8], np.int64))
 
 
+def test_outputs_start_on_a_line_and_only_mid_sized_aligned_ones_stream() -> None:
+    from kernels import numba_loops
+
+    for bags, dim in ((1, 1), (3, 12), (100, 64), (8192, 64)):
+        kernel = NumbaKernel(TableSpec(np.ones((10, dim), np.float32), "sum"))
+        out = kernel(np.zeros(bags, np.int64), np.arange(bags + 1, dtype=np.int64))
+        assert out.ctypes.data % 64 == 0, (bags, dim)
+
+    def output(nbytes: int, dim: int, past_line: int = 0) -> np.ndarray:
+        block = np.empty(nbytes // 4 + 32, np.float32)
+        start = (-block.ctypes.data) % 64 // 4 + past_line // 4
+        return block[start:start + nbytes // 4].reshape(-1, dim)
+
+    most = numba_loops.STREAM_BELOW
+    assert numba_loops.streams(output(2 << 20, 64))
+    assert numba_loops.streams(output(most - 256, 64))
+    assert not numba_loops.streams(output(1 << 20, 64))  # fits the L2
+    assert not numba_loops.streams(output(most, 64))  # mapped afresh by glibc
+    assert not numba_loops.streams(output(2 << 20, 64, past_line=16))
+    assert not numba_loops.streams(output(12 << 20, 12))  # 48-byte rows
+
+
+@pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
+@pytest.mark.parametrize("mode", ["sum", "mean", "weighted"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_outputs_hold_the_same_results(
+        monkeypatch: pytest.MonkeyPatch, parallel_min_bytes: int, mode: str,
+        dtype: type) -> None:
+    """Outputs of 2 MiB and more go past the caches (numba_loops.streams): every bag,
+    empty, padded, ragged or invalid, still lands right, serially and in parallel."""
+    from kernels import numba_loops
+
+    monkeypatch.setattr(numba_kernel, "PARALLEL_MIN_BYTES", parallel_min_bytes)
+    rng = np.random.default_rng(41)
+    dim = 64 if dtype == np.float32 else 32
+    bags = numba_loops.STREAM_FROM // (dim * np.dtype(dtype).itemsize)
+    weight = rng.standard_normal((500, dim)).astype(dtype)
+    indices, offsets = _batch(rng, 500, bags, 3)
+    scale = rng.standard_normal(indices.size).astype(dtype) if mode == "weighted" else None
+    pooling = "sum" if mode == "weighted" else mode
+    spec = TableSpec(weight, pooling, padding_idx=7)  # type: ignore[arg-type]
+    want = NumpyKernel(spec)(indices, offsets, scale)
+    kernel = NumbaKernel(spec, num_threads=2)
+    got = kernel(indices, offsets, scale)
+    assert numba_loops.streams(got)
+    if scale is None:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    bad = int(np.argmax(np.diff(offsets) > 0))  # a bag holding an id
+    broken = indices.copy()
+    broken[offsets[bad]] = 500
+    out, invalid = kernel.pool(broken, offsets, bags, scale)
+    assert invalid == 1
+    np.testing.assert_array_equal(out[bad], 0)
+    np.testing.assert_array_equal(np.delete(out, bad, 0), np.delete(got, bad, 0))
+
+
 @pytest.mark.parametrize("chunks", [1, 2, 3, 5])
 def test_parallel_split_gives_every_bag_to_exactly_one_chunk(chunks: int) -> None:
     from kernels import numba_loops
