@@ -223,11 +223,11 @@ def one_pass(weight, out):
 #: is not there, so those reads compete with the gathered rows. Measured (float32, Zipf
 #: 1.1, PyTorch-made tables, Poisson bags of 1 id, api x torch, 2 threads, streaming
 #: against plain in alternating processes): dim 64 8,192 bags (2 MiB) 1.47 against 0.94,
-#: 16,384 (4 MiB) 1.05-1.41 against 0.82-0.88, 65,536 (16 MiB) 0.98-1.41 against 0.78-0.83;
-#: dim 32 65,536 bags 0.96 against 0.76; dim 128 16,384 1.32-1.39 against 0.99-1.01; bags of
-#: 3 ids 1.00-1.11 against 0.91-1.08. Outputs that fit the L2 lose (dim 64 2,048 bags 0.92
-#: against 1.08, dim 128 0.90 against 1.52): there the lines are the L2's, and the caller
-#: reads them from there next.
+#: 16,384 (4 MiB) 1.05-1.55 against 0.82-0.98, 65,536 (16 MiB) 0.98-1.41 against 0.75-0.91;
+#: dim 32 65,536 bags 0.96 against 0.76; dim 128 16,384 1.18-1.39 against 0.99-1.10; bags of
+#: 3 ids 0.91-1.11 against 0.85-1.09 (BENCHMARKS.md, fourteenth pass). Outputs that fit the
+#: L2 lose or tie (dim 64 2,048 bags 0.90-0.93 against 1.06-1.10, dim 128 0.88-1.40
+#: against 1.31-1.57): there the lines are the L2's, and the caller reads them from there.
 STREAM_FROM = 2 << 20
 #: ... and less than this: glibc maps blocks of 32 MiB and more afresh at every allocation,
 #: and the kernel's zeroing of each new page leaves it in the caches, where streaming past
