@@ -153,7 +153,7 @@ class _Tile:
         self.out = context.make_array(out_type)(context, builder, args[7])
         (self.start, self.end, self.padding, self.col, self.bag, self.prefetch,
          self.divisor, self.tail, self.stores) = (args[3], args[4], args[5], args[6], args[8],
-                                                 args[9], args[10], args[11], args[13])
+                                                  args[9], args[10], args[11], args[13])
         # Registers hold the output's dtype: float64 for float64 tables, else float32.
         self.element = context.get_data_type(out_type.dtype)
         self.itemsize = out_type.dtype.bitwidth // 8
