@@ -164,12 +164,27 @@ run_sum, run_weighted = numba_tiles.make_pass("sum"), numba_tiles.make_pass("wei
 
 
 @numba.njit(inline="always")
+def next_start(offsets, bag, total):
+    """Where the bag after ``bag`` starts: ``offsets[bag + 1]``, or the end of the ids.
+    Indexed unsigned: a signed index compiles numba's wrap-around of negative ones."""
+    following = numba.uint64(bag) + numba.uint64(1)
+    return offsets[following] if following < numba.uint64(offsets.shape[0]) else total
+
+
+@numba.njit(inline="always")
+def ordered(start, end, total):
+    """``0 <= start <= end <= total`` in two unsigned compares (a negative value is a huge
+    unsigned one)."""
+    return numba.uint64(start) <= numba.uint64(end) and numba.uint64(end) <= numba.uint64(total)
+
+
+@numba.njit(inline="always")
 def bounds(offsets, bag, total):
     """``(start, end, valid)`` of bag ``bag``: ``offsets[bag]`` to the next start, or to
     the end of the ids; valid when ``0 <= start <= end <= total``."""
-    start = offsets[bag]
-    end = offsets[bag + 1] if bag + 1 < offsets.shape[0] else total
-    return start, end, 0 <= start <= end <= total
+    start = offsets[numba.uint64(bag)]
+    end = next_start(offsets, bag, total)
+    return start, end, ordered(start, end, total)
 
 
 @numba.njit(inline="always")
@@ -323,74 +338,149 @@ def reused(indices, most):
     return True
 
 
-def _one_pass_loops(stamp):
+def _bag_loops(count, stamp):
     # One-pass rows (dims up to 71 or 143, where a bag is a few ids' work) pool in loops that
     # pick the pass once a call, not once a bag: the per-bag pass choice, the spill
     # test and the invalid bag's branch cost 1.5-4 ns a bag (bags of 4-8 ids at dims 32
-    # and 64 were 0.75-0.9x torch on one thread). A bag with bad bounds pools nothing
-    # (start = end); any bad bag is zeroed and counted by a second look.
-    # Functions of their own, called once a call: inside the serial loops, beside their
-    # general loop, the same code ran as slow as before (registers spilled for both).
-    # Three written out: with the bounds and the pass plan in shared inline helpers
-    # (returning an empty range for bad bounds) they ran 3-10% slower a bag.
-    # Rows of 1, 2, 4 or 8 whole registers and no tail (float32 dims 16, 32, 64 and 128
-    # with AVX-512, 8-64 with AVX2) take a bag loop of their own, written out with the
-    # count a literal: its pass is one case, not a switch among two dozen inside the bag
-    # loop, whose cases share the loop's registers. Measured (the loop alone, one thread,
-    # the same process, 16,384 bags of Poisson 1 and 4 ids, Zipf 1.1, dims 16-128, three
-    # runs): 1.01-1.18x the switching loop, median 1.08; the cold compile 27-28 -> 29 s.
-    # The same loops made by numba.literal_unroll ran 0.95-1.12x (median 1.02); every
-    # count through inlined helpers took 7 min 51 s to compile, not 27 s.
+    # and 64 were 0.75-0.9x torch on one thread). Functions of their own, called once a
+    # call: inside the serial loops, beside their general loop, the same code ran as slow
+    # as before (registers spilled for both).
+    # ``count`` (a constant of the closure, so a literal to the tiles): rows of that many
+    # whole registers and no tail take a loop whose pass is one case, not a switch among
+    # two dozen inside the bag loop whose cases share the loop's registers; 0 compiles the
+    # switching loop for any other row. Measured (the loop alone, one thread, the same
+    # process, 16,384 bags of Poisson 1 and 4 ids, Zipf 1.1, dims 16-128, three runs):
+    # 1.01-1.18x the switching loop, median 1.08. A function per count, not every count's
+    # loop written out in one function: 0.90-1.23x those (median 1.03; dim 48 with a count
+    # of its own 1.09-1.23x; weighted one-id bags at dims 12 and 32 0.90-0.99x), and each
+    # loop's source once. Made by numba.literal_unroll they ran 0.95-1.12x the switching
+    # loop (median 1.02); every count through inlined helpers took 7 min 51 s to compile.
+    # A bag starts where the one before it ended (one load of the offsets a bag, not two);
+    # a bag with bad bounds pools nothing (end = start, one conditional move); any bad bag
+    # is zeroed and counted by a second look (``zero_invalid``). Measured against loading
+    # both ends with signed indices and zeroing both on bad bounds (the loop alone, one
+    # thread, the same process, Zipf 1.1 PyTorch-made calls of 2,048 and 16,384 Poisson
+    # bags): sums of 1-4 ids at dims 16, 32, 64 1.03-1.27x (median 1.11), dims 48 and 100
+    # 1.02-1.12x; weighted dims 12, 48, 100 0.99-1.15x.
+    # Each returns 1 when a bag was bad, else 0; ``stores`` and ``spilling`` are
+    # :func:`store_plan`'s, ``first < last``.
+    jit = numba.njit(nogil=True, cache=True, boundscheck=False, _nrt=False)
+
+    @jit
+    def sum_bags(weight, indices, offsets, first, last, padding, prefetch, out, stores,
+                 spilling):
+        assert stamp
+        total = indices.shape[0]
+        lanes = lanes_of(weight)
+        begin = offsets[numba.uint64(first)]
+        bad = 0
+        for bag in range(first, last):
+            start, end = begin, next_start(offsets, bag, total)
+            begin = end
+            if not ordered(start, end, total):
+                end = start
+                bad = 1
+            if count:
+                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
+                               prefetch, 1, 0, count, stores)
+            else:
+                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
+                               prefetch, 1, out.shape[1] % lanes, out.shape[1] // lanes,
+                               stores if bag < spilling else STORE_MASKED)
+        return bad
+
+    @jit
+    def mean_bags(weight, indices, offsets, first, last, padding, prefetch, out, stores,
+                  spilling):
+        assert stamp
+        total = indices.shape[0]
+        lanes = lanes_of(weight)
+        begin = offsets[numba.uint64(first)]
+        bad = 0
+        for bag in range(first, last):
+            start, end = begin, next_start(offsets, bag, total)
+            begin = end
+            if not ordered(start, end, total):
+                end = start
+                bad = 1
+            if count:
+                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
+                               prefetch, counted(indices, start, end, padding), 0, count,
+                               stores)
+            else:
+                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
+                               prefetch, counted(indices, start, end, padding),
+                               out.shape[1] % lanes, out.shape[1] // lanes,
+                               stores if bag < spilling else STORE_MASKED)
+        return bad
+
+    @jit
+    def weighted_bags(weight, indices, offsets, first, last, scale, padding, prefetch, out,
+                      stores, spilling):
+        assert stamp
+        total = indices.shape[0]
+        lanes = lanes_of(weight)
+        begin = offsets[numba.uint64(first)]
+        bad = 0
+        for bag in range(first, last):
+            start, end = begin, next_start(offsets, bag, total)
+            begin = end
+            if not ordered(start, end, total):
+                end = start
+                bad = 1
+            if count:
+                bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
+                                    prefetch, 1, 0, count, stores)
+            else:
+                bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
+                                    prefetch, 1, out.shape[1] % lanes, out.shape[1] // lanes,
+                                    stores if bag < spilling else STORE_MASKED)
+        return bad
+
+    return sum_bags, mean_bags, weighted_bags
+
+
+# The loops per register count (:func:`_bag_loops`; 0: any other row), reached as globals
+# by the one-pass entries below. Counts 1, 2, 3, 4 and 8 are float32 dims 16, 32, 48, 64
+# and 128 with AVX-512 (8, 16, 24, 32 and 64 with AVX2). Each count costs the cold compile
+# ~3 s: dims 96 (6 registers) ran only 1.01-1.05x faster with their own.
+sum_1, mean_1, weighted_1 = _bag_loops(1, STAMP)
+sum_2, mean_2, weighted_2 = _bag_loops(2, STAMP)
+sum_3, mean_3, weighted_3 = _bag_loops(3, STAMP)
+sum_4, mean_4, weighted_4 = _bag_loops(4, STAMP)
+sum_8, mean_8, weighted_8 = _bag_loops(8, STAMP)
+sum_any, mean_any, weighted_any = _bag_loops(0, STAMP)
+
+
+def _one_pass_loops(stamp):
+    # Each picks its rows' bag loop once a call, streams or spills as ``store_plan`` says
+    # and fences streamed stores before returning. Three written out, not one factory: a
+    # closure holding the bag loops' dispatchers would pickle differently in every process
+    # (see _parallel_loops).
     jit = numba.njit(nogil=True, cache=True, boundscheck=False, _nrt=False)
 
     @jit
     def pool_sum(weight, indices, offsets, first, last, padding, prefetch, out):
         assert stamp
-        total = indices.shape[0]
+        if first >= last:
+            return 0
         lanes = lanes_of(weight)
-        whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
+        count = out.shape[1] // lanes if out.shape[1] % lanes == 0 else 0
         stores, spilling = store_plan(weight, out, first, last)
-        bad = 0
-        if tail == 0 and whole == 1:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, 1, 0, 1, stores)
-        elif tail == 0 and whole == 2:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, 1, 0, 2, stores)
-        elif tail == 0 and whole == 4:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, 1, 0, 4, stores)
-        elif tail == 0 and whole == 8:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, 1, 0, 8, stores)
+        args = (weight, indices, offsets, first, last, padding, prefetch, out, stores,
+                spilling)
+        if count == 1:
+            bad = sum_1(*args)
+        elif count == 2:
+            bad = sum_2(*args)
+        elif count == 3:
+            bad = sum_3(*args)
+        elif count == 4:
+            bad = sum_4(*args)
+        elif count == 8:
+            bad = sum_8(*args)
         else:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, 1, tail, whole, stores if bag < spilling else STORE_MASKED)
+            bad = sum_any(*args)
         if stores == STORE_STREAM:
             fence_stores()
         return zero_invalid(weight, indices, offsets, first, last, out) if bad else 0
@@ -398,52 +488,25 @@ def _one_pass_loops(stamp):
     @jit
     def pool_mean(weight, indices, offsets, first, last, padding, prefetch, out):
         assert stamp
-        total = indices.shape[0]
+        if first >= last:
+            return 0
         lanes = lanes_of(weight)
-        whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
+        count = out.shape[1] // lanes if out.shape[1] % lanes == 0 else 0
         stores, spilling = store_plan(weight, out, first, last)
-        bad = 0
-        if tail == 0 and whole == 1:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, counted(indices, start, end, padding), 0, 1, stores)
-        elif tail == 0 and whole == 2:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, counted(indices, start, end, padding), 0, 2, stores)
-        elif tail == 0 and whole == 4:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, counted(indices, start, end, padding), 0, 4, stores)
-        elif tail == 0 and whole == 8:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, counted(indices, start, end, padding), 0, 8, stores)
+        args = (weight, indices, offsets, first, last, padding, prefetch, out, stores,
+                spilling)
+        if count == 1:
+            bad = mean_1(*args)
+        elif count == 2:
+            bad = mean_2(*args)
+        elif count == 3:
+            bad = mean_3(*args)
+        elif count == 4:
+            bad = mean_4(*args)
+        elif count == 8:
+            bad = mean_8(*args)
         else:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, counted(indices, start, end, padding), tail, whole,
-                               stores if bag < spilling else STORE_MASKED)
+            bad = mean_any(*args)
         if stores == STORE_STREAM:
             fence_stores()
         return zero_invalid(weight, indices, offsets, first, last, out) if bad else 0
@@ -451,52 +514,25 @@ def _one_pass_loops(stamp):
     @jit
     def pool_weighted(weight, indices, offsets, first, last, scale, padding, prefetch, out):
         assert stamp
-        total = indices.shape[0]
+        if first >= last:
+            return 0
         lanes = lanes_of(weight)
-        whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
+        count = out.shape[1] // lanes if out.shape[1] % lanes == 0 else 0
         stores, spilling = store_plan(weight, out, first, last)
-        bad = 0
-        if tail == 0 and whole == 1:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
-                                    prefetch, 1, 0, 1, stores)
-        elif tail == 0 and whole == 2:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
-                                    prefetch, 1, 0, 2, stores)
-        elif tail == 0 and whole == 4:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
-                                    prefetch, 1, 0, 4, stores)
-        elif tail == 0 and whole == 8:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
-                                    prefetch, 1, 0, 8, stores)
+        args = (weight, indices, offsets, first, last, scale, padding, prefetch, out, stores,
+                spilling)
+        if count == 1:
+            bad = weighted_1(*args)
+        elif count == 2:
+            bad = weighted_2(*args)
+        elif count == 3:
+            bad = weighted_3(*args)
+        elif count == 4:
+            bad = weighted_4(*args)
+        elif count == 8:
+            bad = weighted_8(*args)
         else:
-            for bag in range(first, last):
-                start, end, valid = bounds(offsets, bag, total)
-                if not valid:
-                    start = end = 0
-                    bad = 1
-                bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
-                                    prefetch, 1, tail, whole,
-                                    stores if bag < spilling else STORE_MASKED)
+            bad = weighted_any(*args)
         if stores == STORE_STREAM:
             fence_stores()
         return zero_invalid(weight, indices, offsets, first, last, out) if bad else 0

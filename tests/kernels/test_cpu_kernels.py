@@ -391,11 +391,12 @@ def test_a_loop_writes_only_its_own_rows_though_it_stores_tails_whole(storage: s
     tail's spare lanes): over bags ``[first, last)`` the rows outside stay untouched
     (parallel chunks are such ranges), every row inside is right, an invalid bag's row
     zero, for dims from below one register (several rows take one tail's spill) to
-    passes of 8 with a tail; float64 rows have 4 lanes."""
+    passes of 8 with a tail, and whole registers alone (16, 48, 64: bag loops of their
+    own for float32); float64 rows have 4 lanes."""
     from kernels.storage import store
 
     rng = np.random.default_rng(31)
-    for dim in (1, 2, 3, 5, 7, 9, 12, 20, 50, 100, 150, 260):
+    for dim in (1, 2, 3, 5, 7, 9, 12, 16, 20, 48, 50, 64, 100, 150, 260):
         dtype = np.float64 if storage == "float64" else np.float32
         table = store(rng.standard_normal((30, dim)).astype(dtype), storage)  # type: ignore[arg-type]
         indices, offsets = _batch(rng, 30, 24, 5)
@@ -427,7 +428,9 @@ def test_a_loop_writes_only_its_own_rows_though_it_stores_tails_whole(storage: s
 
 @pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
 @pytest.mark.parametrize("mode", ["sum", "mean", "max", "weighted"])
-@pytest.mark.parametrize("dim", [4, 100])  # one pass of the tiles, and several
+# A tail alone; 1 and 3 whole AVX-512 registers (2 and 6 with AVX2), bag loops of their
+# own; whole registers and a tail (one pass with AVX-512, two with AVX2).
+@pytest.mark.parametrize("dim", [4, 16, 48, 100])
 def test_pool_counts_bags_with_bad_ids_or_bounds_and_zeroes_them(
         monkeypatch: pytest.MonkeyPatch, parallel_min_bytes: int, mode: str, dim: int
         ) -> None:
