@@ -161,6 +161,8 @@ STREAMS, LINE_BYTES = numba_tiles.STREAMS, numba_tiles.LINE_BYTES
 STORE_MASKED, STORE_WHOLE = numba_tiles.STORE_MASKED, numba_tiles.STORE_WHOLE
 STORE_STREAM, fence_stores = numba_tiles.STORE_STREAM, numba_tiles.fence_stores
 run_sum, run_weighted = numba_tiles.make_pass("sum"), numba_tiles.make_pass("weighted")
+run_sum_tailed = numba_tiles.make_pass("sum", tailed=True)
+run_weighted_tailed = numba_tiles.make_pass("weighted", tailed=True)
 
 
 @numba.njit(inline="always")
@@ -338,21 +340,24 @@ def reused(indices, most):
     return True
 
 
-def _bag_loops(count, stamp):
+def _bag_loops(whole, tailed, stamp):
     # One-pass rows (dims up to 71 or 143, where a bag is a few ids' work) pool in loops that
     # pick the pass once a call, not once a bag: the per-bag pass choice, the spill
     # test and the invalid bag's branch cost 1.5-4 ns a bag (bags of 4-8 ids at dims 32
     # and 64 were 0.75-0.9x torch on one thread). Functions of their own, called once a
     # call: inside the serial loops, beside their general loop, the same code ran as slow
     # as before (registers spilled for both).
-    # ``count`` (a constant of the closure, so a literal to the tiles): rows of that many
-    # whole registers and no tail take a loop whose pass is one case, not a switch among
-    # two dozen inside the bag loop whose cases share the loop's registers; 0 compiles the
-    # switching loop for any other row. Measured (the loop alone, one thread, the same
-    # process, 16,384 bags of Poisson 1 and 4 ids, Zipf 1.1, dims 16-128, three runs):
-    # 1.01-1.18x the switching loop, median 1.08. A function per count, not every count's
-    # loop written out in one function: 0.90-1.23x those (median 1.03; dim 48 with a count
-    # of its own 1.09-1.23x; weighted one-id bags at dims 12 and 32 0.90-0.99x), and each
+    # ``whole`` and ``tailed`` (constants of the closure: the dead branches below are
+    # pruned, and ``whole`` reaches the tiles as a literal): rows of ``whole`` registers,
+    # and a masked tail register when ``tailed``, take a loop whose pass is one case, not a
+    # switch among two dozen inside the bag loop whose cases share the loop's registers;
+    # ``whole`` < 0 compiles that switching loop for any row. Measured (the loop alone, one
+    # thread, the same process, 16,384 bags of Poisson 1 and 4 ids, Zipf 1.1, dims 16-128,
+    # three runs): 1.01-1.18x the switching loop, median 1.08; rows of a tail and 0 or 1
+    # whole registers (dims 8, 12, 20, 24; 2,048 and 16,384 bags of 1 and 4 ids, sums and
+    # weighted) 1.00-1.21x, median 1.13. A function per count, not every count's loop
+    # written out in one function: 0.90-1.23x those (median 1.03; dim 48 with a count of
+    # its own 1.09-1.23x; weighted one-id bags at dims 12 and 32 0.90-0.99x), and each
     # loop's source once. Made by numba.literal_unroll they ran 0.95-1.12x the switching
     # loop (median 1.02); every count through inlined helpers took 7 min 51 s to compile.
     # A bag starts where the one before it ended (one load of the offsets a bag, not two);
@@ -364,6 +369,7 @@ def _bag_loops(count, stamp):
     # 1.02-1.12x; weighted dims 12, 48, 100 0.99-1.15x.
     # Each returns 1 when a bag was bad, else 0; ``stores`` and ``spilling`` are
     # :func:`store_plan`'s, ``first < last``.
+    general = whole < 0
     jit = numba.njit(nogil=True, cache=True, boundscheck=False, _nrt=False)
 
     @jit
@@ -380,13 +386,17 @@ def _bag_loops(count, stamp):
             if not ordered(start, end, total):
                 end = start
                 bad = 1
-            if count:
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, 1, 0, count, stores)
-            else:
+            if general:
                 bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
                                prefetch, 1, out.shape[1] % lanes, out.shape[1] // lanes,
                                stores if bag < spilling else STORE_MASKED)
+            elif tailed:
+                bad |= run_sum_tailed(weight, indices, weight, start, end, padding, 0, out, bag,
+                               prefetch, 1, out.shape[1] % lanes, whole,
+                               stores if bag < spilling else STORE_MASKED)
+            else:
+                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
+                               prefetch, 1, 0, whole, stores)
         return bad
 
     @jit
@@ -403,15 +413,20 @@ def _bag_loops(count, stamp):
             if not ordered(start, end, total):
                 end = start
                 bad = 1
-            if count:
-                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, counted(indices, start, end, padding), 0, count,
-                               stores)
-            else:
+            if general:
                 bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
                                prefetch, counted(indices, start, end, padding),
                                out.shape[1] % lanes, out.shape[1] // lanes,
                                stores if bag < spilling else STORE_MASKED)
+            elif tailed:
+                bad |= run_sum_tailed(weight, indices, weight, start, end, padding, 0, out, bag,
+                               prefetch, counted(indices, start, end, padding),
+                               out.shape[1] % lanes, whole,
+                               stores if bag < spilling else STORE_MASKED)
+            else:
+                bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
+                               prefetch, counted(indices, start, end, padding), 0, whole,
+                               stores)
         return bad
 
     @jit
@@ -428,28 +443,35 @@ def _bag_loops(count, stamp):
             if not ordered(start, end, total):
                 end = start
                 bad = 1
-            if count:
-                bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
-                                    prefetch, 1, 0, count, stores)
-            else:
+            if general:
                 bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
                                     prefetch, 1, out.shape[1] % lanes, out.shape[1] // lanes,
                                     stores if bag < spilling else STORE_MASKED)
+            elif tailed:
+                bad |= run_weighted_tailed(weight, indices, scale, start, end, padding, 0, out, bag,
+                                    prefetch, 1, out.shape[1] % lanes, whole,
+                                    stores if bag < spilling else STORE_MASKED)
+            else:
+                bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
+                                    prefetch, 1, 0, whole, stores)
         return bad
 
     return sum_bags, mean_bags, weighted_bags
 
 
-# The loops per register count (:func:`_bag_loops`; 0: any other row), reached as globals
-# by the one-pass entries below. Counts 1, 2, 3, 4 and 8 are float32 dims 16, 32, 48, 64
-# and 128 with AVX-512 (8, 16, 24, 32 and 64 with AVX2). Each count costs the cold compile
-# ~3 s: dims 96 (6 registers) ran only 1.01-1.05x faster with their own.
-sum_1, mean_1, weighted_1 = _bag_loops(1, STAMP)
-sum_2, mean_2, weighted_2 = _bag_loops(2, STAMP)
-sum_3, mean_3, weighted_3 = _bag_loops(3, STAMP)
-sum_4, mean_4, weighted_4 = _bag_loops(4, STAMP)
-sum_8, mean_8, weighted_8 = _bag_loops(8, STAMP)
-sum_any, mean_any, weighted_any = _bag_loops(0, STAMP)
+# The loops per row shape (:func:`_bag_loops`), reached as globals by the one-pass entries
+# below. Whole registers 1, 2, 3, 4 and 8 are float32 dims 16, 32, 48, 64 and 128 with
+# AVX-512 (8, 16, 24, 32 and 64 with AVX2); a tail after 0 or 1 of them dims 1-15 and
+# 17-31 (1-7 and 9-15). Each shape costs the cold compile 2-4 s (every caller links the
+# loops in): dims 96 (6 registers) ran only 1.01-1.05x faster with their own.
+sum_1, mean_1, weighted_1 = _bag_loops(1, False, STAMP)
+sum_2, mean_2, weighted_2 = _bag_loops(2, False, STAMP)
+sum_3, mean_3, weighted_3 = _bag_loops(3, False, STAMP)
+sum_4, mean_4, weighted_4 = _bag_loops(4, False, STAMP)
+sum_8, mean_8, weighted_8 = _bag_loops(8, False, STAMP)
+sum_0_tail, mean_0_tail, weighted_0_tail = _bag_loops(0, True, STAMP)
+sum_1_tail, mean_1_tail, weighted_1_tail = _bag_loops(1, True, STAMP)
+sum_any, mean_any, weighted_any = _bag_loops(-1, True, STAMP)
 
 
 def _one_pass_loops(stamp):
@@ -465,7 +487,8 @@ def _one_pass_loops(stamp):
         if first >= last:
             return 0
         lanes = lanes_of(weight)
-        count = out.shape[1] // lanes if out.shape[1] % lanes == 0 else 0
+        whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
+        count = whole if tail == 0 else 0
         stores, spilling = store_plan(weight, out, first, last)
         args = (weight, indices, offsets, first, last, padding, prefetch, out, stores,
                 spilling)
@@ -479,6 +502,10 @@ def _one_pass_loops(stamp):
             bad = sum_4(*args)
         elif count == 8:
             bad = sum_8(*args)
+        elif tail > 0 and whole == 0:
+            bad = sum_0_tail(*args)
+        elif tail > 0 and whole == 1:
+            bad = sum_1_tail(*args)
         else:
             bad = sum_any(*args)
         if stores == STORE_STREAM:
@@ -491,7 +518,8 @@ def _one_pass_loops(stamp):
         if first >= last:
             return 0
         lanes = lanes_of(weight)
-        count = out.shape[1] // lanes if out.shape[1] % lanes == 0 else 0
+        whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
+        count = whole if tail == 0 else 0
         stores, spilling = store_plan(weight, out, first, last)
         args = (weight, indices, offsets, first, last, padding, prefetch, out, stores,
                 spilling)
@@ -505,6 +533,10 @@ def _one_pass_loops(stamp):
             bad = mean_4(*args)
         elif count == 8:
             bad = mean_8(*args)
+        elif tail > 0 and whole == 0:
+            bad = mean_0_tail(*args)
+        elif tail > 0 and whole == 1:
+            bad = mean_1_tail(*args)
         else:
             bad = mean_any(*args)
         if stores == STORE_STREAM:
@@ -517,7 +549,8 @@ def _one_pass_loops(stamp):
         if first >= last:
             return 0
         lanes = lanes_of(weight)
-        count = out.shape[1] // lanes if out.shape[1] % lanes == 0 else 0
+        whole, tail = out.shape[1] // lanes, out.shape[1] % lanes
+        count = whole if tail == 0 else 0
         stores, spilling = store_plan(weight, out, first, last)
         args = (weight, indices, offsets, first, last, scale, padding, prefetch, out, stores,
                 spilling)
@@ -531,6 +564,10 @@ def _one_pass_loops(stamp):
             bad = weighted_4(*args)
         elif count == 8:
             bad = weighted_8(*args)
+        elif tail > 0 and whole == 0:
+            bad = weighted_0_tail(*args)
+        elif tail > 0 and whole == 1:
+            bad = weighted_1_tail(*args)
         else:
             bad = weighted_any(*args)
         if stores == STORE_STREAM:

@@ -446,7 +446,7 @@ WIDE_FROM = 48
 STORE_MASKED, STORE_WHOLE, STORE_STREAM = 0, 1, 2
 
 
-def make_pass(op: str) -> Any:
+def make_pass(op: str, tailed: bool = False) -> Any:
     """A numba intrinsic pooling one pass of one bag into ``out[bag, col:...]``: ``vectors``
     whole registers (0 to :data:`MOST_VECTORS`, or :data:`WIDE_VECTORS` with no tail) and,
     when ``tail`` > 0, one more register of which the first ``tail`` lanes are written (a
@@ -479,7 +479,9 @@ def make_pass(op: str) -> Any:
 
     ``op`` is ``"sum"``, ``"weighted"``, ``"max"`` or ``"scaled_max"``. Arguments are
     int64 where integer; any other ``vectors`` (or 0 with no tail) pools nothing and
-    returns 0.
+    returns 0. ``tailed``: the caller always passes a ``tail`` > 0 (known only at run
+    time), so only the cases with the masked register compile; a call with no tail then
+    pools nothing.
     """
     if op not in ("sum", "weighted", "max", "scaled_max"):
         raise ValueError(f"op must be sum, weighted, max or scaled_max; got {op!r}")
@@ -511,8 +513,9 @@ def make_pass(op: str) -> Any:
                     if (vectors == 0 and not tail) or (vectors == WIDE_VECTORS and tail):
                         continue
                     if ((counts is not None and vectors != counts)
-                            or (tails is not None and tail != (tails > 0))):
-                        continue  # a literal argument rules this case out
+                            or (tails is not None and tail != (tails > 0))
+                            or (tailed and not tail)):
+                        continue  # a literal argument (or ``tailed``) rules this case out
                     case = builder.append_basic_block(f"pass.{vectors}.{int(tail)}")
                     switch.add_case(ir.Constant(_I64, 2 * vectors + tail), case)
                     builder.position_at_end(case)
