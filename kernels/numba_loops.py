@@ -391,9 +391,9 @@ def _bag_loops(whole, tailed, stamp):
                                prefetch, 1, out.shape[1] % lanes, out.shape[1] // lanes,
                                stores if bag < spilling else STORE_MASKED)
             elif tailed:
-                bad |= run_sum_tailed(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, 1, out.shape[1] % lanes, whole,
-                               stores if bag < spilling else STORE_MASKED)
+                bad |= run_sum_tailed(weight, indices, weight, start, end, padding, 0, out,
+                                      bag, prefetch, 1, out.shape[1] % lanes, whole,
+                                      stores if bag < spilling else STORE_MASKED)
             else:
                 bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
                                prefetch, 1, 0, whole, stores)
@@ -419,10 +419,10 @@ def _bag_loops(whole, tailed, stamp):
                                out.shape[1] % lanes, out.shape[1] // lanes,
                                stores if bag < spilling else STORE_MASKED)
             elif tailed:
-                bad |= run_sum_tailed(weight, indices, weight, start, end, padding, 0, out, bag,
-                               prefetch, counted(indices, start, end, padding),
-                               out.shape[1] % lanes, whole,
-                               stores if bag < spilling else STORE_MASKED)
+                bad |= run_sum_tailed(weight, indices, weight, start, end, padding, 0, out,
+                                      bag, prefetch, counted(indices, start, end, padding),
+                                      out.shape[1] % lanes, whole,
+                                      stores if bag < spilling else STORE_MASKED)
             else:
                 bad |= run_sum(weight, indices, weight, start, end, padding, 0, out, bag,
                                prefetch, counted(indices, start, end, padding), 0, whole,
@@ -448,9 +448,9 @@ def _bag_loops(whole, tailed, stamp):
                                     prefetch, 1, out.shape[1] % lanes, out.shape[1] // lanes,
                                     stores if bag < spilling else STORE_MASKED)
             elif tailed:
-                bad |= run_weighted_tailed(weight, indices, scale, start, end, padding, 0, out, bag,
-                                    prefetch, 1, out.shape[1] % lanes, whole,
-                                    stores if bag < spilling else STORE_MASKED)
+                bad |= run_weighted_tailed(weight, indices, scale, start, end, padding, 0,
+                                           out, bag, prefetch, 1, out.shape[1] % lanes,
+                                           whole, stores if bag < spilling else STORE_MASKED)
             else:
                 bad |= run_weighted(weight, indices, scale, start, end, padding, 0, out, bag,
                                     prefetch, 1, 0, whole, stores)
@@ -471,7 +471,7 @@ sum_4, mean_4, weighted_4 = _bag_loops(4, False, STAMP)
 sum_8, mean_8, weighted_8 = _bag_loops(8, False, STAMP)
 sum_0_tail, mean_0_tail, weighted_0_tail = _bag_loops(0, True, STAMP)
 sum_1_tail, mean_1_tail, weighted_1_tail = _bag_loops(1, True, STAMP)
-sum_any, mean_any, weighted_any = _bag_loops(-1, True, STAMP)
+sum_any, mean_any, weighted_any = _bag_loops(-1, False, STAMP)
 
 
 def _one_pass_loops(stamp):

@@ -428,10 +428,10 @@ def test_a_loop_writes_only_its_own_rows_though_it_stores_tails_whole(storage: s
 
 @pytest.mark.parametrize("parallel_min_bytes", [0, 1 << 40])
 @pytest.mark.parametrize("mode", ["sum", "mean", "max", "weighted"])
-# Bag loops of their own: a tail alone; a register and a tail; 1 and 3 whole AVX-512
-# registers (2 and 6 with AVX2). Then whole registers and a tail (one pass with AVX-512,
-# two with AVX2).
-@pytest.mark.parametrize("dim", [4, 20, 16, 48, 100])
+# Bag loops of their own: a tail alone (4); 1 and 3 whole AVX-512 registers (16, 48; 2
+# and 6 with AVX2); a register and a tail (20). Then whole registers and a tail (100: one
+# pass with AVX-512, two with AVX2).
+@pytest.mark.parametrize("dim", [4, 16, 20, 48, 100])
 def test_pool_counts_bags_with_bad_ids_or_bounds_and_zeroes_them(
         monkeypatch: pytest.MonkeyPatch, parallel_min_bytes: int, mode: str, dim: int
         ) -> None:
